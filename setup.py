@@ -1,0 +1,18 @@
+from setuptools import setup
+
+setup(
+    name="fusedopt",
+    version="0.1.0",
+    description="Fused multi-tensor Triton optimizers and learning-rate schedules, drop-in for torch.optim",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=["fusedopt", "fusedopt.kernels", "fusedopt.schedules"],
+    package_dir={"fusedopt": "fusedopt", "fusedopt.kernels": "kernels"},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.6", "triton>=3.6", "numpy"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "tqdm"],
+        "plot": ["matplotlib"],
+        "bench": ["matplotlib", "tqdm", "pytest-benchmark"],
+    },
+)
