@@ -1,0 +1,78 @@
+"""Adagrad: defaults, argument checks and state layout of torch.optim.Adagrad."""
+import torch
+
+from . import reference
+from .optimizer import FusedOptimizer, as_float, reference_states, scalar_step_tensor
+
+
+class Adagrad(FusedOptimizer):
+    r"""Adagrad (Duchi et al.), drop-in for :class:`torch.optim.Adagrad`.
+
+    .. math::
+        g_t &= \pm\nabla f(\theta_{t-1}) + \lambda\theta_{t-1}, \quad
+        \tilde\gamma = \gamma / (1 + (t-1)\eta) \\
+        s_t &= s_{t-1} + g_t^2, \quad
+        \theta_t = \theta_{t-1} - \tilde\gamma\, g_t / (\sqrt{s_t} + \epsilon)
+
+    Args: as torch.optim.Adagrad (lr, lr_decay, weight_decay, initial_accumulator_value, eps,
+    maximize; foreach and fused accepted and recorded), plus ``backend``. Sparse gradients go
+    through the reference implementation, as in torch. State per param (torch's layout, created
+    at construction as torch does): ``step`` and ``sum`` (filled with initial_accumulator_value).
+    """
+
+    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
+                 foreach=None, *, maximize=False, differentiable=False, fused=None, backend=None):
+        if torch.is_tensor(lr) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not 0.0 <= lr_decay:
+            raise ValueError(f"Invalid lr_decay value: {lr_decay}")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if not 0.0 <= initial_accumulator_value:
+            raise ValueError(f"Invalid initial_accumulator_value value: {initial_accumulator_value}")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        defaults = dict(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
+                        initial_accumulator_value=initial_accumulator_value, foreach=foreach, maximize=maximize,
+                        differentiable=differentiable, fused=fused)
+        super().__init__(params, defaults, backend)
+        for group in self.param_groups:
+            for param in group["params"]:
+                self.init_state(param, group)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in (("foreach", None), ("maximize", False), ("differentiable", False), ("fused", None)):
+                group.setdefault(key, value)
+
+    def check_grad(self, grad):
+        pass  # sparse grads are supported, through the reference
+
+    def structure(self, group):
+        return None
+
+    def state_keys(self, group):
+        return ["sum"]
+
+    def init_state(self, param, group):
+        state = self.state[param]
+        value = group["initial_accumulator_value"]
+        state["step"] = scalar_step_tensor()
+        state["sum"] = torch.full_like(param, complex(value, value) if param.is_complex() else value,
+                                       memory_format=torch.preserve_format)
+
+    def hyperparameters(self, group):
+        return dict(lr=as_float(group["lr"]), lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
+                    eps=group["eps"], maximize=group["maximize"])
+
+    def reference_step(self, group, params):
+        reference.adagrad(params, [p.grad for p in params], reference_states(self, params, "sum"),
+                          reference_states(self, params, "step"), **self.hyperparameters(group))
+
+    def kernel_step(self, group, table, step, per_tensor_step):
+        from . import kernels
+
+        kernels.adagrad(table, step=step, per_tensor_step=per_tensor_step, **self.hyperparameters(group))

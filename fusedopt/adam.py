@@ -1,0 +1,111 @@
+"""Adam and AdamW: defaults, argument checks and state layout of torch.optim.Adam / AdamW."""
+import torch
+
+from . import reference
+from .optimizer import FusedOptimizer, as_float, reference_states, scalar_step_tensor
+
+
+def check_adam_arguments(lr, betas, eps, weight_decay):
+    if torch.is_tensor(lr) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if torch.is_tensor(betas[0]) != torch.is_tensor(betas[1]):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for index, beta in enumerate(betas):
+        if torch.is_tensor(beta) and beta.numel() != 1:
+            raise ValueError(f"Tensor betas[{index}] must be 1-element")
+
+
+class Adam(FusedOptimizer):
+    r"""Adam (Kingma & Ba), drop-in for :class:`torch.optim.Adam`, one fused kernel per bucket.
+
+    .. math::
+        g_t &= \pm\nabla f(\theta_{t-1}) \;(+\lambda\theta_{t-1} \text{ unless decoupled}) \\
+        \theta_t &\leftarrow \theta_{t-1}(1 - \gamma\lambda) \text{ if decoupled (AdamW)} \\
+        m_t &= \beta_1 m_{t-1} + (1-\beta_1) g_t, \quad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+        \hat v_t &= \max(\hat v_{t-1}, v_t) \text{ if amsgrad else } v_t \\
+        \theta_t &= \theta_t - \frac{\gamma}{1-\beta_1^t}\,
+                    \frac{m_t}{\sqrt{\hat v_t}/\sqrt{1-\beta_2^t} + \epsilon}
+
+    Args: as torch.optim.Adam (lr, betas, eps, weight_decay, amsgrad, maximize,
+    decoupled_weight_decay; foreach and fused are accepted and recorded, fusedopt always runs
+    its own fused kernel on CUDA), plus ``backend``: "auto" (kernels for CUDA tensors, the
+    reference for CPU ones), "triton" or "torch"; default from ``FUSEDOPT_BACKEND``.
+    ``capturable=True`` and ``differentiable=True`` raise NotImplementedError.
+
+    State per param (torch's layout): ``step`` (0-dim float32 CPU tensor), ``exp_avg``,
+    ``exp_avg_sq`` and, with amsgrad, ``max_exp_avg_sq`` (like the param).
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
+                 foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
+                 decoupled_weight_decay=False, backend=None):
+        check_adam_arguments(lr, betas, eps, weight_decay)
+        defaults = dict(lr=lr, betas=tuple(as_float(b) for b in betas), eps=eps, weight_decay=weight_decay,
+                        amsgrad=amsgrad, maximize=maximize, foreach=foreach, capturable=capturable,
+                        differentiable=differentiable, fused=fused,
+                        decoupled_weight_decay=decoupled_weight_decay)
+        super().__init__(params, defaults, backend)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in (("amsgrad", False), ("maximize", False), ("foreach", None), ("capturable", False),
+                               ("differentiable", False), ("fused", None), ("decoupled_weight_decay", False)):
+                group.setdefault(key, value)
+
+    def structure(self, group):
+        return group["amsgrad"]
+
+    def state_keys(self, group):
+        keys = ["exp_avg", "exp_avg_sq"]
+        return keys + ["max_exp_avg_sq"] if group["amsgrad"] else keys
+
+    def init_state(self, param, group):
+        state = self.state[param]
+        state["step"] = scalar_step_tensor()
+        for key in self.state_keys(group):
+            state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def hyperparameters(self, group):
+        beta1, beta2 = group["betas"]
+        return dict(lr=as_float(group["lr"]), beta1=as_float(beta1), beta2=as_float(beta2), eps=group["eps"],
+                    weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
+                    amsgrad=group["amsgrad"], maximize=group["maximize"])
+
+    def reference_step(self, group, params):
+        reference.adam(
+            params, [p.grad for p in params], reference_states(self, params, "exp_avg"),
+            reference_states(self, params, "exp_avg_sq"), reference_states(self, params, "max_exp_avg_sq"),
+            reference_states(self, params, "step"), **self.hyperparameters(group))
+
+    def kernel_step(self, group, table, step, per_tensor_step):
+        from . import kernels
+
+        kernels.adam(table, step=step, per_tensor_step=per_tensor_step, **self.hyperparameters(group))
+
+
+class AdamW(Adam):
+    r"""AdamW (Loshchilov & Hutter): Adam with decoupled weight decay,
+    :math:`\theta \leftarrow \theta(1-\gamma\lambda)` before the Adam update; drop-in for
+    :class:`torch.optim.AdamW` (default weight_decay 1e-2). See :class:`Adam`."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None, backend=None):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True, backend=backend)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True

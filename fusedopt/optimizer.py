@@ -1,0 +1,260 @@
+"""The shared base class: params with grads -> lazily created state (torch.optim's keys) ->
+buckets keyed by (device, dtype) -> one backend call per bucket.
+"""
+import os
+
+import torch
+from torch.optim import Optimizer
+
+from . import reference
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def resolve_backend(backend):
+    """The constructor argument wins; else FUSEDOPT_BACKEND; else "auto"."""
+    if backend is None:
+        backend = os.environ.get("FUSEDOPT_BACKEND", "auto") or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"Invalid backend: {backend!r} (expected one of {', '.join(BACKENDS)})")
+    return backend
+
+
+def load_kernels():
+    try:
+        from . import kernels
+    except ImportError as error:
+        raise RuntimeError(
+            "fusedopt's triton backend needs the `triton` package (pip install triton); "
+            "use backend='torch' for the plain PyTorch implementation"
+        ) from error
+    return kernels
+
+
+def check_implementation_flags(defaults):
+    """torch's implementation switches: accepted, but those we cannot honour raise clearly."""
+    if defaults.get("fused") and defaults.get("foreach"):
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    if defaults.get("fused") and defaults.get("differentiable"):
+        raise RuntimeError("`fused` does not support `differentiable`")
+    if defaults.get("differentiable"):
+        raise NotImplementedError("fusedopt does not support differentiable=True; use torch.optim for it")
+    if defaults.get("capturable"):
+        raise NotImplementedError("fusedopt does not support capturable=True yet; use torch.optim for it")
+
+
+def as_float(value):
+    return value.item() if torch.is_tensor(value) else float(value)
+
+
+def scalar_step_tensor():
+    """torch.optim's layout of state['step'] (non-capturable): a 0-dim CPU tensor."""
+    dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    return torch.tensor(0.0, dtype=dtype)
+
+
+class KernelBucket:
+    """The tensors of one group on one (device, dtype), updated by one kernel launch per step."""
+
+    def __init__(self, optimizer, group, params, grads, kernels):
+        self.params = params
+        states = [optimizer.state[p] for p in params]
+        self.fresh_buffers = False
+        extra = None
+        if optimizer.has_step:
+            # Each step tensor becomes a view into one buffer, so the per-step increment is one op.
+            values = [as_float(state["step"]) for state in states]
+            self.steps = torch.tensor(values, dtype=states[0]["step"].dtype)
+            for index, state in enumerate(states):
+                state["step"] = self.steps[index]
+            self.step = values[0]
+            extra = [int(value - self.step) for value in values]
+            self.per_tensor_step = any(extra)
+        else:
+            fresh = optimizer.prepare_fresh_buffers(group, params, states)
+            self.fresh_buffers = any(fresh)
+            extra = [int(flag) for flag in fresh]
+        roles = [[state[key] for state in states] for key in optimizer.state_keys(group)]
+        self.table = kernels.TensorTable(params, grads, roles, extra)
+
+    def refresh(self, grads):
+        """Point the table at the current grads; False when the bucket must be rebuilt instead
+        (a grad changed layout or became sparse)."""
+        try:
+            addresses = [g.data_ptr() for g in grads]
+        except RuntimeError:  # a sparse grad has no data pointer
+            return False
+        if addresses != self.table.grad_addresses:
+            if not all(map(fits_grad, self.params, grads)):
+                return False
+            self.table.refresh_grads(grads)
+        return True
+
+    def launch(self, optimizer, group):
+        if optimizer.has_step:
+            self.steps += 1
+            self.step += 1
+            optimizer.kernel_step(group, self.table, step=self.step, per_tensor_step=self.per_tensor_step)
+        else:
+            optimizer.kernel_step(group, self.table, fresh_buffers=self.fresh_buffers)
+
+
+def fits_grad(param, grad):
+    from .kernels.multi_tensor import real_view, same_layout
+
+    return not grad.is_sparse and same_layout(real_view(param), real_view(grad))
+
+
+class GroupPlan:
+    """How one param group is stepped: its kernel buckets and the tensors left to the reference.
+
+    Valid while the same params (same storages) have grads and the group's structure stays."""
+
+    def __init__(self, optimizer, group, params, use_kernels):
+        self.params = params
+        self.param_addresses = [p.data_ptr() for p in params]
+        self.structure = optimizer.structure(group)
+        self.buckets = []
+        self.reference_params = []
+        self.rebuild_next_step = False
+        for p in params:
+            optimizer.check_grad(p.grad)
+            if len(optimizer.state[p]) == 0:
+                optimizer.init_state(p, group)
+        if not use_kernels:
+            self.reference_params = params
+            return
+        kernels = load_kernels()
+        by_bucket = {}
+        for p in params:
+            state = optimizer.state[p]
+            states = [state[key] for key in optimizer.state_keys(group) if key in state]
+            if kernels.fits_kernel(p, p.grad, states):
+                dtype = torch.view_as_real(p).dtype if p.is_complex() else p.dtype
+                by_bucket.setdefault((p.device, dtype), []).append(p)
+            else:
+                self.reference_params.append(p)
+        for members in by_bucket.values():
+            bucket = KernelBucket(optimizer, group, members, [p.grad for p in members], kernels)
+            self.rebuild_next_step |= bucket.fresh_buffers
+            self.buckets.append(bucket)
+
+    def matches(self, params, structure):
+        return (
+            len(params) == len(self.params)
+            and all(map(_same_object, params, self.params))
+            and structure == self.structure
+            and [p.data_ptr() for p in params] == self.param_addresses
+        )
+
+    def step(self, optimizer, group):
+        """Returns False, having changed nothing, when the plan is stale and must be rebuilt."""
+        if not all(bucket.refresh([p.grad for p in bucket.params]) for bucket in self.buckets):
+            return False
+        for bucket in self.buckets:
+            bucket.launch(optimizer, group)
+        if self.reference_params:
+            optimizer.reference_step(group, self.reference_params)
+        return True
+
+
+def _same_object(a, b):
+    return a is b
+
+
+class FusedOptimizer(Optimizer):
+    """Base of fusedopt's optimizers. A subclass gives its defaults and state layout, and the two
+    implementations of its rule: `reference_step` (plain torch) and `kernel_step` (Triton)."""
+
+    has_step = True  # state['step'] exists (all rules but SGD)
+
+    def __init__(self, params, defaults, backend=None):
+        check_implementation_flags(defaults)
+        self.backend = resolve_backend(backend)
+        self._plans = {}
+        super().__init__(params, defaults)
+
+    # ---- what each rule provides ----
+    def structure(self, group):
+        """The group options that change which state tensors exist (a rebuild when they change)."""
+        raise NotImplementedError
+
+    def state_keys(self, group):
+        """Names of the state tensors the kernel reads and writes, in role order."""
+        raise NotImplementedError
+
+    def init_state(self, param, group):
+        raise NotImplementedError
+
+    def reference_step(self, group, params):
+        raise NotImplementedError
+
+    def kernel_step(self, group, table, **step_info):
+        raise NotImplementedError
+
+    def check_grad(self, grad):
+        if grad.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+
+    # ---- the shared step ----
+    def _uses_kernels(self, params):
+        if self.backend == "torch":
+            return False
+        on_cuda = params[0].is_cuda
+        if self.backend == "auto":
+            return on_cuda
+        if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                "backend='triton' runs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); "
+                "these params are on the CPU"
+            )
+        return True
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform a single optimization step; returns the closure's loss when one is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for index, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            plan = self._plans.get(index)
+            structure = self.structure(group)
+            if plan is None or not plan.matches(params, structure) or not plan.step(self, group):
+                plan = GroupPlan(self, group, params, self._uses_kernels(params))
+                plan.step(self, group)
+            self._plans[index] = None if plan.rebuild_next_step else plan
+        return loss
+
+    def invalidate_plans(self):
+        """Forget the cached tensor tables: call after replacing optimizer state tensors by hand."""
+        self._plans = {}
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            step = state.get("step")
+            if torch.is_tensor(step) and (step.device.type != "cpu" or step.dim() != 0):
+                state["step"] = step.detach().to("cpu").reshape(())
+        self.invalidate_plans()
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        if hasattr(self, "_plans"):
+            self.invalidate_plans()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._plans = {}
+        self.__dict__.setdefault("backend", resolve_backend(None))
+
+
+def reference_states(optimizer, params, key):
+    """The list of state[key] for params (None where missing)."""
+    return [optimizer.state[p].get(key) for p in params]
+
+
+__all__ = ["FusedOptimizer", "reference", "reference_states", "as_float", "scalar_step_tensor"]

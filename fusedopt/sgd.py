@@ -1,0 +1,88 @@
+"""SGD with momentum: defaults, argument checks and state layout of torch.optim.SGD."""
+import torch
+
+from . import reference
+from .optimizer import FusedOptimizer, as_float, reference_states
+
+
+class SGD(FusedOptimizer):
+    r"""Stochastic gradient descent with momentum, drop-in for :class:`torch.optim.SGD`.
+
+    .. math::
+        g_t &= \pm\nabla f(\theta_{t-1}) + \lambda\theta_{t-1} \\
+        b_t &= g_t \text{ at the first step, else } \mu b_{t-1} + (1-\tau) g_t \\
+        g_t &= g_t + \mu b_t \text{ if nesterov else } b_t \quad (\text{when } \mu \ne 0) \\
+        \theta_t &= \theta_{t-1} - \gamma g_t
+
+    Args: as torch.optim.SGD (lr, momentum, dampening, weight_decay, nesterov, maximize;
+    foreach and fused accepted and recorded), plus ``backend`` ("auto", "triton", "torch").
+    Sparse gradients go through the reference implementation, as torch's for-loop does.
+    State per param (torch's layout): ``momentum_buffer`` when momentum != 0.
+    """
+
+    has_step = False
+
+    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
+                 maximize=False, foreach=None, differentiable=False, fused=None, backend=None):
+        if torch.is_tensor(lr) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
+                        fused=fused)
+        super().__init__(params, defaults, backend)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in (("nesterov", False), ("maximize", False), ("foreach", None),
+                               ("differentiable", False), ("fused", False)):
+                group.setdefault(key, value)
+
+    def check_grad(self, grad):
+        pass  # sparse grads are supported, through the reference
+
+    def structure(self, group):
+        return group["momentum"] != 0
+
+    def state_keys(self, group):
+        return ["momentum_buffer"] if group["momentum"] != 0 else []
+
+    def init_state(self, param, group):
+        pass  # the momentum buffer is created by the first step, from the grad
+
+    def prepare_fresh_buffers(self, group, params, states):
+        """Give each param without a momentum buffer an empty one; flag those (the kernel fills
+        them with the grad on this first step)."""
+        if group["momentum"] == 0:
+            return [False] * len(params)
+        fresh = []
+        for param, state in zip(params, states):
+            fresh.append(state.get("momentum_buffer") is None)
+            if fresh[-1]:
+                state["momentum_buffer"] = torch.empty_like(param, memory_format=torch.preserve_format)
+        return fresh
+
+    def hyperparameters(self, group):
+        return dict(lr=as_float(group["lr"]), weight_decay=as_float(group["weight_decay"]),
+                    momentum=group["momentum"], dampening=group["dampening"], nesterov=group["nesterov"],
+                    maximize=group["maximize"])
+
+    def reference_step(self, group, params):
+        buffers = reference.sgd(params, [p.grad for p in params],
+                                reference_states(self, params, "momentum_buffer"), **self.hyperparameters(group))
+        if group["momentum"] != 0:
+            for param, buffer in zip(params, buffers):
+                self.state[param]["momentum_buffer"] = buffer
+
+    def kernel_step(self, group, table, fresh_buffers):
+        from . import kernels
+
+        kernels.sgd(table, fresh_buffers=fresh_buffers, **self.hyperparameters(group))

@@ -1,0 +1,201 @@
+"""The one multi-tensor mechanism: device-side pointer tables and a block map, so that a single
+launch updates a whole list of tensors, plus the small @triton.jit helpers every rule kernel uses.
+"""
+import triton
+import triton.language as tl
+import torch
+
+# Rows of the per-tensor table (int64, one column per tensor).
+NUMEL_ROW = 0  # elements in the tensor (real elements: a complex tensor counts twice)
+EXTRA_ROW = 1  # one per-tensor integer a rule may need (a step offset, a fresh-buffer flag)
+FIRST_ADDRESS_ROW = 2  # then one row of addresses per role: param, grad, each state
+
+_launches = 0
+
+
+def launch_count():
+    """Total number of update-kernel launches made in this process."""
+    return _launches
+
+
+def count_launch():
+    global _launches
+    _launches += 1
+
+
+def block_size(dtype):
+    # 2048 elements keep 16 elements per thread at 4 warps: four 16-byte accesses per fp32
+    # stream, two per 16-bit stream, and no spills for Adam with AMSGrad (5 streams).
+    return 1024 if dtype == torch.float64 else 2048
+
+
+def kernel_dtype(dtype):
+    """The Triton element type a kernel loads and stores for tensors of `dtype`."""
+    return {
+        torch.float32: tl.float32,
+        torch.float16: tl.float16,
+        torch.bfloat16: tl.bfloat16,
+        torch.float64: tl.float64,
+    }[dtype]
+
+
+def real_view(tensor):
+    """Complex tensors are updated as their real view, like torch.optim does."""
+    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
+
+
+def is_dense(tensor):
+    """True when the elements fill one gap-free span of memory (any dim order)."""
+    if tensor.is_contiguous():
+        return True
+    expected = 1
+    for size, stride in sorted(zip(tensor.shape, tensor.stride()), key=lambda d: d[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def same_layout(reference, other):
+    """`other` can be walked element by element alongside `reference`'s memory span."""
+    return (
+        other.shape == reference.shape
+        and other.dtype == reference.dtype
+        and other.device == reference.device
+        and not other.is_sparse
+        and (other.stride() == reference.stride() or (reference.is_contiguous() and other.is_contiguous()))
+    )
+
+
+def fits_kernel(param, grad, states):
+    """Whether (param, grad, states) can go through a kernel: one dense span each, same layout."""
+    param = real_view(param) if param.is_complex() else param
+    if param.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        return False
+    if grad.is_sparse or not is_dense(param):
+        return False
+    return all(same_layout(param, real_view(t)) for t in (grad, *states))
+
+
+class TensorTable:
+    """Pointer tables and block map for one bucket (same device and dtype) of tensors.
+
+    Built once, uploaded in one copy, and reused while the tensors keep their storage; only
+    the grad row is refreshed (one more copy) when a grad is re-allocated.
+    """
+
+    def __init__(self, params, grads, states, extra=None):
+        """params, grads: lists of tensors; states: list of per-role lists (one per state
+        tensor kind, each aligned with params); extra: optional per-tensor integers."""
+        params = [real_view(p) for p in params]
+        self.device = params[0].device
+        self.dtype = params[0].dtype
+        self.block = block_size(self.dtype)
+        self.num_tensors = len(params)
+        numels = [p.numel() for p in params]
+        rows = [numels, list(extra) if extra is not None else [0] * len(params)]
+        rows += [[t.data_ptr() for t in role] for role in (params, [real_view(g) for g in grads])]
+        rows += [[real_view(t).data_ptr() for t in role] for role in states]
+        self._host_table = torch.tensor(rows, dtype=torch.int64)
+        self._other_addresses_aligned = all(a % 16 == 0 for row in rows[2:3] + rows[4:] for a in row)
+        self.grad_addresses = rows[3]
+        self.aligned = self._other_addresses_aligned and all(a % 16 == 0 for a in self.grad_addresses)
+
+        starts, owners = [], []
+        for index, numel in enumerate(numels):
+            count = triton.cdiv(numel, self.block)
+            starts.extend(range(0, count * self.block, self.block))
+            owners.extend([index] * count)
+        self.num_blocks = len(starts)
+        self.block_table = torch.tensor([owners, starts], dtype=torch.int64).to(self.device, non_blocking=True)
+        self.tensor_table = self._upload(self._host_table)
+
+    def _upload(self, host_table):
+        if self.device.type == "cuda":
+            host_table = host_table.pin_memory()
+        return host_table.to(self.device, non_blocking=True)
+
+    def refresh_grads(self, grads):
+        """Point the grad row at `grads` if any of them moved (e.g. after zero_grad(set_to_none=True))."""
+        addresses = [g.data_ptr() for g in grads]
+        if addresses == self.grad_addresses:
+            return
+        self.grad_addresses = addresses
+        host_table = self._host_table.clone()
+        host_table[FIRST_ADDRESS_ROW + 1] = torch.tensor(addresses, dtype=torch.int64)
+        self._host_table = host_table
+        self.tensor_table = self._upload(host_table)
+        self.aligned = self._other_addresses_aligned and all(a % 16 == 0 for a in addresses)
+
+    def launch(self, kernel, *scalars, **constexprs):
+        """One launch of `kernel` over every block of every tensor in the table."""
+        if self.num_blocks == 0:
+            return
+        count_launch()
+        kernel[(self.num_blocks,)](
+            self.tensor_table,
+            self.block_table,
+            self.num_tensors,
+            self.num_blocks,
+            *scalars,
+            DTYPE=kernel_dtype(self.dtype),
+            ALIGNED=self.aligned,
+            BLOCK=self.block,
+            num_warps=4,
+        **constexprs,
+        )
+
+
+# ---- device-side helpers shared by every rule kernel ----
+
+@triton.jit
+def locate_block(tensor_table, block_table, num_blocks, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    """This program's tensor, its element offsets, the tensor's size, and whether the block is full."""
+    block = tl.program_id(0)
+    tensor = tl.load(block_table + block)
+    start = tl.load(block_table + num_blocks + block)
+    numel = tl.load(tensor_table + tensor)  # NUMEL_ROW
+    if ALIGNED:
+        start = tl.multiple_of(start, BLOCK)
+    offsets = start + tl.arange(0, BLOCK)
+    return tensor, offsets, numel, start + BLOCK <= numel
+
+
+@triton.jit
+def tensor_extra(tensor_table, num_tensors, tensor):
+    """The per-tensor integer of EXTRA_ROW."""
+    return tl.load(tensor_table + num_tensors + tensor)
+
+
+@triton.jit
+def tensor_pointer(tensor_table, num_tensors, tensor, role, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Typed pointer to the first element of `tensor` for a role (0 param, 1 grad, 2.. states)."""
+    address = tl.load(tensor_table + (2 + role) * num_tensors + tensor)  # FIRST_ADDRESS_ROW + role
+    pointer = address.to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
+
+
+@triton.jit
+def load_block(pointer, offsets, numel, FULL: tl.constexpr):
+    """Load a block and widen it to the compute type (fp64 for fp64, else fp32)."""
+    if FULL:
+        values = tl.load(pointer + offsets)
+    else:
+        values = tl.load(pointer + offsets, mask=offsets < numel, other=0.0)
+    if values.dtype == tl.float64:
+        return values
+    return values.to(tl.float32)
+
+
+@triton.jit
+def store_block(pointer, offsets, numel, values, FULL: tl.constexpr):
+    """Round a block to the tensor's own dtype and store it."""
+    values = values.to(pointer.dtype.element_ty)
+    if FULL:
+        tl.store(pointer + offsets, values)
+    else:
+        tl.store(pointer + offsets, values, mask=offsets < numel)

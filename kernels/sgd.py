@@ -1,0 +1,81 @@
+"""SGD with momentum, dampening and Nesterov: the per-element rule and its kernel."""
+import triton
+import triton.language as tl
+
+from .multi_tensor import load_block, locate_block, store_block, tensor_extra, tensor_pointer
+
+
+@triton.jit
+def sgd_update(param, grad, momentum_buffer, fresh_buffer, lr, weight_decay, momentum, dampening, nesterov,
+               grad_sign, MOMENTUM: tl.constexpr):
+    """buf = g on the first step, else mu buf + (1 - dampening) g;  d = g + mu buf (Nesterov) or buf;
+    p -= lr d  (without momentum: p -= lr g)."""
+    grad = grad * grad_sign
+    if weight_decay != 0:
+        grad = grad + weight_decay * param
+    if MOMENTUM:
+        if fresh_buffer:
+            momentum_buffer = grad
+        else:
+            momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad
+        if nesterov:
+            grad = grad + momentum * momentum_buffer
+        else:
+            grad = momentum_buffer
+    param = param - lr * grad
+    return param, momentum_buffer
+
+
+@triton.jit
+def sgd_block(param_ptr, grad_ptr, momentum_buffer_ptr, fresh_buffer, offsets, numel, lr, weight_decay,
+              momentum, dampening, nesterov, grad_sign, MOMENTUM: tl.constexpr, FULL: tl.constexpr):
+    param = load_block(param_ptr, offsets, numel, FULL)
+    grad = load_block(grad_ptr, offsets, numel, FULL)
+    momentum_buffer = grad
+    if MOMENTUM:
+        if not fresh_buffer:  # a fresh buffer holds no value yet
+            momentum_buffer = load_block(momentum_buffer_ptr, offsets, numel, FULL)
+    param, momentum_buffer = sgd_update(param, grad, momentum_buffer, fresh_buffer, lr, weight_decay,
+                                        momentum, dampening, nesterov, grad_sign, MOMENTUM)
+    store_block(param_ptr, offsets, numel, param, FULL)
+    if MOMENTUM:
+        store_block(momentum_buffer_ptr, offsets, numel, momentum_buffer, FULL)
+
+
+@triton.jit(do_not_specialize=["num_tensors", "num_blocks"])
+def sgd_kernel(
+    tensor_table,  # int64 [roles + 2, num_tensors]: sizes, fresh-buffer flags, addresses
+    block_table,  # int64 [2, num_blocks]: owning tensor and first element of each block
+    num_tensors, num_blocks,
+    lr, weight_decay, momentum, dampening,
+    nesterov,  # 1.0 for Nesterov momentum
+    grad_sign,  # -1 to maximize
+    MOMENTUM: tl.constexpr,  # a momentum buffer is the third role
+    FRESH_BUFFERS: tl.constexpr,  # some buffers are new this step: the extra row flags them
+    DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    tensor, offsets, numel, full = locate_block(tensor_table, block_table, num_blocks, BLOCK, ALIGNED)
+    param_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 0, DTYPE, ALIGNED)
+    grad_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 1, DTYPE, ALIGNED)
+    momentum_buffer_ptr = grad_ptr
+    fresh_buffer = False
+    if MOMENTUM:
+        momentum_buffer_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 2, DTYPE, ALIGNED)
+        if FRESH_BUFFERS:
+            fresh_buffer = tensor_extra(tensor_table, num_tensors, tensor) != 0
+    if full:
+        sgd_block(param_ptr, grad_ptr, momentum_buffer_ptr, fresh_buffer, offsets, numel, lr, weight_decay,
+                  momentum, dampening, nesterov, grad_sign, MOMENTUM, True)
+    else:
+        sgd_block(param_ptr, grad_ptr, momentum_buffer_ptr, fresh_buffer, offsets, numel, lr, weight_decay,
+                  momentum, dampening, nesterov, grad_sign, MOMENTUM, False)
+
+
+def sgd(table, *, lr, weight_decay, momentum, dampening, nesterov, maximize, fresh_buffers=False):
+    """One SGD step over a TensorTable whose roles are param, grad [, momentum_buffer when
+    momentum != 0]; with fresh_buffers the extra row flags buffers to start from the grad."""
+    table.launch(
+        sgd_kernel,
+        lr, weight_decay, momentum, dampening, float(nesterov), -1.0 if maximize else 1.0,
+        MOMENTUM=momentum != 0, FRESH_BUFFERS=fresh_buffers,
+    )
