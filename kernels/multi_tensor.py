@@ -186,9 +186,7 @@ def load_block(pointer, offsets, numel, FULL: tl.constexpr):
         values = tl.load(pointer + offsets)
     else:
         values = tl.load(pointer + offsets, mask=offsets < numel, other=0.0)
-    if values.dtype == tl.float64:
-        return values
-    return values.to(tl.float32)
+    return values.to(tl.float64 if values.dtype == tl.float64 else tl.float32)
 
 
 @triton.jit

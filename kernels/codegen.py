@@ -1,0 +1,160 @@
+"""Compile every kernel specialization the optimizers launch for a GPU target, without a GPU,
+and report the widest global access, registers and spills read off the PTX and cubin.
+
+    python -m fusedopt.kernels.codegen --arch sm_90 [--ptx-dir DIR]
+"""
+import argparse
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from .adagrad import adagrad_kernel
+from .adam import adam_kernel
+from .multi_tensor import block_size, kernel_dtype
+from .rmsprop import rmsprop_kernel
+from .sgd import sgd_kernel
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+TABLE_ARGS = ("tensor_table", "block_table")
+COUNT_ARGS = ("num_tensors", "num_blocks")
+
+# Each kernel with the boolean options that change its code (all combinations are launched).
+KERNEL_OPTIONS = {
+    "sgd": (sgd_kernel, [dict(MOMENTUM=False, FRESH_BUFFERS=False), dict(MOMENTUM=True, FRESH_BUFFERS=False),
+                         dict(MOMENTUM=True, FRESH_BUFFERS=True)]),
+    "adam": (adam_kernel, [dict(AMSGRAD=a, PER_TENSOR_STEP=s) for a, s in itertools.product((False, True), repeat=2)]),
+    "adagrad": (adagrad_kernel, [dict(PER_TENSOR_STEP=s) for s in (False, True)]),
+    "rmsprop": (rmsprop_kernel, [dict(MOMENTUM=m, CENTERED=c) for m, c in itertools.product((False, True), repeat=2)]),
+}
+
+
+@dataclass
+class Specialization:
+    rule: str
+    dtype: str
+    aligned: bool
+    options: dict
+
+    @property
+    def name(self):
+        flags = "_".join(k.lower() for k, v in self.options.items() if v) or "plain"
+        return f"{self.rule}_{flags}_{self.dtype}_{'aligned' if self.aligned else 'unaligned'}"
+
+
+def specializations(rules=None, dtypes=None, aligned=(True, False)):
+    for rule, (_, option_sets) in KERNEL_OPTIONS.items():
+        if rules and rule not in rules:
+            continue
+        for options, dtype, is_aligned in itertools.product(option_sets, dtypes or DTYPES, aligned):
+            yield Specialization(rule, dtype, is_aligned, options)
+
+
+def compile_specialization(spec, arch):
+    """Compile one specialization for sm_<arch>; returns triton's compiled kernel."""
+    kernel = KERNEL_OPTIONS[spec.rule][0]
+    torch_dtype = DTYPES[spec.dtype]
+    constexprs = dict(spec.options, DTYPE=kernel_dtype(torch_dtype), ALIGNED=spec.aligned,
+                      BLOCK=block_size(torch_dtype))
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in TABLE_ARGS:
+            signature[name] = "*i64"
+        elif name in COUNT_ARGS:
+            signature[name] = "i32"
+        else:
+            signature[name] = "fp32"
+    # The tables come from torch's allocator: 16-byte aligned, as the launcher would detect.
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in TABLE_ARGS}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+
+
+def widest_access(ptx, op):
+    """Widest global load ("ld") or store ("st") in bits, from the PTX."""
+    widest = 0
+    for vector, bits in re.findall(rf"\b{op}\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.[bfsu](\d+)", ptx):
+        widest = max(widest, int(vector or 1) * int(bits))
+    return widest
+
+
+def resource_usage(cubin):
+    """(registers, local-memory bytes per thread) read off the cubin with cuobjdump."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        try:
+            text = subprocess.run([tool, "--dump-resource-usage", file.name], capture_output=True,
+                                  text=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return None, None
+    registers = re.search(r"REG:(\d+)", text)
+    local = re.search(r"LOCAL:(\d+)", text)
+    return int(registers.group(1)), int(local.group(1))
+
+
+def report(spec, compiled):
+    ptx = compiled.asm["ptx"]
+    registers, spill_bytes = resource_usage(compiled.asm["cubin"])
+    return dict(kernel=spec.name, rule=spec.rule, dtype=spec.dtype, aligned=spec.aligned,
+                load_bits=widest_access(ptx, "ld"), store_bits=widest_access(ptx, "st"),
+                registers=registers, spill_bytes=spill_bytes)
+
+
+def parse_arch(text):
+    match = re.fullmatch(r"(?:sm_?)?(\d+)", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"--arch: expected sm_80, sm_90, ... (got {text!r})")
+    return int(match.group(1))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m fusedopt.kernels.codegen", description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=parse_arch, default=90, help="target, e.g. sm_80 or sm_90 (default sm_90)")
+    parser.add_argument("--ptx-dir", help="write each specialization's PTX into this folder")
+    parser.add_argument("--rules", help="comma-separated subset of " + ",".join(KERNEL_OPTIONS))
+    parser.add_argument("--dtypes", help="comma-separated subset of " + ",".join(DTYPES))
+    parser.add_argument("--json", help="also write the table as JSON to this file")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("unset TRITON_INTERPRET: code generation needs the compiler, not the interpreter")
+    rules = args.rules.split(",") if args.rules else None
+    dtypes = args.dtypes.split(",") if args.dtypes else None
+    if args.ptx_dir:
+        os.makedirs(args.ptx_dir, exist_ok=True)
+    header = f"{'kernel':<44} {'dtype':<5} {'load bits':>9} {'store bits':>10} {'registers':>9} {'spill bytes':>11}"
+    print(f"sm_{args.arch}, triton {triton.__version__}")
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for spec in specializations(rules, dtypes):
+        compiled = compile_specialization(spec, args.arch)
+        row = report(spec, compiled)
+        rows.append(row)
+        print(f"{row['kernel']:<44} {row['dtype']:<5} {row['load_bits']:>9} {row['store_bits']:>10} "
+              f"{row['registers'] if row['registers'] is not None else '?':>9} "
+              f"{row['spill_bytes'] if row['spill_bytes'] is not None else '?':>11}")
+        if args.ptx_dir:
+            with open(os.path.join(args.ptx_dir, f"{spec.name}.sm_{args.arch}.ptx"), "w") as file:
+                file.write(compiled.asm["ptx"])
+        sys.stdout.flush()
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({"arch": f"sm_{args.arch}", "triton": triton.__version__, "kernels": rows}, file, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
