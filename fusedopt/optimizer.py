@@ -1,6 +1,7 @@
 """The shared base class: params with grads -> lazily created state (torch.optim's keys) ->
 buckets keyed by (device, dtype) -> one backend call per bucket.
 """
+import operator
 import os
 
 import torch
@@ -43,6 +44,9 @@ def check_implementation_flags(defaults):
         raise NotImplementedError("fusedopt does not support capturable=True yet; use torch.optim for it")
 
 
+_grad_of = operator.attrgetter("grad")
+
+
 def as_float(value):
     return value.item() if torch.is_tensor(value) else float(value)
 
@@ -56,11 +60,12 @@ def scalar_step_tensor():
 class KernelBucket:
     """The tensors of one group on one (device, dtype), updated by one kernel launch per step."""
 
-    def __init__(self, optimizer, group, params, grads, kernels):
+    def __init__(self, optimizer, group, params, grads, indices, kernels):
         self.params = params
+        self.indices = indices  # positions in the group's list of params with grads; None: all
+        self.grad_strides = [p.stride() for p in params]
         states = [optimizer.state[p] for p in params]
         self.fresh_buffers = False
-        extra = None
         if optimizer.has_step:
             # Each step tensor becomes a view into one buffer, so the per-step increment is one op.
             values = [as_float(state["step"]) for state in states]
@@ -81,13 +86,15 @@ class KernelBucket:
         """Point the table at the current grads; False when the bucket must be rebuilt instead
         (a grad changed layout or became sparse)."""
         try:
-            addresses = [g.data_ptr() for g in grads]
+            addresses = list(map(torch.Tensor.data_ptr, grads))
         except RuntimeError:  # a sparse grad has no data pointer
             return False
         if addresses != self.table.grad_addresses:
-            if not all(map(fits_grad, self.params, grads)):
+            if list(map(torch.Tensor.stride, grads)) != self.grad_strides and not all(
+                map(fits_grad, self.params, grads)
+            ):
                 return False
-            self.table.refresh_grads(grads)
+            self.table.refresh_grads(grads, addresses)
         return True
 
     def launch(self, optimizer, group):
@@ -110,15 +117,15 @@ class GroupPlan:
 
     Valid while the same params (same storages) have grads and the group's structure stays."""
 
-    def __init__(self, optimizer, group, params, use_kernels):
+    def __init__(self, optimizer, group, params, grads, use_kernels):
         self.params = params
-        self.param_addresses = [p.data_ptr() for p in params]
+        self.param_addresses = list(map(torch.Tensor.data_ptr, params))
         self.structure = optimizer.structure(group)
         self.buckets = []
         self.reference_params = []
         self.rebuild_next_step = False
-        for p in params:
-            optimizer.check_grad(p.grad)
+        for p, grad in zip(params, grads):
+            optimizer.check_grad(grad)
             if len(optimizer.state[p]) == 0:
                 optimizer.init_state(p, group)
         if not use_kernels:
@@ -126,40 +133,41 @@ class GroupPlan:
             return
         kernels = load_kernels()
         by_bucket = {}
-        for p in params:
+        for index, (p, grad) in enumerate(zip(params, grads)):
             state = optimizer.state[p]
             states = [state[key] for key in optimizer.state_keys(group) if key in state]
-            if kernels.fits_kernel(p, p.grad, states):
+            if kernels.fits_kernel(p, grad, states):
                 dtype = torch.view_as_real(p).dtype if p.is_complex() else p.dtype
-                by_bucket.setdefault((p.device, dtype), []).append(p)
+                by_bucket.setdefault((p.device, dtype), []).append(index)
             else:
                 self.reference_params.append(p)
-        for members in by_bucket.values():
-            bucket = KernelBucket(optimizer, group, members, [p.grad for p in members], kernels)
+        for indices in by_bucket.values():
+            members = [params[i] for i in indices]
+            if len(indices) == len(params):
+                indices = None  # the common case: one bucket takes the group's grads as they are
+            bucket = KernelBucket(optimizer, group, members, [p.grad for p in members], indices, kernels)
             self.rebuild_next_step |= bucket.fresh_buffers
             self.buckets.append(bucket)
 
     def matches(self, params, structure):
         return (
             len(params) == len(self.params)
-            and all(map(_same_object, params, self.params))
+            and all(map(operator.is_, params, self.params))
             and structure == self.structure
-            and [p.data_ptr() for p in params] == self.param_addresses
+            and list(map(torch.Tensor.data_ptr, params)) == self.param_addresses
         )
 
-    def step(self, optimizer, group):
+    def step(self, optimizer, group, grads):
         """Returns False, having changed nothing, when the plan is stale and must be rebuilt."""
-        if not all(bucket.refresh([p.grad for p in bucket.params]) for bucket in self.buckets):
-            return False
+        for bucket in self.buckets:
+            bucket_grads = grads if bucket.indices is None else [grads[i] for i in bucket.indices]
+            if not bucket.refresh(bucket_grads):
+                return False
         for bucket in self.buckets:
             bucket.launch(optimizer, group)
         if self.reference_params:
             optimizer.reference_step(group, self.reference_params)
         return True
-
-
-def _same_object(a, b):
-    return a is b
 
 
 class FusedOptimizer(Optimizer):
@@ -218,14 +226,18 @@ class FusedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for index, group in enumerate(self.param_groups):
-            params = [p for p in group["params"] if p.grad is not None]
+            params = group["params"]
+            grads = list(map(_grad_of, params))
+            if any(grad is None for grad in grads):
+                params = [p for p, grad in zip(params, grads) if grad is not None]
+                grads = [grad for grad in grads if grad is not None]
             if not params:
                 continue
             plan = self._plans.get(index)
             structure = self.structure(group)
-            if plan is None or not plan.matches(params, structure) or not plan.step(self, group):
-                plan = GroupPlan(self, group, params, self._uses_kernels(params))
-                plan.step(self, group)
+            if plan is None or not plan.matches(params, structure) or not plan.step(self, group, grads):
+                plan = GroupPlan(self, group, list(params), grads, self._uses_kernels(params))
+                plan.step(self, group, grads)
             self._plans[index] = None if plan.rebuild_next_step else plan
         return loss
 

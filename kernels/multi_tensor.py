@@ -117,9 +117,10 @@ class TensorTable:
             host_table = host_table.pin_memory()
         return host_table.to(self.device, non_blocking=True)
 
-    def refresh_grads(self, grads):
+    def refresh_grads(self, grads, addresses=None):
         """Point the grad row at `grads` if any of them moved (e.g. after zero_grad(set_to_none=True))."""
-        addresses = [g.data_ptr() for g in grads]
+        if addresses is None:
+            addresses = [g.data_ptr() for g in grads]
         if addresses == self.grad_addresses:
             return
         self.grad_addresses = addresses
