@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.6", "triton>=3.6", "numpy"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib", "tqdm"],
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "matplotlib", "tqdm"],
         "plot": ["matplotlib"],
         "bench": ["matplotlib", "tqdm", "pytest-benchmark"],
     },

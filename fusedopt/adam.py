@@ -5,9 +5,12 @@ from . import reference
 from .optimizer import FusedOptimizer, as_float, reference_states, scalar_step_tensor
 
 
-def check_adam_arguments(lr, betas, eps, weight_decay):
-    if torch.is_tensor(lr) and lr.numel() != 1:
-        raise ValueError("Tensor lr must be 1-element")
+def check_adam_arguments(lr, betas, eps, weight_decay, foreach, capturable):
+    if torch.is_tensor(lr):
+        if foreach and not capturable:
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
     if not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: {lr}")
     if not 0.0 <= eps:
@@ -21,8 +24,11 @@ def check_adam_arguments(lr, betas, eps, weight_decay):
     if torch.is_tensor(betas[0]) != torch.is_tensor(betas[1]):
         raise ValueError("betas must be either both floats or both Tensors")
     for index, beta in enumerate(betas):
-        if torch.is_tensor(beta) and beta.numel() != 1:
-            raise ValueError(f"Tensor betas[{index}] must be 1-element")
+        if torch.is_tensor(beta):
+            if foreach and not capturable:
+                raise ValueError(f"betas[{index}] as a Tensor is not supported for capturable=False and foreach=True")
+            if beta.numel() != 1:
+                raise ValueError(f"Tensor betas[{index}] must be 1-element")
 
 
 class Adam(FusedOptimizer):
@@ -49,8 +55,10 @@ class Adam(FusedOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
                  decoupled_weight_decay=False, backend=None):
-        check_adam_arguments(lr, betas, eps, weight_decay)
-        defaults = dict(lr=lr, betas=tuple(as_float(b) for b in betas), eps=eps, weight_decay=weight_decay,
+        check_adam_arguments(lr, betas, eps, weight_decay, foreach, capturable)
+        # torch keeps tensor betas as 0-dim tensors in the param groups
+        betas = tuple(b.squeeze() if torch.is_tensor(b) and b.dim() != 0 else b for b in betas)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)

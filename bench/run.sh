@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Install what the benchmarks need (the CPU build of torch when torch is absent), then run the
+# step-time and batch-size benchmarks on CUDA when there is one, else on the CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -c "import torch" 2>/dev/null || python -m pip install --quiet torch==2.13.0
+python -m pip install --quiet -e ".[bench]"
+exec python -m bench all "$@"
