@@ -117,7 +117,7 @@ class GroupPlan:
 
     Valid while the same params (same storages) have grads and the group's structure stays."""
 
-    def __init__(self, optimizer, group, params, grads, use_kernels):
+    def __init__(self, optimizer, group, params, grads):
         self.params = params
         self.param_addresses = list(map(torch.Tensor.data_ptr, params))
         self.structure = optimizer.structure(group)
@@ -128,15 +128,13 @@ class GroupPlan:
             optimizer.check_grad(grad)
             if len(optimizer.state[p]) == 0:
                 optimizer.init_state(p, group)
-        if not use_kernels:
-            self.reference_params = params
-            return
-        kernels = load_kernels()
+        on_kernels = [optimizer.runs_on_kernels(p) for p in params]
+        kernels = load_kernels() if any(on_kernels) else None
         by_bucket = {}
         for index, (p, grad) in enumerate(zip(params, grads)):
             state = optimizer.state[p]
             states = [state[key] for key in optimizer.state_keys(group) if key in state]
-            if kernels.fits_kernel(p, grad, states):
+            if on_kernels[index] and kernels.fits_kernel(p, grad, states):
                 dtype = torch.view_as_real(p).dtype if p.is_complex() else p.dtype
                 by_bucket.setdefault((p.device, dtype), []).append(index)
             else:
@@ -205,13 +203,15 @@ class FusedOptimizer(Optimizer):
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
 
     # ---- the shared step ----
-    def _uses_kernels(self, params):
+    def runs_on_kernels(self, param):
+        """Whether the Triton kernels update `param` (else the reference does)."""
         if self.backend == "torch":
             return False
-        on_cuda = params[0].is_cuda
+        if param.is_cuda:
+            return True
         if self.backend == "auto":
-            return on_cuda
-        if not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            return False
+        if os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError(
                 "backend='triton' runs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); "
                 "these params are on the CPU"
@@ -236,7 +236,7 @@ class FusedOptimizer(Optimizer):
             plan = self._plans.get(index)
             structure = self.structure(group)
             if plan is None or not plan.matches(params, structure) or not plan.step(self, group, grads):
-                plan = GroupPlan(self, group, list(params), grads, self._uses_kernels(params))
+                plan = GroupPlan(self, group, list(params), grads)
                 plan.step(self, group, grads)
             self._plans[index] = None if plan.rebuild_next_step else plan
         return loss

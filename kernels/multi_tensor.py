@@ -135,18 +135,14 @@ class TensorTable:
         if self.num_blocks == 0:
             return
         count_launch()
-        kernel[(self.num_blocks,)](
-            self.tensor_table,
-            self.block_table,
-            self.num_tensors,
-            self.num_blocks,
-            *scalars,
-            DTYPE=kernel_dtype(self.dtype),
-            ALIGNED=self.aligned,
-            BLOCK=self.block,
-            num_warps=4,
-        **constexprs,
-        )
+        arguments = (self.tensor_table, self.block_table, self.num_tensors, self.num_blocks, *scalars)
+        options = dict(constexprs, DTYPE=kernel_dtype(self.dtype), ALIGNED=self.aligned, BLOCK=self.block,
+                       num_warps=4)
+        if self.device.type == "cuda" and self.device.index != torch.cuda.current_device():
+            with torch.cuda.device(self.device):
+                kernel[(self.num_blocks,)](*arguments, **options)
+        else:
+            kernel[(self.num_blocks,)](*arguments, **options)
 
 
 # ---- device-side helpers shared by every rule kernel ----
