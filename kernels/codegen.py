@@ -20,7 +20,7 @@ from triton.compiler import ASTSource
 
 from .adagrad import adagrad_kernel
 from .adam import adam_kernel
-from .multi_tensor import block_size, kernel_dtype
+from .multi_tensor import NUM_WARPS, block_size, kernel_dtype
 from .rmsprop import rmsprop_kernel
 from .sgd import sgd_kernel
 
@@ -78,7 +78,7 @@ def compile_specialization(spec, arch):
     # The tables come from torch's allocator: 16-byte aligned, as the launcher would detect.
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in TABLE_ARGS}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": NUM_WARPS})
 
 
 def widest_access(ptx, op):
