@@ -21,7 +21,7 @@ def check_adam_arguments(lr, betas, eps, weight_decay, foreach, capturable):
         raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
     if not 0.0 <= weight_decay:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-    if torch.is_tensor(betas[0]) != torch.is_tensor(betas[1]):
+    if not (all(isinstance(beta, float) for beta in betas) or all(torch.is_tensor(beta) for beta in betas)):
         raise ValueError("betas must be either both floats or both Tensors")
     for index, beta in enumerate(betas):
         if torch.is_tensor(beta):

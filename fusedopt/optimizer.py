@@ -64,7 +64,9 @@ class KernelBucket:
         self.params = params
         self.indices = indices  # positions in the group's list of params with grads; None: all
         self.grad_strides = [p.stride() for p in params]
-        states = [optimizer.state[p] for p in params]
+        # No state entries where the rule keeps none (SGD without momentum), as in torch.
+        keeps_state = optimizer.has_step or optimizer.state_keys(group)
+        states = [optimizer.state[p] for p in params] if keeps_state else [{} for _ in params]
         self.fresh_buffers = False
         if optimizer.has_step:
             # Each step tensor becomes a view into one buffer, so the per-step increment is one op.
@@ -126,13 +128,13 @@ class GroupPlan:
         self.rebuild_next_step = False
         for p, grad in zip(params, grads):
             optimizer.check_grad(grad)
-            if len(optimizer.state[p]) == 0:
+            if not optimizer.state.get(p):
                 optimizer.init_state(p, group)
         on_kernels = [optimizer.runs_on_kernels(p) for p in params]
         kernels = load_kernels() if any(on_kernels) else None
         by_bucket = {}
         for index, (p, grad) in enumerate(zip(params, grads)):
-            state = optimizer.state[p]
+            state = optimizer.state.get(p, {})
             states = [state[key] for key in optimizer.state_keys(group) if key in state]
             if on_kernels[index] and kernels.fits_kernel(p, grad, states):
                 dtype = torch.view_as_real(p).dtype if p.is_complex() else p.dtype
@@ -266,7 +268,7 @@ class FusedOptimizer(Optimizer):
 
 def reference_states(optimizer, params, key):
     """The list of state[key] for params (None where missing)."""
-    return [optimizer.state[p].get(key) for p in params]
+    return [optimizer.state.get(p, {}).get(key) for p in params]
 
 
 __all__ = ["FusedOptimizer", "reference", "reference_states", "as_float", "scalar_step_tensor"]
