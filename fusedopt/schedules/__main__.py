@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="draw a recipe's lr curve to a PNG",
         description=f"Draw the lr of a recipe over steps 0..total-steps (needs {INSTALL_HINT}).",
     )
-    plot.add_argument("name", choices=list(RECIPES), metavar="NAME", help=", ".join(RECIPES))
+    plot.add_argument("name", metavar="NAME", help="one of " + ", ".join(RECIPES))
     plot.add_argument("--total-steps", type=int, required=True, help="steps drawn (and run length)")
     plot.add_argument("--warmup-steps", type=int, help="warmup length (one_cycle: the rise)")
     plot.add_argument("--lr", type=float, default=1.0, help="base lr (default 1.0: the factor)")
@@ -52,20 +52,23 @@ def _schedule_arguments(args, parser: argparse.ArgumentParser) -> dict:
         given["d_model"] = args.d_model
     if args.min_lr is not None:
         if "floor" not in accepted:
-            parser.error(f"--min-lr does not apply to {args.name}")
+            raise ValueError(f"min_lr: --min-lr does not apply to {args.name}")
         given["floor"] = floor_factor(args.min_lr, args.lr, where="--lr")
     return given
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; bad values (an unknown schedule name, negative steps, ...) raise
+    ValueError naming the argument, which the program reports as a usage error (exit code 2)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "list":
         print("\n".join(RECIPES))
         return 0
-    parser = args.command_parser
+    if args.name not in RECIPES:
+        raise ValueError(f"name: unknown schedule {args.name!r} (known: {', '.join(RECIPES)})")
+    schedule = from_name(args.name, **_schedule_arguments(args, args.command_parser))
     try:
-        schedule = from_name(args.name, **_schedule_arguments(args, parser))
         schedule.plot(
             args.total_steps,
             args.output,
@@ -75,8 +78,6 @@ def main(argv: list[str] | None = None) -> int:
             title=f"{args.name}",
             log_scale=args.log,
         )
-    except ValueError as err:
-        parser.error(str(err))
     except ImportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -85,4 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ValueError as err:
+        print(f"python -m fusedopt.schedules: error: {err}", file=sys.stderr)
+        sys.exit(2)
