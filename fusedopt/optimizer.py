@@ -260,9 +260,12 @@ class FusedOptimizer(Optimizer):
         if hasattr(self, "_plans"):
             self.invalidate_plans()
 
+    def __getstate__(self):
+        return {**super().__getstate__(), "backend": self.backend}
+
     def __setstate__(self, state):
         super().__setstate__(state)
-        self._plans = {}
+        self._plans = {}  # tables point at the tensors of the optimizer they were built for
         self.__dict__.setdefault("backend", resolve_backend(None))
 
 
