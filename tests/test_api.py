@@ -1,0 +1,547 @@
+"""Specification of the torch.optim.Optimizer API: fusedopt's optimizers are drop-in replacements,
+stepped side by side with torch.optim on the same inputs (closures, params without grads, several
+param groups, add_param_group, learning rates changed by hand or by lr_scheduler, complex params,
+zero_grad, nn.Module training) and compared after every run."""
+import inspect
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch.optim import lr_scheduler
+from torch.testing import assert_close
+
+import fusedopt
+
+NAMES = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop"]
+TOL = dict(rtol=1e-5, atol=1e-6)
+SHAPES = [(4, 3), (5,), ()]
+
+# One option set per class that uses every state tensor of the rule.
+OPTIONS = {
+    "SGD": dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01),
+    "Adam": dict(lr=0.05, betas=(0.8, 0.95), weight_decay=0.1, amsgrad=True),
+    "AdamW": dict(lr=0.05, weight_decay=0.1),
+    "Adagrad": dict(lr=0.1, lr_decay=0.05, initial_accumulator_value=0.2),
+    "RMSprop": dict(lr=0.01, momentum=0.5, centered=True, weight_decay=0.1),
+}
+
+
+# ---- inputs and side-by-side runs ----
+
+
+def make_values(seed, device="cpu", shapes=SHAPES, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator, dtype=dtype).to(device) for shape in shapes]
+
+
+def as_params(values):
+    return [v.clone().requires_grad_() for v in values]
+
+
+def set_grads(params, step, seed, frozen=()):
+    """Fresh noise plus a term in the param; params whose index is in `frozen` get no grad."""
+    generator = torch.Generator().manual_seed(seed * 1000 + step)
+    for index, p in enumerate(params):
+        noise = torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device)
+        p.grad = None if index in frozen else noise + 0.5 * p.detach()
+
+
+def build(library, name, params, backend=None, **options):
+    if library is fusedopt:
+        return getattr(fusedopt, name)(params, backend=backend, **options)
+    return getattr(torch.optim, name)(params, **options)
+
+
+def kernel_launches():
+    return fusedopt.kernels.launch_count()
+
+
+class Twins:
+    """The same params (copies) optimized by fusedopt and by torch.optim."""
+
+    def __init__(self, name, backend, values, make_groups=None, make_params=None, **options):
+        """values: the initial params (copied for each side), or make_params() makes each side's."""
+        self.backend = backend
+        make_params = make_params or (lambda: as_params(values))
+        self.ours_params, self.theirs_params = make_params(), make_params()
+        groups = make_groups or (lambda params: params)
+        self.ours = build(fusedopt, name, groups(self.ours_params), backend, **options)
+        self.theirs = build(torch.optim, name, groups(self.theirs_params), **options)
+
+    def each(self):
+        yield self.ours, self.ours_params
+        yield self.theirs, self.theirs_params
+
+    def train(self, start, steps, seed, frozen=()):
+        for optimizer, params in self.each():
+            launches = kernel_launches()
+            for step in range(start, start + steps):
+                set_grads(params, step, seed, frozen)
+                optimizer.step()
+            if optimizer is self.ours:  # the backend asked for is the one that ran
+                assert (kernel_launches() > launches) == (self.backend == "triton")
+
+    def assert_match(self):
+        for got, want in zip(self.ours_params, self.theirs_params, strict=True):
+            assert_close(got.detach(), want.detach(), **TOL)
+        assert_states_match(self.ours.state_dict()["state"], self.theirs.state_dict()["state"])
+        ours_groups, theirs_groups = self.ours.state_dict()["param_groups"], self.theirs.state_dict()["param_groups"]
+        assert ours_groups == theirs_groups
+
+
+def assert_states_match(actual, expected):
+    assert actual.keys() == expected.keys()
+    for index, want_state in expected.items():
+        assert actual[index].keys() == want_state.keys(), f"param {index}"
+        for key, want in want_state.items():
+            got = actual[index][key]
+            if key == "step":
+                assert float(got) == float(want), f"param {index}: step {float(got)} != {float(want)}"
+            else:
+                assert_close(got, want, **TOL, msg=lambda m: f"param {index} {key!r}: {m}")
+
+
+# ---- step() ----
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_step_returns_the_closure_loss(name, backend, device):
+    generator = torch.Generator().manual_seed(1)
+    targets = [torch.randn(shape, generator=generator).to(device) for shape in SHAPES]
+    twins = Twins(name, backend, make_values(1, device), **OPTIONS[name])
+    for optimizer, params in twins.each():
+        for _ in range(3):
+            made = []
+
+            def closure():
+                optimizer.zero_grad()
+                loss = sum(((p - t) ** 2 * (1 + i)).sum() for i, (p, t) in enumerate(zip(params, targets)))
+                loss.backward()
+                made.append(loss)
+                return loss
+
+            returned = optimizer.step(closure)
+            assert len(made) == 1
+            assert returned is made[0]
+            assert returned.requires_grad  # the closure ran with grad enabled
+    twins.assert_match()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_step_without_closure_returns_none(name, backend, device):
+    params = as_params(make_values(2, device))
+    optimizer = build(fusedopt, name, params, backend, **OPTIONS[name])
+    set_grads(params, 0, seed=2)
+    assert optimizer.step() is None
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_params_without_grad_are_skipped_like_torch(name, backend, device):
+    values = make_values(3, device)
+    twins = Twins(name, backend, values, **OPTIONS[name])
+    twins.train(0, 4, seed=3, frozen={1})
+    assert torch.equal(twins.ours_params[1].detach(), values[1])
+    ours_state = twins.ours.state_dict()["state"]
+    theirs_state = twins.theirs.state_dict()["state"]
+    assert (1 in ours_state) == (1 in theirs_state)  # only Adagrad creates state up front
+    twins.assert_match()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_param_without_grad_for_some_steps_continues_like_torch(name, backend, device):
+    # Params fall behind by different step counts, then all step together.
+    twins = Twins(name, backend, make_values(4, device), **OPTIONS[name])
+    twins.train(0, 2, seed=4, frozen={1})
+    twins.train(2, 1, seed=4, frozen={0, 2})
+    twins.train(3, 3, seed=4)
+    twins.assert_match()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_step_with_no_grads_changes_nothing(name, backend, device):
+    values = make_values(5, device)
+    twins = Twins(name, backend, values, **OPTIONS[name])
+    for optimizer, params in twins.each():
+        optimizer.step()
+        for p, value in zip(params, values):
+            assert torch.equal(p.detach(), value)
+    twins.assert_match()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_step_hooks_run_once_per_step(name, backend, device):
+    params = as_params(make_values(6, device))
+    optimizer = build(fusedopt, name, params, backend, **OPTIONS[name])
+    calls = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: calls.append("pre"))
+    optimizer.register_step_post_hook(lambda opt, args, kwargs: calls.append("post"))
+    for step in range(2):
+        set_grads(params, step, seed=6)
+        optimizer.step()
+    assert calls == ["pre", "post", "pre", "post"]
+
+
+# ---- param groups ----
+
+# A second group with other hyperparameters (and, where the rule has them, other state tensors).
+SECOND_GROUP = {
+    "SGD": dict(lr=0.05, momentum=0.0, weight_decay=0.0),
+    "Adam": dict(lr=0.01, betas=(0.9, 0.99), amsgrad=False, maximize=True),
+    "AdamW": dict(lr=0.01, weight_decay=0.5, amsgrad=True),
+    "Adagrad": dict(lr=0.3, lr_decay=0.0, weight_decay=0.1, eps=1e-6),
+    "RMSprop": dict(lr=0.02, momentum=0.0, centered=False, alpha=0.9),
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_param_groups_with_different_hyperparameters_match_torch(name, backend, device):
+    def groups(params):
+        return [{"params": params[:2]}, {"params": params[2:], **SECOND_GROUP[name]}]
+
+    twins = Twins(name, backend, make_values(7, device), make_groups=groups, **OPTIONS[name])
+    twins.train(0, 5, seed=7)
+    twins.assert_match()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_add_param_group_mid_training_matches_torch(name, backend, device):
+    values = make_values(8, device)
+    twins = Twins(name, backend, values[:2], **OPTIONS[name])
+    twins.train(0, 3, seed=8)
+    new_values = make_values(80, device, shapes=[(3, 2), (6,)])
+    for optimizer, params in twins.each():
+        added = as_params(new_values)
+        optimizer.add_param_group({"params": added, **SECOND_GROUP[name]})
+        params.extend(added)
+    twins.train(3, 4, seed=8)
+    twins.assert_match()
+
+
+# ---- learning rates and other hyperparameters changed between steps ----
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_lr_changed_by_hand_takes_effect_at_next_step(name, backend, device):
+    twins = Twins(name, backend, make_values(9, device), **OPTIONS[name])
+    for step, factor in enumerate([1.0, 0.5, 2.0, 0.0, 0.25, 3.0]):
+        for optimizer, _ in twins.each():
+            optimizer.param_groups[0]["lr"] = OPTIONS[name]["lr"] * factor
+        twins.train(step, 1, seed=9)
+    twins.assert_match()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tensor_lr_changed_in_place_takes_effect_at_next_step(name, backend, device):
+    options = dict(OPTIONS[name], lr=torch.tensor(OPTIONS[name]["lr"]))
+    twins = Twins(name, backend, make_values(10, device), **options)
+    for step, factor in enumerate([1.0, 0.5, 2.0, 0.25]):
+        for optimizer, _ in twins.each():
+            optimizer.param_groups[0]["lr"].fill_(OPTIONS[name]["lr"] * factor)
+        twins.train(step, 1, seed=10)
+    twins.assert_match()
+
+
+# Other hyperparameters changed by hand (those torch reads at every step without new state).
+CHANGED_BY_HAND = {
+    "SGD": [dict(momentum=0.5, dampening=0.3), dict(weight_decay=0.1), dict(nesterov=True, dampening=0.0)],
+    "Adam": [dict(betas=(0.5, 0.9)), dict(eps=1e-3, weight_decay=0.0), dict(maximize=True)],
+    "AdamW": [dict(betas=(0.5, 0.9)), dict(weight_decay=0.3), dict(eps=1e-2)],
+    "Adagrad": [dict(lr_decay=0.5), dict(weight_decay=0.2), dict(eps=1e-2, maximize=True)],
+    "RMSprop": [dict(alpha=0.5), dict(momentum=0.9, eps=1e-3), dict(weight_decay=0.0, maximize=True)],
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_other_hyperparameters_changed_by_hand_take_effect_at_next_step(name, backend, device):
+    twins = Twins(name, backend, make_values(11, device), **OPTIONS[name])
+    twins.train(0, 2, seed=11)
+    for step, change in enumerate(CHANGED_BY_HAND[name], start=2):
+        for optimizer, _ in twins.each():
+            optimizer.param_groups[0].update(change)
+        twins.train(step, 2, seed=11)
+    twins.assert_match()
+
+
+SCHEDULER_STEPS = 8
+# Options for the scheduler runs: SGD and RMSprop with momentum, so that cycling schedulers have
+# a momentum to cycle (Adam and AdamW cycle beta1).
+SCHEDULED_OPTIONS = dict(OPTIONS, SGD=dict(lr=0.1, momentum=0.9), RMSprop=dict(lr=0.01, momentum=0.5))
+
+
+def _cycles_momentum(optimizer):
+    return "momentum" in optimizer.defaults or "betas" in optimizer.defaults
+
+
+SCHEDULERS = {
+    "StepLR": lambda o: lr_scheduler.StepLR(o, step_size=2, gamma=0.5),
+    "MultiStepLR": lambda o: lr_scheduler.MultiStepLR(o, milestones=[2, 5], gamma=0.3),
+    "ExponentialLR": lambda o: lr_scheduler.ExponentialLR(o, gamma=0.8),
+    "CosineAnnealingLR": lambda o: lr_scheduler.CosineAnnealingLR(o, T_max=5, eta_min=1e-3),
+    "OneCycleLR": lambda o: lr_scheduler.OneCycleLR(
+        o, max_lr=0.05, total_steps=SCHEDULER_STEPS, cycle_momentum=_cycles_momentum(o)),
+    "ReduceLROnPlateau": lambda o: lr_scheduler.ReduceLROnPlateau(o, factor=0.5, patience=0),
+    "LambdaLR": lambda o: lr_scheduler.LambdaLR(o, lambda step: 1.0 / (1 + step)),
+    "MultiplicativeLR": lambda o: lr_scheduler.MultiplicativeLR(o, lambda step: 0.9),
+    "LinearLR": lambda o: lr_scheduler.LinearLR(o, start_factor=0.2, total_iters=4),
+    "ConstantLR": lambda o: lr_scheduler.ConstantLR(o, factor=0.5, total_iters=3),
+    "PolynomialLR": lambda o: lr_scheduler.PolynomialLR(o, total_iters=6, power=2.0),
+    "CosineAnnealingWarmRestarts": lambda o: lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=3),
+    "CyclicLR": lambda o: lr_scheduler.CyclicLR(
+        o, base_lr=0.001, max_lr=0.05, step_size_up=2, cycle_momentum=_cycles_momentum(o)),
+    "SequentialLR": lambda o: lr_scheduler.SequentialLR(
+        o, [lr_scheduler.LinearLR(o, start_factor=0.5, total_iters=3), lr_scheduler.ExponentialLR(o, gamma=0.7)],
+        milestones=[3]),
+    "ChainedScheduler": lambda o: lr_scheduler.ChainedScheduler(
+        [lr_scheduler.ConstantLR(o, factor=0.5, total_iters=2), lr_scheduler.ExponentialLR(o, gamma=0.9)]),
+}
+# A metric that improves, then stalls: ReduceLROnPlateau cuts the learning rate while it stalls.
+PLATEAU_METRIC = [1.0, 0.8, 0.8, 0.8, 0.7, 0.7, 0.7, 0.7]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("scheduler_name", SCHEDULERS)
+def test_lr_scheduler_matches_torch(name, scheduler_name, backend, device):
+    twins = Twins(name, backend, make_values(12, device), **SCHEDULED_OPTIONS[name])
+    histories = []
+    for optimizer, params in twins.each():
+        scheduler = SCHEDULERS[scheduler_name](optimizer)
+        history = []
+        for step in range(SCHEDULER_STEPS):
+            set_grads(params, step, seed=12)
+            optimizer.step()
+            if scheduler_name == "ReduceLROnPlateau":
+                scheduler.step(PLATEAU_METRIC[step])
+            else:
+                scheduler.step()
+            group = optimizer.param_groups[0]
+            history.append((group["lr"], group.get("momentum"), group.get("betas")))
+        histories.append(history)
+    assert histories[0] == histories[1]
+    assert len({entry[0] for entry in histories[1]}) > 1, "the schedule never changed the learning rate"
+    twins.assert_match()
+
+
+# ---- complex params ----
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+def test_complex_params_match_torch(name, dtype, backend, device):
+    twins = Twins(name, backend, make_values(13, device, dtype=dtype), **OPTIONS[name])
+    twins.train(0, 5, seed=13)
+    twins.assert_match()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_complex_and_real_params_in_one_group_match_torch(name, backend, device):
+    values = make_values(14, device, shapes=[(4, 3), (5,)], dtype=torch.complex64)
+    values += make_values(15, device, shapes=[(6,)])
+    twins = Twins(name, backend, values, **OPTIONS[name])
+    twins.train(0, 5, seed=14)
+    twins.assert_match()
+
+
+# ---- layouts and dtypes ----
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_float32_and_float64_params_in_one_group_match_torch(name, backend, device):
+    values = make_values(26, device, shapes=[(4, 3), (5,)])
+    values += make_values(27, device, shapes=[(6,), (2, 2)], dtype=torch.float64)
+    twins = Twins(name, backend, values, **OPTIONS[name])
+    twins.train(0, 4, seed=26)
+    twins.assert_match()
+
+
+def strided_params(device):
+    """A transposed param (dense, not contiguous), a sliced one (not dense) and a plain one."""
+    generator = torch.Generator().manual_seed(28)
+    return [torch.randn(5, 4, generator=generator).to(device).t().requires_grad_(),
+            torch.randn(6, 8, generator=generator).to(device)[:, ::2].requires_grad_(),
+            torch.randn(7, generator=generator).to(device).requires_grad_()]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_non_contiguous_params_and_grads_match_torch(name, backend, device):
+    twins = Twins(name, backend, None, make_params=lambda: strided_params(device), **OPTIONS[name])
+    assert not twins.ours_params[0].is_contiguous() and twins.ours_params[1].stride() == (8, 2)
+    for optimizer, params in twins.each():
+        for step in range(4):
+            generator = torch.Generator().manual_seed(280 + step)
+            for p in params:
+                grad = torch.randn(p.shape, generator=generator).to(device)
+                # Grads alternate between contiguous ones and transposed copies.
+                p.grad = grad if step % 2 == 0 or p.dim() < 2 else grad.t().contiguous().t()
+            optimizer.step()
+    twins.assert_match()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_named_parameters_match_torch(name, backend, device):
+    torch.manual_seed(29)
+    model = torch.nn.Linear(3, 2).to(device)
+    twin = torch.nn.Linear(3, 2).to(device)
+    twin.load_state_dict(model.state_dict())
+    ours = build(fusedopt, name, model.named_parameters(), backend, **OPTIONS[name])
+    theirs = build(torch.optim, name, twin.named_parameters(), **OPTIONS[name])
+    inputs = torch.randn(4, 3, generator=torch.Generator().manual_seed(29)).to(device)
+    for module, optimizer in ((model, ours), (twin, theirs)):
+        for _ in range(3):
+            optimizer.zero_grad()
+            module(inputs).square().sum().backward()
+            optimizer.step()
+    assert ours.state_dict()["param_groups"] == theirs.state_dict()["param_groups"]
+    for got, want in zip(model.parameters(), twin.parameters()):
+        assert_close(got.detach(), want.detach(), **TOL)
+
+
+# ---- zero_grad and autograd ----
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad_between_steps_matches_torch(name, set_to_none, backend, device):
+    generator = torch.Generator().manual_seed(16)
+    targets = [torch.randn(shape, generator=generator).to(device) for shape in SHAPES]
+    twins = Twins(name, backend, make_values(16, device), **OPTIONS[name])
+    for optimizer, params in twins.each():
+        for step in range(6):
+            optimizer.zero_grad(set_to_none=set_to_none)
+            if step % 3 != 2:  # every third step: no backward (no grads, or zero grads)
+                loss = sum(((p - t) ** 2).sum() * (1 + step) for p, t in zip(params, targets))
+                loss.backward()
+            optimizer.step()
+        for p in params:
+            assert (p.grad is None) == (set_to_none and step % 3 == 2)
+    twins.assert_match()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_mlp_training_loop_matches_torch(name, backend, device):
+    torch.manual_seed(17)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).to(device)
+    twin_model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).to(device)
+    twin_model.load_state_dict(model.state_dict())
+    generator = torch.Generator().manual_seed(18)
+    inputs = torch.randn(16, 4, generator=generator).to(device)
+    targets = torch.randn(16, 1, generator=generator).to(device)
+    options = dict(OPTIONS[name], lr=OPTIONS[name]["lr"] / 5)
+    runs = [(model, build(fusedopt, name, model.parameters(), backend, **options)),
+            (twin_model, build(torch.optim, name, twin_model.parameters(), **options))]
+    losses = []
+    for module, optimizer in runs:
+        history = []
+        for _ in range(30):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.mse_loss(module(inputs), targets)
+            loss.backward()
+            optimizer.step()
+            history.append(loss.item())
+        losses.append(history)
+    assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-4, atol=1e-6)
+    for got, want in zip(model.parameters(), twin_model.parameters(), strict=True):
+        assert_close(got.detach(), want.detach(), rtol=1e-4, atol=1e-5)
+
+
+# ---- the class interface ----
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_optimizer_is_a_torch_optimizer(name, backend, device):
+    optimizer = build(fusedopt, name, as_params(make_values(19, device)), backend)
+    assert isinstance(optimizer, torch.optim.Optimizer)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_defaults_equal_torch_defaults(name, backend, device):
+    ours = build(fusedopt, name, as_params(make_values(20, device)), backend)
+    theirs = build(torch.optim, name, as_params(make_values(20, device)))
+    assert ours.defaults == theirs.defaults
+    assert list(ours.defaults) == list(theirs.defaults)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_defaults_with_every_option_equal_torch_defaults(name, backend, device):
+    ours = build(fusedopt, name, as_params(make_values(21, device)), backend, maximize=True, **OPTIONS[name])
+    theirs = build(torch.optim, name, as_params(make_values(21, device)), maximize=True, **OPTIONS[name])
+    assert ours.defaults == theirs.defaults
+
+
+def _switch_cases():
+    cases = []
+    for name in NAMES:
+        has_fused = "fused" in inspect.signature(getattr(torch.optim, name)).parameters
+        for foreach in (None, False, True):
+            for fused in ((None, False, True) if has_fused else (None,)):
+                if foreach and fused:
+                    continue
+                switches = {"foreach": foreach} | ({"fused": fused} if has_fused else {})
+                cases.append(pytest.param(name, switches, id=f"{name}-foreach={foreach}-fused={fused}"))
+    return cases
+
+
+@pytest.mark.parametrize("name, switches", _switch_cases())
+def test_foreach_and_fused_arguments_are_accepted(name, switches, backend, device):
+    options = dict(OPTIONS[name], **switches)
+    twins = Twins(name, backend, make_values(22, device), **options)
+    for key, value in switches.items():
+        assert twins.ours.defaults[key] == value
+        assert twins.ours.param_groups[0][key] == value
+    twins.train(0, 3, seed=22)
+    twins.assert_match()
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("value", ["torch", "triton", "auto"])
+def test_backend_defaults_to_environment_variable(name, value, monkeypatch):
+    monkeypatch.setenv("FUSEDOPT_BACKEND", value)
+    assert build(fusedopt, name, as_params(make_values(23))).backend == value
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_backend_default_without_environment_variable_is_auto(name, monkeypatch):
+    monkeypatch.delenv("FUSEDOPT_BACKEND", raising=False)
+    assert build(fusedopt, name, as_params(make_values(24))).backend == "auto"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_backend_argument_wins_over_environment_variable(name, backend, device, monkeypatch):
+    monkeypatch.setenv("FUSEDOPT_BACKEND", "torch" if backend == "triton" else "triton")
+    assert build(fusedopt, name, as_params(make_values(25, device)), backend).backend == backend
+
+
+# ---- without triton ----
+
+STEP_WITHOUT_TRITON = """
+    import sys
+    sys.modules["triton"] = None  # `import triton` now raises ImportError
+    import torch
+    import fusedopt
+
+    for name in ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop"]:
+        for backend in ["torch", "auto", None]:
+            values = torch.randn(7, generator=torch.Generator().manual_seed(0))
+            ours, theirs = values.clone().requires_grad_(), values.clone().requires_grad_()
+            optimizer = getattr(fusedopt, name)([ours], lr=0.1, backend=backend)
+            reference = getattr(torch.optim, name)([theirs], lr=0.1)
+            for step in range(3):
+                grad = torch.randn(7, generator=torch.Generator().manual_seed(step + 1))
+                ours.grad, theirs.grad = grad.clone(), grad.clone()
+                optimizer.step()
+                reference.step()
+            assert not torch.equal(ours.detach(), values), (name, backend)
+            torch.testing.assert_close(ours.detach(), theirs.detach())
+    assert "triton" not in sys.modules or sys.modules["triton"] is None
+    print("ok")
+"""
+
+
+def test_import_and_torch_backend_work_without_triton():
+    env = {key: value for key, value in os.environ.items() if key != "FUSEDOPT_BACKEND"}
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(STEP_WITHOUT_TRITON)], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
