@@ -1,6 +1,7 @@
 """The shared base class: params with grads -> lazily created state (torch.optim's keys) ->
 buckets keyed by (device, dtype) -> one backend call per bucket.
 """
+import itertools
 import operator
 import os
 
@@ -51,6 +52,16 @@ def as_float(value):
     return value.item() if torch.is_tensor(value) else float(value)
 
 
+def as_step_tensor(step):
+    """A loaded step in torch.optim's default layout: legacy numbers, and the device steps of
+    fused or capturable checkpoints, become 0-dim CPU tensors (loading may synchronise)."""
+    if not torch.is_tensor(step):
+        return torch.tensor(float(step), dtype=scalar_step_tensor().dtype)
+    if step.device.type != "cpu" or step.dim() != 0:
+        return step.detach().to("cpu").reshape(())
+    return step
+
+
 def scalar_step_tensor():
     """torch.optim's layout of state['step'] (non-capturable): a 0-dim CPU tensor."""
     dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
@@ -83,6 +94,20 @@ class KernelBucket:
             extra = [int(flag) for flag in fresh]
         roles = [[state[key] for state in states] for key in optimizer.state_keys(group)]
         self.table = kernels.TensorTable(params, grads, roles, extra)
+        # The table holds raw addresses: remember which state tensors they belong to, so that
+        # state replaced by hand (or cleared) is noticed before the kernel writes anywhere.
+        self.state_values = state_values(optimizer.state, params) if keeps_state else None
+
+    def state_unchanged(self, optimizer):
+        """True while the optimizer's state for these params holds the very tensors the table
+        was built on."""
+        if self.state_values is None:
+            return True
+        try:
+            values = state_values(optimizer.state, self.params)
+        except TypeError:  # a param's state is gone
+            return False
+        return len(values) == len(self.state_values) and all(map(operator.is_, values, self.state_values))
 
     def refresh(self, grads):
         """Point the table at the current grads; False when the bucket must be rebuilt instead
@@ -106,6 +131,11 @@ class KernelBucket:
             optimizer.kernel_step(group, self.table, step=self.step, per_tensor_step=self.per_tensor_step)
         else:
             optimizer.kernel_step(group, self.table, fresh_buffers=self.fresh_buffers)
+
+
+def state_values(state, params):
+    """Every value of every param's state dict, in order, in one flat list."""
+    return list(itertools.chain.from_iterable(map(dict.values, map(state.get, params))))
 
 
 def fits_grad(param, grad):
@@ -149,12 +179,13 @@ class GroupPlan:
             self.rebuild_next_step |= bucket.fresh_buffers
             self.buckets.append(bucket)
 
-    def matches(self, params, structure):
+    def matches(self, optimizer, params, structure):
         return (
             len(params) == len(self.params)
             and all(map(operator.is_, params, self.params))
             and structure == self.structure
             and list(map(torch.Tensor.data_ptr, params)) == self.param_addresses
+            and all(bucket.state_unchanged(optimizer) for bucket in self.buckets)
         )
 
     def step(self, optimizer, group, grads):
@@ -166,6 +197,10 @@ class GroupPlan:
         for bucket in self.buckets:
             bucket.launch(optimizer, group)
         if self.reference_params:
+            for p in self.reference_params:  # per tensor anyway: state may have been cleared by hand
+                optimizer.check_grad(p.grad)
+                if not optimizer.state.get(p):
+                    optimizer.init_state(p, group)
             optimizer.reference_step(group, self.reference_params)
         return True
 
@@ -237,7 +272,7 @@ class FusedOptimizer(Optimizer):
                 continue
             plan = self._plans.get(index)
             structure = self.structure(group)
-            if plan is None or not plan.matches(params, structure) or not plan.step(self, group, grads):
+            if plan is None or not plan.matches(self, params, structure) or not plan.step(self, group, grads):
                 plan = GroupPlan(self, group, list(params), grads)
                 plan.step(self, group, grads)
             self._plans[index] = None if plan.rebuild_next_step else plan
@@ -248,11 +283,7 @@ class FusedOptimizer(Optimizer):
         self._plans = {}
 
     def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        for state in self.state.values():
-            step = state.get("step")
-            if torch.is_tensor(step) and (step.device.type != "cpu" or step.dim() != 0):
-                state["step"] = step.detach().to("cpu").reshape(())
+        super().load_state_dict(state_dict)  # ends in __setstate__
         self.invalidate_plans()
 
     def add_param_group(self, param_group):
@@ -267,6 +298,9 @@ class FusedOptimizer(Optimizer):
         super().__setstate__(state)
         self._plans = {}  # tables point at the tensors of the optimizer they were built for
         self.__dict__.setdefault("backend", resolve_backend(None))
+        for param_state in self.state.values():
+            if "step" in param_state:
+                param_state["step"] = as_step_tensor(param_state["step"])
 
 
 def reference_states(optimizer, params, key):
