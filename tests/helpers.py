@@ -1,0 +1,362 @@
+"""Shared test utilities: builders of parameter sets and gradients, runners that drive a fusedopt
+optimizer beside torch.optim or beside the float64 reference, and one verbose allclose."""
+import torch
+
+import fusedopt
+from fusedopt import reference
+
+# ---- the update rules under test ----
+
+OPTIMIZERS = {
+    "sgd": (fusedopt.SGD, torch.optim.SGD),
+    "adam": (fusedopt.Adam, torch.optim.Adam),
+    "adamw": (fusedopt.AdamW, torch.optim.AdamW),
+    "adagrad": (fusedopt.Adagrad, torch.optim.Adagrad),
+    "rmsprop": (fusedopt.RMSprop, torch.optim.RMSprop),
+}
+
+# Learning rates large enough that 20 steps move the params well away from their start.
+DEFAULT_LR = {"sgd": 0.05, "adam": 0.02, "adamw": 0.02, "adagrad": 0.05, "rmsprop": 0.01}
+
+
+def fused_optimizer(rule, params, **options):
+    """A fusedopt optimizer of `rule` that runs the Triton kernels (interpreted on CPU tensors)."""
+    options.setdefault("lr", DEFAULT_LR[rule])
+    return OPTIMIZERS[rule][0](params, backend="triton", **options)
+
+
+def torch_optimizer(rule, params, **options):
+    """torch.optim's single-tensor (for-loop) implementation of `rule`, the trajectory to match."""
+    options.setdefault("lr", DEFAULT_LR[rule])
+    return OPTIMIZERS[rule][1](params, foreach=False, **options)
+
+
+# ---- parameter sets ----
+
+# 0-dim, one element, odd sizes, one past two 2048-element blocks, and 2-D.
+SHAPES = [(), (1,), (7,), (1023,), (4097,), (33, 17)]
+
+
+def randn(shape, dtype, device, generator):
+    """Seeded normal values, drawn on the CPU in float64 so every device and dtype sees the same
+    numbers (rounded to `dtype`); never zeros."""
+    values = torch.randn(shape, generator=generator, dtype=torch.float64)
+    if dtype.is_complex:
+        values = torch.complex(values, torch.randn(shape, generator=generator, dtype=torch.float64))
+    return values.to(device=device, dtype=dtype)
+
+
+def make_params(dtype, device, generator, shapes=SHAPES, *, odd_layouts=True, complex_params=True):
+    """Leaf params of `shapes`, plus (odd_layouts) a transposed, non-contiguous 2-D param and a
+    param that starts one element past an aligned address (not 16-byte aligned), plus
+    (complex_params, for fp32 and fp64) two complex params, updated as their real views in the
+    same bucket."""
+    params = [randn(shape, dtype, device, generator).requires_grad_() for shape in shapes]
+    if odd_layouts:
+        params.append(randn((17, 33), dtype, device, generator).t().requires_grad_())
+        base = randn((1 + 1030,), dtype, device, generator)
+        unaligned = base[1:].requires_grad_()
+        assert unaligned.data_ptr() % 16 != 0
+        params.append(unaligned)
+    if complex_params and dtype in (torch.float32, torch.float64):
+        complex_dtype = torch.complex64 if dtype == torch.float32 else torch.complex128
+        params += [randn(shape, complex_dtype, device, generator).requires_grad_() for shape in [(5,), (3, 4)]]
+    return params
+
+
+def clone_params(params, dtype=None):
+    """Independent leaf copies with the same values, shapes and strides (optionally converted);
+    a param whose data pointer is unaligned keeps that misalignment."""
+    copies = []
+    for p in params:
+        target = dtype if dtype is not None else p.dtype
+        if p.is_complex() and dtype is not None:
+            target = torch.complex128 if dtype == torch.float64 else p.dtype
+        if p.data_ptr() % 16 != 0 and p.dim() == 1:
+            base = torch.empty(p.numel() + 1, dtype=target, device=p.device)
+            copy = base[1:]
+            copy.copy_(p.detach())
+        else:
+            copy = torch.empty_like(p, dtype=target).copy_(p.detach())
+        copies.append(copy.requires_grad_())
+    return copies
+
+
+def random_like(tensor, generator, scale=1.0):
+    """Seeded random values in the layout (strides) of `tensor`."""
+    values = randn(tensor.shape, tensor.dtype, "cpu", generator) * scale
+    return torch.empty_like(tensor, memory_format=torch.preserve_format).copy_(values)
+
+
+def make_grads(params, generator, scale=1.0):
+    """One fresh gradient per param, laid out like the param (as autograd lays them out)."""
+    return [random_like(p.detach(), generator, scale) for p in params]
+
+
+def assign_grads(params, grads):
+    """Give each param its own copy of the grad (None stays None)."""
+    for p, g in zip(params, grads):
+        p.grad = None if g is None else g.clone(memory_format=torch.preserve_format)
+
+
+# ---- comparison ----
+
+
+def describe_mismatch(actual, expected, rtol, atol):
+    """A short account of where and how much `actual` differs from `expected`, or None when
+    every element is within tolerance (NaNs in the same places, infinities equal)."""
+    a = torch.view_as_real(actual) if actual.is_complex() else actual
+    e = torch.view_as_real(expected) if expected.is_complex() else expected
+    a, e = a.detach().cpu().double(), e.detach().cpu().double()
+    finite = a.isfinite() & e.isfinite()
+    diff = torch.where(finite, (a - e).abs(), torch.zeros_like(a))
+    nan_mismatch = a.isnan() != e.isnan()
+    inf_mismatch = (a.isinf() | e.isinf()) & (a != e) & ~(a.isnan() | e.isnan())
+    bad = (diff > atol + rtol * e.abs()) & finite | nan_mismatch | inf_mismatch
+    if not bad.any():
+        return None
+    worst = int(diff.flatten().argmax())
+    relative = diff / e.abs().clamp_min(1e-300)
+    first = bad.flatten().nonzero().flatten()[:5].tolist()
+    return (
+        f"{int(bad.sum())} of {bad.numel()} elements differ (rtol={rtol:g}, atol={atol:g}); "
+        f"max abs diff {diff.max().item():.3e} at flat index {worst} "
+        f"(actual {a.flatten()[worst].item():.9g}, expected {e.flatten()[worst].item():.9g}); "
+        f"max rel diff {relative.max().item():.3e}; NaN placement differs at {int(nan_mismatch.sum())}, "
+        f"infinities differ at {int(inf_mismatch.sum())} elements; first bad flat indices {first} "
+        f"(actual {a.flatten()[first].tolist()}, expected {e.flatten()[first].tolist()})"
+    )
+
+
+def assert_close(actual, expected, *, rtol, atol, name=""):
+    """Elementwise |actual - expected| <= atol + rtol |expected|, NaNs in the same places, infs
+    equal; dtype, shape and device must match. Fails with the worst element and the counts."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
+    assert actual.device == expected.device, f"{name}: device {actual.device} != {expected.device}"
+    problem = describe_mismatch(actual, expected, rtol, atol)
+    assert problem is None, f"{name}: {problem}"
+
+
+def state_scale(tensors):
+    """The typical magnitude of a kind of state (its RMS over all params' tensors of that key,
+    at least 1e-12): absolute tolerances on states are taken relative to it, so that a state of
+    size 1e-3 (exp_avg_sq) is held to the same relative standard as a param of size 1."""
+    values = [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
+    values = torch.cat([t.detach().double().flatten().cpu() for t in values])
+    values = values[values.isfinite()]
+    if values.numel() == 0:
+        return 1.0
+    return max(values.square().mean().sqrt().item(), 1e-12)
+
+
+def state_scales(optimizer, params):
+    """state_scale of each state key of `optimizer` over `params`."""
+    by_key = {}
+    for p in params:
+        for key, value in optimizer.state[p].items():
+            if key != "step" and torch.is_tensor(value):
+                by_key.setdefault(key, []).append(value)
+    return {key: state_scale(values) for key, values in by_key.items()}
+
+
+def assert_optimizers_match(fused, expected, fused_params, expected_params, *, rtol, atol, where=""):
+    """Params, every state tensor, and every state['step'] value of `fused` equal those of
+    `expected` (same keys, shapes, dtypes). State tolerances scale with each state kind's RMS."""
+    scales = state_scales(expected, expected_params)
+    for index, (p, q) in enumerate(zip(fused_params, expected_params)):
+        assert_close(p.detach(), q.detach(), rtol=rtol, atol=atol, name=f"{where} param {index}")
+        state, expected_state = fused.state[p], expected.state[q]
+        assert set(state) == set(expected_state), f"{where} param {index}: state keys {set(state)} != {set(expected_state)}"
+        for key, value in expected_state.items():
+            name = f"{where} param {index} state[{key!r}]"
+            if key == "step":
+                assert state[key].dtype == value.dtype, f"{name}: dtype {state[key].dtype} != {value.dtype}"
+                assert state[key].shape == value.shape, f"{name}: shape {state[key].shape} != {value.shape}"
+                assert state[key].device == value.device, f"{name}: device {state[key].device} != {value.device}"
+                assert state[key].item() == value.item(), f"{name}: {state[key].item()} != {value.item()}"
+            else:
+                assert_close(state[key], value, rtol=rtol, atol=atol * scales[key], name=name)
+
+
+# ---- trajectories ----
+
+
+def run_beside_torch(rule, params, options, *, steps, generator, check_every=5, rtol, atol,
+                     grad_scale=1.0, before_step=None):
+    """Step a fusedopt optimizer (kernels) and torch.optim (for-loop) on copies of `params` with
+    the same fresh random grads for `steps` steps, comparing params and all state every
+    `check_every` steps and at the end. `before_step(step, fused, expected, fused_params,
+    torch_params)` may change grads, params or groups before a step. Returns both optimizers and param lists."""
+    fused_params = clone_params(params)
+    torch_params = clone_params(params)
+    fused = fused_optimizer(rule, fused_params, **options)
+    expected = torch_optimizer(rule, torch_params, **options)
+    for step in range(1, steps + 1):
+        grads = make_grads(params, generator, grad_scale)
+        assign_grads(fused_params, grads)
+        assign_grads(torch_params, grads)
+        if before_step is not None:
+            before_step(step, fused, expected, fused_params, torch_params)
+        fused.step()
+        expected.step()
+        if step % check_every == 0 or step == steps:
+            assert_optimizers_match(fused, expected, fused_params, torch_params, rtol=rtol, atol=atol,
+                                    where=f"{rule} {options} step {step}")
+    return fused, expected, fused_params, torch_params
+
+
+# The float64 reference driven with plain per-param state dicts, the way torch.optim drives it.
+
+
+def _zeros(p):
+    return torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+class ReferenceOptimizer:
+    """The float64 oracle: `fusedopt.reference`'s list-level functions run on float64 (complex128)
+    copies of the params, with torch.optim's state layout. With `storage_dtype`, params and states
+    are rounded to that dtype after each step, as a kernel that computes in higher precision and
+    stores in the param's dtype leaves them."""
+
+    def __init__(self, rule, params, options, storage_dtype=None):
+        self.rule = rule
+        self.options = dict(options)
+        self.options.setdefault("lr", DEFAULT_LR[rule])
+        self.params = clone_params(params, torch.float64)
+        self.storage_dtype = storage_dtype
+        self.state = {}
+        for p in self.params:
+            state = self.state[p] = {}
+            if rule in ("adam", "adamw"):
+                state.update(step=torch.tensor(0.0), exp_avg=_zeros(p), exp_avg_sq=_zeros(p))
+                if self.options.get("amsgrad"):
+                    state["max_exp_avg_sq"] = _zeros(p)
+            elif rule == "adagrad":
+                value = self.options.get("initial_accumulator_value", 0)
+                state.update(step=torch.tensor(0.0),
+                             sum=torch.full_like(p, complex(value, value) if p.is_complex() else value))
+            elif rule == "rmsprop":
+                state.update(step=torch.tensor(0.0), square_avg=_zeros(p))
+                if self.options.get("momentum", 0) > 0:
+                    state["momentum_buffer"] = _zeros(p)
+                if self.options.get("centered"):
+                    state["grad_avg"] = _zeros(p)
+
+    def _option(self, key, default):
+        return self.options.get(key, default)
+
+    @torch.no_grad()
+    def step(self, grads):
+        """One step of the rule on the params with a grad (grads in any dtype; None skips)."""
+        live = [(p, g.to(p.dtype)) for p, g in zip(self.params, grads) if g is not None]
+        if not live:
+            return
+        params, grads = [p for p, _ in live], [g for _, g in live]
+        states = [self.state[p] for p in params]
+        lr, wd, maximize = self.options["lr"], self._option("weight_decay", None), self._option("maximize", False)
+        if self.rule == "sgd":
+            buffers = [s.get("momentum_buffer") for s in states]
+            buffers = reference.sgd(params, grads, buffers, lr=lr, weight_decay=wd or 0,
+                                    momentum=self._option("momentum", 0), dampening=self._option("dampening", 0),
+                                    nesterov=self._option("nesterov", False), maximize=maximize)
+            if self._option("momentum", 0) != 0:
+                for s, b in zip(states, buffers):
+                    s["momentum_buffer"] = b
+        elif self.rule in ("adam", "adamw"):
+            beta1, beta2 = self._option("betas", (0.9, 0.999))
+            decoupled = self.rule == "adamw" or self._option("decoupled_weight_decay", False)
+            if wd is None:
+                wd = 1e-2 if self.rule == "adamw" else 0
+            reference.adam(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                           [s.get("max_exp_avg_sq") for s in states], [s["step"] for s in states],
+                           lr=lr, beta1=beta1, beta2=beta2, eps=self._option("eps", 1e-8), weight_decay=wd,
+                           decoupled_weight_decay=decoupled, amsgrad=self._option("amsgrad", False),
+                           maximize=maximize)
+        elif self.rule == "adagrad":
+            reference.adagrad(params, grads, [s["sum"] for s in states], [s["step"] for s in states], lr=lr,
+                              lr_decay=self._option("lr_decay", 0), weight_decay=wd or 0,
+                              eps=self._option("eps", 1e-10), maximize=maximize)
+        elif self.rule == "rmsprop":
+            reference.rmsprop(params, grads, [s["square_avg"] for s in states],
+                              [s.get("momentum_buffer") for s in states], [s.get("grad_avg") for s in states],
+                              [s["step"] for s in states], lr=lr, alpha=self._option("alpha", 0.99),
+                              eps=self._option("eps", 1e-8), weight_decay=wd or 0,
+                              momentum=self._option("momentum", 0), centered=self._option("centered", False),
+                              maximize=maximize)
+        else:
+            raise ValueError(self.rule)
+        if self.storage_dtype is not None:
+            for p, s in zip(params, states):
+                for t in [p, *(v for k, v in s.items() if k != "step")]:
+                    t.copy_(round_to(t, self.storage_dtype))
+
+
+def round_to(tensor, dtype):
+    """`tensor` rounded to nearest in `dtype` (complex tensors: in the complex type of that
+    precision), returned in its own dtype."""
+    if tensor.is_complex():
+        dtype = {torch.float32: torch.complex64, torch.float64: torch.complex128}[dtype]
+    return tensor.to(dtype).to(tensor.dtype)
+
+
+def hyperparameter_rounding(rule, options):
+    """Relative error that rounding beta-like hyperparameters to fp32 puts into (1 - beta): the
+    GPU kernels take them as fp32 arguments. At least 2^-24 (the rounding of lr itself)."""
+    if rule in ("adam", "adamw"):
+        betas = options.get("betas", (0.9, 0.999))
+    elif rule == "rmsprop":
+        betas = (options.get("alpha", 0.99), options.get("momentum", 0))
+    elif rule == "sgd":
+        betas = (options.get("momentum", 0), options.get("dampening", 0))
+    else:
+        betas = ()
+    return 2.0**-24 * max([1.0] + [1 / (1 - beta) for beta in betas])
+
+
+def tolerance(dtype, device, rule, options):
+    """(rtol, atol) for a kernel trajectory of up to 20 steps against torch.optim (fp32/fp64) or
+    the float64 reference rounded to the param dtype after each step.
+
+    fp32: rtol 1e-5, atol 1e-6. The kernels compute in fp32 like torch, in another order (m +
+        (1 - b1)(g - m) for lerp, fused multiply-adds on the GPU): a few ulp (6e-8) per step,
+        well under 100 ulp after 20 steps of contracting averages (measured <= 2e-7 absolute on
+        params of size ~1). atol covers elements crossing zero.
+    fp64: rtol 1e-9, atol 1e-10 where hyperparameters reach the kernel in double precision (the
+        interpreter passes Python floats through; measured <= 2e-13).
+    bf16/fp16: rtol 2 ulp, atol 4 ulp of the dtype: fp32 and fp64 math round to different
+        neighbours now and then, and such a one-ulp flip lingers in the averages.
+    CUDA: lr, betas, alpha, ... reach the kernels as fp32 arguments, so 1 - beta carries a
+        relative error up to 2^-24 / (1 - beta) (6e-5 at beta2 = 0.999): rtol grows by that,
+        and atol becomes at least 4e-6 as the shifted updates add up over 20 steps (emulated in
+        fp64 with fp32-rounded hyperparameters: up to 1.0e-6, RMSprop with momentum).
+
+    The comparisons take atol for params as is and, for state tensors, relative to the RMS of
+    that kind of state (exp_avg_sq is ~1e-3)."""
+    if dtype == torch.float32:
+        rtol, atol = 1e-5, 1e-6
+    elif dtype == torch.float64:
+        rtol, atol = 1e-9, 1e-10
+    else:
+        ulp = torch.finfo(dtype).eps
+        rtol, atol = 2 * ulp, 4 * ulp
+    if torch.device(device).type == "cuda":
+        rtol += hyperparameter_rounding(rule, options)
+        atol = max(atol, 4e-6)
+    return rtol, atol
+
+
+def assert_matches_reference(fused, oracle, fused_params, *, rtol, atol, where=""):
+    """Params and every state tensor of `fused` equal the float64 oracle's (converted to the
+    oracle's precision for the comparison); state tolerances scale with each state kind's RMS."""
+    scales = state_scales(oracle, oracle.params)
+    for index, (p, q) in enumerate(zip(fused_params, oracle.params)):
+        actual = p.detach().to(q.dtype)
+        assert_close(actual, q.detach(), rtol=rtol, atol=atol, name=f"{where} param {index}")
+        for key, value in oracle.state[q].items():
+            name = f"{where} param {index} state[{key!r}]"
+            if key == "step":
+                assert fused.state[p][key].item() == value.item(), name
+            else:
+                actual = fused.state[p][key].to(value.dtype)
+                assert_close(actual, value, rtol=rtol, atol=atol * scales[key], name=name)

@@ -1,0 +1,127 @@
+"""The benchmark harness end to end: ``python -m bench all --quick --device cpu`` writes a JSON row
+for every parameter set, rule and implementation with positive times, markdown, and PNG plots.
+No timing is asserted anywhere: CPU numbers in CI say nothing about GPU performance."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # bench/ is a folder of the repository, not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from bench.paramsets import gpt2_shapes  # noqa: E402
+from bench.rules import RULES, bytes_per_param  # noqa: E402
+
+SETS = ("large", "gpt2", "many-small", "gpt2-bf16")
+IMPLS = ("fusedopt", "torch-forloop", "torch-foreach", "torch-fused", "torch-compiled")
+MODELS = ("mlp", "transformer")
+PLOTS = ("step_time.png", "step_bandwidth.png", "batch_mlp.png", "batch_transformer.png")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-out")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "all", "--quick", "--device", "cpu", "--out", str(out),
+         "--no-progress"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, f"bench exited with {proc.returncode}:\n{proc.stderr[-4000:]}"
+    return out, proc.stdout
+
+
+def _load(out, name):
+    with open(out / name, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def test_step_json_has_a_row_for_every_set_rule_and_implementation(quick_run):
+    out, _ = quick_run
+    rows = _load(out, "step.json")["rows"]
+    keys = {(r["param_set"], r["rule"], r["impl"]) for r in rows}
+    assert keys == {(s, r, i) for s in SETS for r in RULES for i in IMPLS}
+    assert len(rows) == len(keys)
+
+
+def test_step_rows_that_ran_have_positive_times_and_bandwidth(quick_run):
+    out, _ = quick_run
+    for row in _load(out, "step.json")["rows"]:
+        if row["status"] != "ok":
+            continue
+        where = (row["param_set"], row["rule"], row["impl"])
+        assert row["median_ms"] > 0 and row["host_ms"] > 0 and row["gbs"] > 0, where
+        assert row["q20_ms"] <= row["median_ms"] <= row["q80_ms"], where
+
+
+def test_fusedopt_and_torch_plain_rows_all_ran(quick_run):
+    out, _ = quick_run
+    for row in _load(out, "step.json")["rows"]:
+        if row["impl"] in ("fusedopt", "torch-forloop", "torch-foreach"):
+            assert row["status"] == "ok", (row["param_set"], row["rule"], row["impl"], row["reason"])
+
+
+def test_missing_torch_variants_are_reported_with_a_reason(quick_run):
+    out, _ = quick_run
+    for row in _load(out, "step.json")["rows"]:
+        if row["impl"] == "torch-compiled":
+            assert row["status"] == "skipped" and "--quick" in row["reason"]
+        if row["impl"] == "torch-fused" and row["rule"] == "rmsprop":
+            assert row["status"] == "unsupported" and row["reason"]
+
+
+def test_fusedopt_rows_carry_a_speedup_over_each_torch_row_that_ran(quick_run):
+    out, _ = quick_run
+    rows = _load(out, "step.json")["rows"]
+    for row in rows:
+        if row["impl"] != "fusedopt":
+            continue
+        ran = {r["impl"] for r in rows if (r["param_set"], r["rule"]) == (row["param_set"], row["rule"])
+               and r["impl"] != "fusedopt" and r["status"] == "ok"}
+        assert set(row["speedup_vs"]) == ran
+        assert all(v > 0 for v in row["speedup_vs"].values())
+
+
+def test_batch_json_has_every_model_rule_and_batch_size_for_both_sides(quick_run):
+    out, _ = quick_run
+    result = _load(out, "batch.json")
+    sizes = result["config"]["batch_sizes"]
+    assert sizes[0] == 1 and len(sizes) >= 2
+    keys = {(r["model"], r["rule"], r["role"], r["batch_size"]) for r in result["rows"]}
+    assert keys == {(m, r, role, b) for m in MODELS for r in RULES
+                    for role in ("fusedopt", "best-torch") for b in sizes}
+    for row in result["rows"]:
+        where = (row["model"], row["rule"], row["impl"], row["batch_size"])
+        assert row["status"] == "ok", (where, row["reason"])
+        assert row["update_ms"] > 0 and row["samples_per_s"] > 0 and row["epoch_s"] > 0, where
+        assert 0 <= row["step_share"] <= 1, where
+
+
+def test_plots_and_markdown_are_written(quick_run):
+    out, stdout = quick_run
+    for name in PLOTS:
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000, name
+    for name in ("report.md", "step.md", "batch.md"):
+        assert (out / name).stat().st_size > 0, name
+    assert "## Optimizer step time" in stdout and "## Batch-size throughput" in stdout
+
+
+def test_bytes_per_param_follow_the_design_table():
+    fp32 = {r.name: r.bytes_per_param() for r in RULES.values()}
+    assert fp32 == {"sgd": 12, "sgd_momentum": 20, "adagrad": 20, "rmsprop": 20, "adam": 28, "adamw": 28}
+    assert RULES["adam"].bytes_per_param(torch.bfloat16) == 14
+    assert bytes_per_param("RMSprop", momentum=0.9) == 28
+    assert bytes_per_param("RMSprop", momentum=0.9, centered=True) == 36
+    assert bytes_per_param("Adam", amsgrad=True) == 36
+
+
+def test_gpt2_small_shapes_have_the_model_size():
+    shapes = gpt2_shapes(1.0)
+    assert len(shapes) == 148
+    assert sum(math.prod(s) for s in shapes) == 124_439_808
