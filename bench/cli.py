@@ -32,7 +32,7 @@ def build_parser():
                    help="small sizes, few repeats, no torch.compile rows: under a minute on a CPU")
     p.add_argument("--size", default="auto",
                    help="tiny, small, medium, full or a fraction of full size (default: full on "
-                        "CUDA, small on CPU, tiny with --quick)")
+                        "CUDA, small on CPU; with --quick medium on CUDA, tiny on CPU)")
     p.add_argument("--out", default=DEFAULT_OUT, help="results folder (default: bench/out)")
     p.add_argument("--device", default="auto", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--rules", default="all",
@@ -45,7 +45,8 @@ def build_parser():
                         "(default: gpt2 on CUDA, large on CPU; none with --quick)")
     p.add_argument("--models", default="mlp,transformer", help="batch sweep models: mlp,transformer")
     p.add_argument("--batch-sizes", default="auto",
-                   help="comma list (default: powers of two, 1-4096 on CUDA, 1-1024 on CPU)")
+                   help="comma list (default: powers of two 1-4096 on CUDA, powers of four "
+                        "1-1024 on CPU)")
     p.add_argument("--epoch-samples", type=int, default=50_000, help="data-set size for epoch time")
     p.add_argument("--repeats", type=int, default=None, help="timing windows per row")
     p.add_argument("--fusedopt-backend", default="auto", choices=["auto", "triton", "torch"],
@@ -142,7 +143,7 @@ def main(argv=None):
             repeats=args.repeats or ((7 if cuda else 3) if args.quick else (15 if cuda else 5)),
             window_s=(0.01 if cuda else 0.05) / (5 if args.quick else 1),
             host_repeats=10 if args.quick else 20,
-            warmup=1 if args.quick and not cuda else 2,
+            warmup=2 if cuda else 1,
             fusedopt_backend=backend,
         )
         if cuda:  # flag rows whose tensors fit in L2 (CPU caches are too fuzzy to say)

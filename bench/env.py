@@ -68,6 +68,14 @@ def device_name(device):
     return f"{cpu_name()} ({torch.get_num_threads()} threads)"
 
 
+def load_average():
+    """1-minute system load and CPU count: CPU timings mean little on a busy machine."""
+    try:
+        return {"load_1min": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
+    except (OSError, AttributeError):
+        return None
+
+
 def _version(module_name):
     try:
         module = __import__(module_name)
@@ -101,6 +109,7 @@ def describe(device):
         "cpu": cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "cache_bytes": cache_bytes(device),
+        "load_average": load_average(),
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
     }

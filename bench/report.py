@@ -52,6 +52,7 @@ def step_markdown(result):
         f"({copy['buffer_bytes'] / 2**20:,.0f} MiB buffer, bytes read + written) · fusedopt backend "
         f"`{cfg['fusedopt_backend']}` · median of {cfg['repeats']} timing windows per row",
     ]
+    out += busy_warning(result["env"])
     if result.get("notes"):
         out += [f"- {k}: {v}" for k, v in result["notes"].items()]
     for pset in result["param_sets"]:
@@ -92,6 +93,17 @@ def step_markdown(result):
     else:
         out.append("(fusedopt not in this run)")
     return "\n".join(out)
+
+
+def busy_warning(env):
+    """A line when other work loaded the machine while a CPU run measured it."""
+    load = env.get("load_average") or {}
+    cpus = load.get("cpus") or 1
+    # measured before the run started (later values count this run's own threads)
+    if env.get("device") == "cpu" and load.get("load_1min", 0) > 0.5 * cpus:
+        return ["", f"**Warning:** system load {load['load_1min']:.1f} on {cpus} CPUs as this run "
+                    "started: other processes compete for the cores, so CPU timings may be unreliable."]
+    return []
 
 
 def _row_index(rows):
@@ -186,6 +198,7 @@ def batch_markdown(result):
     cfg, rows = result["config"], result["rows"]
     out = [f"Model preset `{cfg['preset']}` · epoch = {cfg['epoch_samples']:,} samples · synthetic data "
            f"on the device · median of {cfg['repeats']} windows per row"]
+    out += busy_warning(result["env"])
     out += ["", "Models: " + "; ".join(f"**{m['name']}** {m['n_params'] / 1e6:.2f}M params in "
                                        f"{m['n_tensors']} tensors" for m in result["models"])]
     out += ["", "Best torch implementation per model and rule (optimizer step alone, ms):", ""]

@@ -111,7 +111,7 @@ def quiet_stderr():
         os.close(saved)
 
 
-def count_device_launches(fn, device, calls=2):
+def count_device_launches(fn, device, calls=1):
     """Kernels (and device copies/memsets) one call of ``fn`` runs on CUDA, via the profiler.
 
     Returns None on the CPU, where there are no launches to count, or when the profiler fails.

@@ -4,6 +4,7 @@ No timing is asserted anywhere: CPU numbers in CI say nothing about GPU performa
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,10 +28,13 @@ PLOTS = ("step_time.png", "step_bandwidth.png", "batch_mlp.png", "batch_transfor
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-out")
+    # one intra-op thread: beside other test workers, idle OpenMP threads spinning for the cores
+    # can slow small-tensor steps a hundredfold (no timing is asserted, so nothing else changes)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "all", "--quick", "--device", "cpu", "--out", str(out),
          "--no-progress"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, f"bench exited with {proc.returncode}:\n{proc.stderr[-4000:]}"
     return out, proc.stdout
