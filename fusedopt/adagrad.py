@@ -75,4 +75,4 @@ class Adagrad(FusedOptimizer):
     def kernel_step(self, group, table, step, per_tensor_step):
         from . import kernels
 
-        kernels.adagrad(table, step=step, per_tensor_step=per_tensor_step, **self.hyperparameters(group))
+        kernels.adagrad_step(table, step=step, per_tensor_step=per_tensor_step, **self.hyperparameters(group))

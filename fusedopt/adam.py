@@ -99,7 +99,7 @@ class Adam(FusedOptimizer):
     def kernel_step(self, group, table, step, per_tensor_step):
         from . import kernels
 
-        kernels.adam(table, step=step, per_tensor_step=per_tensor_step, **self.hyperparameters(group))
+        kernels.adam_step(table, step=step, per_tensor_step=per_tensor_step, **self.hyperparameters(group))
 
 
 class AdamW(Adam):

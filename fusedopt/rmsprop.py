@@ -79,4 +79,4 @@ class RMSprop(FusedOptimizer):
         from . import kernels
 
         hyperparameters = self.hyperparameters(group)
-        kernels.rmsprop(table, **hyperparameters)
+        kernels.rmsprop_step(table, **hyperparameters)

@@ -85,4 +85,4 @@ class SGD(FusedOptimizer):
     def kernel_step(self, group, table, fresh_buffers):
         from . import kernels
 
-        kernels.sgd(table, fresh_buffers=fresh_buffers, **self.hyperparameters(group))
+        kernels.sgd_step(table, fresh_buffers=fresh_buffers, **self.hyperparameters(group))

@@ -2,10 +2,10 @@
 
 They take tensor tables and numbers, and know nothing of optimizer classes or param groups.
 """
-from .adagrad import adagrad
-from .adam import adam
+from .adagrad import adagrad_step
+from .adam import adam_step
 from .multi_tensor import TensorTable, fits_kernel, launch_count
-from .rmsprop import rmsprop
-from .sgd import sgd
+from .rmsprop import rmsprop_step
+from .sgd import sgd_step
 
-__all__ = ["TensorTable", "fits_kernel", "launch_count", "adam", "adagrad", "rmsprop", "sgd"]
+__all__ = ["TensorTable", "fits_kernel", "launch_count", "adam_step", "adagrad_step", "rmsprop_step", "sgd_step"]

@@ -44,19 +44,22 @@ def adagrad_kernel(
     grad_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 1, DTYPE, ALIGNED)
     state_sum_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 2, DTYPE, ALIGNED)
     if PER_TENSOR_STEP:
-        own_step = step + tensor_extra(tensor_table, num_tensors, tensor).to(tl.float32)
-        clr = lr / (1 + (own_step - 1) * lr_decay)
+        # Lagging tensors get their own decayed lr (scalar math in fp64); the others the host's.
+        offset = tensor_extra(tensor_table, num_tensors, tensor)
+        own_step = (offset + step).to(tl.float64)
+        own_clr = lr / (1 + (own_step - 1) * lr_decay)
+        clr = tl.where(offset != 0, own_clr, clr).to(tl.float64 if DTYPE == tl.float64 else tl.float32)
     if full:
         adagrad_block(param_ptr, grad_ptr, state_sum_ptr, offsets, numel, clr, weight_decay, eps, grad_sign, True)
     else:
         adagrad_block(param_ptr, grad_ptr, state_sum_ptr, offsets, numel, clr, weight_decay, eps, grad_sign, False)
 
 
-def adagrad(table, *, step, lr, lr_decay, weight_decay, eps, maximize, per_tensor_step=False):
+def adagrad_step(table, *, step, lr, lr_decay, weight_decay, eps, maximize, per_tensor_step=False):
     """One Adagrad step over a TensorTable whose roles are param, grad, sum."""
     clr = lr / (1 + (step - 1) * lr_decay)
     table.launch(
         adagrad_kernel,
-        lr, lr_decay, weight_decay, eps, -1.0 if maximize else 1.0, float(step), clr,
+        lr, lr_decay, weight_decay, eps, -1.0 if maximize else 1.0, step, clr,
         PER_TENSOR_STEP=per_tensor_step,
     )

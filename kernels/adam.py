@@ -1,4 +1,6 @@
 """Adam and AdamW: the per-element update rule and the kernel that applies it to a tensor table."""
+import math
+
 import triton
 import triton.language as tl
 
@@ -6,19 +8,19 @@ from .multi_tensor import load_block, locate_block, store_block, tensor_extra, t
 
 
 @triton.jit
-def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1, beta2, eps,
-                weight_decay, decoupled, grad_sign, step_size, bias_correction2_sqrt, AMSGRAD: tl.constexpr):
+def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, one_minus_beta1, beta2, one_minus_beta2, eps,
+                coupled_weight_decay, param_scale, grad_sign, step_size, bias_correction2_sqrt,
+                AMSGRAD: tl.constexpr):
     """m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)."""
     grad = grad * grad_sign
-    if weight_decay != 0:
-        if decoupled:
-            param = param * (1 - lr * weight_decay)
-        else:
-            grad = grad + weight_decay * param
-    exp_avg = exp_avg + (1 - beta1) * (grad - exp_avg)
-    exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
+    if coupled_weight_decay != 0:
+        grad = grad + coupled_weight_decay * param
+    if param_scale != 1:  # AdamW: p *= 1 - lr * wd
+        param = param * param_scale
+    exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)
+    exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
     if AMSGRAD:
-        max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq)
+        max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq, propagate_nan=tl.PropagateNan.ALL)
         denom = tl.sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps
     else:
         denom = tl.sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
@@ -28,8 +30,8 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1, bet
 
 @triton.jit
 def adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, offsets, numel,
-               lr, beta1, beta2, eps, weight_decay, decoupled, grad_sign, step_size,
-               bias_correction2_sqrt, AMSGRAD: tl.constexpr, FULL: tl.constexpr):
+               one_minus_beta1, beta2, one_minus_beta2, eps, coupled_weight_decay, param_scale, grad_sign,
+               step_size, bias_correction2_sqrt, AMSGRAD: tl.constexpr, FULL: tl.constexpr):
     param = load_block(param_ptr, offsets, numel, FULL)
     grad = load_block(grad_ptr, offsets, numel, FULL)
     exp_avg = load_block(exp_avg_ptr, offsets, numel, FULL)
@@ -38,8 +40,8 @@ def adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_
     if AMSGRAD:
         max_exp_avg_sq = load_block(max_exp_avg_sq_ptr, offsets, numel, FULL)
     param, exp_avg, exp_avg_sq, max_exp_avg_sq = adam_update(
-        param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1, beta2, eps, weight_decay,
-        decoupled, grad_sign, step_size, bias_correction2_sqrt, AMSGRAD)
+        param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, one_minus_beta1, beta2, one_minus_beta2, eps,
+        coupled_weight_decay, param_scale, grad_sign, step_size, bias_correction2_sqrt, AMSGRAD)
     store_block(param_ptr, offsets, numel, param, FULL)
     store_block(exp_avg_ptr, offsets, numel, exp_avg, FULL)
     store_block(exp_avg_sq_ptr, offsets, numel, exp_avg_sq, FULL)
@@ -52,13 +54,15 @@ def adam_kernel(
     tensor_table,  # int64 [roles + 2, num_tensors]: sizes, step offsets, addresses
     block_table,  # int64 [2, num_blocks]: owning tensor and first element of each block
     num_tensors, num_blocks,
-    lr, beta1, beta2, eps, weight_decay,
-    decoupled,  # 1.0: AdamW's decay of the param, 0.0: L2 penalty added to the grad
+    lr, one_minus_beta1, beta2, one_minus_beta2, eps,  # 1 - beta computed on the host, in double
+    coupled_weight_decay,  # Adam's L2 penalty added to the grad (0 for AdamW)
+    param_scale,  # AdamW's 1 - lr * weight_decay (1 for Adam)
     grad_sign,  # -1 to maximize
     step,  # the step count of tensors whose step offset is 0
     step_size, bias_correction2_sqrt,  # lr / (1 - b1^step) and sqrt(1 - b2^step), from the host
+    log2_beta1, log2_beta2,  # for the bias corrections of tensors whose step differs
     AMSGRAD: tl.constexpr,
-    PER_TENSOR_STEP: tl.constexpr,  # some tensors' steps differ: bias corrections from the table
+    PER_TENSOR_STEP: tl.constexpr,  # some tensors' steps differ: the extra row holds the offsets
     DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     tensor, offsets, numel, full = locate_block(tensor_table, block_table, num_blocks, BLOCK, ALIGNED)
@@ -70,29 +74,37 @@ def adam_kernel(
     if AMSGRAD:
         max_exp_avg_sq_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 4, DTYPE, ALIGNED)
     if PER_TENSOR_STEP:
-        own_step = step + tensor_extra(tensor_table, num_tensors, tensor).to(tl.float32)
-        step_size = lr / (1 - tl.exp2(own_step * tl.log2(beta1)))
-        bias_correction2_sqrt = tl.sqrt(1 - tl.exp2(own_step * tl.log2(beta2)))
+        # Lagging tensors get their own bias corrections (scalar math in fp64, once per block);
+        # the others keep the host's.
+        offset = tensor_extra(tensor_table, num_tensors, tensor)
+        own_step = (offset + step).to(tl.float64)
+        own_step_size = lr / (1 - tl.exp2(own_step * log2_beta1))
+        own_bias_correction2_sqrt = tl.sqrt(1 - tl.exp2(own_step * log2_beta2))
+        step_size = tl.where(offset != 0, own_step_size, step_size).to(tl.float64 if DTYPE == tl.float64 else tl.float32)
+        bias_correction2_sqrt = tl.where(offset != 0, own_bias_correction2_sqrt,
+                                         bias_correction2_sqrt).to(tl.float64 if DTYPE == tl.float64 else tl.float32)
     if full:
         adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, offsets, numel,
-                   lr, beta1, beta2, eps, weight_decay, decoupled, grad_sign, step_size,
-                   bias_correction2_sqrt, AMSGRAD, True)
+                   one_minus_beta1, beta2, one_minus_beta2, eps, coupled_weight_decay, param_scale, grad_sign,
+                   step_size, bias_correction2_sqrt, AMSGRAD, True)
     else:
         adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, offsets, numel,
-                   lr, beta1, beta2, eps, weight_decay, decoupled, grad_sign, step_size,
-                   bias_correction2_sqrt, AMSGRAD, False)
+                   one_minus_beta1, beta2, one_minus_beta2, eps, coupled_weight_decay, param_scale, grad_sign,
+                   step_size, bias_correction2_sqrt, AMSGRAD, False)
 
 
-def adam(table, *, step, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
-         per_tensor_step=False):
+def adam_step(table, *, step, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
+              per_tensor_step=False):
     """One Adam/AdamW step over a TensorTable whose roles are param, grad, exp_avg, exp_avg_sq
     [, max_exp_avg_sq]. `step` is the new step count; with per_tensor_step the table's extra row
     holds each tensor's offset from it."""
-    step_size = lr / (1 - beta1**step)
-    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
     table.launch(
         adam_kernel,
-        lr, beta1, beta2, eps, weight_decay, float(decoupled_weight_decay), -1.0 if maximize else 1.0,
-        float(step), step_size, bias_correction2_sqrt,
+        lr, 1 - beta1, beta2, 1 - beta2, eps,
+        0.0 if decoupled_weight_decay else weight_decay,
+        1 - lr * weight_decay if decoupled_weight_decay else 1.0,
+        -1.0 if maximize else 1.0,
+        step, lr / (1 - beta1**step), math.sqrt(1 - beta2**step),
+        math.log2(beta1) if beta1 > 0 else -math.inf, math.log2(beta2) if beta2 > 0 else -math.inf,
         AMSGRAD=amsgrad, PER_TENSOR_STEP=per_tensor_step,
     )

@@ -138,6 +138,8 @@ class TensorTable:
         if self.num_blocks == 0:
             return
         count_launch()
+        # Scalars go in as floats, so an int hyperparameter (weight_decay=0) compiles no variant.
+        scalars = [float(scalar) for scalar in scalars]
         arguments = (self.tensor_table, self.block_table, self.num_tensors, self.num_blocks, *scalars)
         options = dict(constexprs, DTYPE=kernel_dtype(self.dtype), ALIGNED=self.aligned, BLOCK=self.block,
                        num_warps=NUM_WARPS)
@@ -190,9 +192,22 @@ def load_block(pointer, offsets, numel, FULL: tl.constexpr):
 
 
 @triton.jit
+def round_to_bfloat16(values):
+    """fp32 -> bf16 rounding to nearest even, written out so that the interpreter (which
+    truncates) and the GPU round alike."""
+    bits = values.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = tl.where(values != values, 0x7FC0, rounded)  # NaN stays NaN (carry could flip it)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def store_block(pointer, offsets, numel, values, FULL: tl.constexpr):
-    """Round a block to the tensor's own dtype and store it."""
-    values = values.to(pointer.dtype.element_ty)
+    """Round a block to the tensor's own dtype (to nearest even) and store it."""
+    if pointer.dtype.element_ty == tl.bfloat16:
+        values = round_to_bfloat16(values)
+    else:
+        values = values.to(pointer.dtype.element_ty)
     if FULL:
         tl.store(pointer + offsets, values)
     else:

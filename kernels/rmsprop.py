@@ -6,16 +6,16 @@ from .multi_tensor import load_block, locate_block, store_block, tensor_pointer
 
 
 @triton.jit
-def rmsprop_update(param, grad, square_avg, momentum_buffer, grad_avg, lr, alpha, eps, weight_decay,
+def rmsprop_update(param, grad, square_avg, momentum_buffer, grad_avg, lr, alpha, one_minus_alpha, eps, weight_decay,
                    momentum, grad_sign, MOMENTUM: tl.constexpr, CENTERED: tl.constexpr):
     """sq = a sq + (1-a) g^2;  avg = sqrt(sq - gavg^2 if centered else sq) + eps;
     buf = mu buf + g / avg, p -= lr buf  (without momentum: p -= lr g / avg)."""
     grad = grad * grad_sign
     if weight_decay != 0:
         grad = grad + weight_decay * param
-    square_avg = alpha * square_avg + (1 - alpha) * grad * grad
+    square_avg = square_avg * alpha + one_minus_alpha * grad * grad
     if CENTERED:
-        grad_avg = grad_avg + (1 - alpha) * (grad - grad_avg)
+        grad_avg = grad_avg + one_minus_alpha * (grad - grad_avg)
         avg = tl.sqrt(square_avg - grad_avg * grad_avg) + eps
     else:
         avg = tl.sqrt(square_avg) + eps
@@ -29,7 +29,7 @@ def rmsprop_update(param, grad, square_avg, momentum_buffer, grad_avg, lr, alpha
 
 @triton.jit
 def rmsprop_block(param_ptr, grad_ptr, square_avg_ptr, momentum_buffer_ptr, grad_avg_ptr, offsets, numel,
-                  lr, alpha, eps, weight_decay, momentum, grad_sign,
+                  lr, alpha, one_minus_alpha, eps, weight_decay, momentum, grad_sign,
                   MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, FULL: tl.constexpr):
     param = load_block(param_ptr, offsets, numel, FULL)
     grad = load_block(grad_ptr, offsets, numel, FULL)
@@ -41,7 +41,7 @@ def rmsprop_block(param_ptr, grad_ptr, square_avg_ptr, momentum_buffer_ptr, grad
     if CENTERED:
         grad_avg = load_block(grad_avg_ptr, offsets, numel, FULL)
     param, square_avg, momentum_buffer, grad_avg = rmsprop_update(
-        param, grad, square_avg, momentum_buffer, grad_avg, lr, alpha, eps, weight_decay, momentum,
+        param, grad, square_avg, momentum_buffer, grad_avg, lr, alpha, one_minus_alpha, eps, weight_decay, momentum,
         grad_sign, MOMENTUM, CENTERED)
     store_block(param_ptr, offsets, numel, param, FULL)
     store_block(square_avg_ptr, offsets, numel, square_avg, FULL)
@@ -56,7 +56,9 @@ def rmsprop_kernel(
     tensor_table,  # int64 [roles + 2, num_tensors]: sizes, (unused), addresses
     block_table,  # int64 [2, num_blocks]: owning tensor and first element of each block
     num_tensors, num_blocks,
-    lr, alpha, eps, weight_decay, momentum,
+    lr, alpha,
+    one_minus_alpha,  # 1 - alpha computed on the host, in double
+    eps, weight_decay, momentum,
     grad_sign,  # -1 to maximize
     MOMENTUM: tl.constexpr,  # a momentum buffer is the next role
     CENTERED: tl.constexpr,  # a grad average is the last role
@@ -74,17 +76,17 @@ def rmsprop_kernel(
         grad_avg_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 3 + MOMENTUM, DTYPE, ALIGNED)
     if full:
         rmsprop_block(param_ptr, grad_ptr, square_avg_ptr, momentum_buffer_ptr, grad_avg_ptr, offsets, numel,
-                      lr, alpha, eps, weight_decay, momentum, grad_sign, MOMENTUM, CENTERED, True)
+                      lr, alpha, one_minus_alpha, eps, weight_decay, momentum, grad_sign, MOMENTUM, CENTERED, True)
     else:
         rmsprop_block(param_ptr, grad_ptr, square_avg_ptr, momentum_buffer_ptr, grad_avg_ptr, offsets, numel,
-                      lr, alpha, eps, weight_decay, momentum, grad_sign, MOMENTUM, CENTERED, False)
+                      lr, alpha, one_minus_alpha, eps, weight_decay, momentum, grad_sign, MOMENTUM, CENTERED, False)
 
 
-def rmsprop(table, *, lr, alpha, eps, weight_decay, momentum, centered, maximize):
+def rmsprop_step(table, *, lr, alpha, eps, weight_decay, momentum, centered, maximize):
     """One RMSprop step over a TensorTable whose roles are param, grad, square_avg
     [, momentum_buffer when momentum > 0] [, grad_avg when centered]."""
     table.launch(
         rmsprop_kernel,
-        lr, alpha, eps, weight_decay, momentum, -1.0 if maximize else 1.0,
+        lr, alpha, 1 - alpha, eps, weight_decay, momentum, -1.0 if maximize else 1.0,
         MOMENTUM=momentum > 0, CENTERED=centered,
     )

@@ -6,7 +6,7 @@ from .multi_tensor import load_block, locate_block, store_block, tensor_extra, t
 
 
 @triton.jit
-def sgd_update(param, grad, momentum_buffer, fresh_buffer, lr, weight_decay, momentum, dampening, nesterov,
+def sgd_update(param, grad, momentum_buffer, fresh_buffer, lr, weight_decay, momentum, one_minus_dampening, nesterov,
                grad_sign, MOMENTUM: tl.constexpr):
     """buf = g on the first step, else mu buf + (1 - dampening) g;  d = g + mu buf (Nesterov) or buf;
     p -= lr d  (without momentum: p -= lr g)."""
@@ -17,7 +17,7 @@ def sgd_update(param, grad, momentum_buffer, fresh_buffer, lr, weight_decay, mom
         if fresh_buffer:
             momentum_buffer = grad
         else:
-            momentum_buffer = momentum * momentum_buffer + (1 - dampening) * grad
+            momentum_buffer = momentum * momentum_buffer + one_minus_dampening * grad
         if nesterov:
             grad = grad + momentum * momentum_buffer
         else:
@@ -28,7 +28,7 @@ def sgd_update(param, grad, momentum_buffer, fresh_buffer, lr, weight_decay, mom
 
 @triton.jit
 def sgd_block(param_ptr, grad_ptr, momentum_buffer_ptr, fresh_buffer, offsets, numel, lr, weight_decay,
-              momentum, dampening, nesterov, grad_sign, MOMENTUM: tl.constexpr, FULL: tl.constexpr):
+              momentum, one_minus_dampening, nesterov, grad_sign, MOMENTUM: tl.constexpr, FULL: tl.constexpr):
     param = load_block(param_ptr, offsets, numel, FULL)
     grad = load_block(grad_ptr, offsets, numel, FULL)
     momentum_buffer = grad
@@ -36,7 +36,7 @@ def sgd_block(param_ptr, grad_ptr, momentum_buffer_ptr, fresh_buffer, offsets, n
         if not fresh_buffer:  # a fresh buffer holds no value yet
             momentum_buffer = load_block(momentum_buffer_ptr, offsets, numel, FULL)
     param, momentum_buffer = sgd_update(param, grad, momentum_buffer, fresh_buffer, lr, weight_decay,
-                                        momentum, dampening, nesterov, grad_sign, MOMENTUM)
+                                        momentum, one_minus_dampening, nesterov, grad_sign, MOMENTUM)
     store_block(param_ptr, offsets, numel, param, FULL)
     if MOMENTUM:
         store_block(momentum_buffer_ptr, offsets, numel, momentum_buffer, FULL)
@@ -47,7 +47,8 @@ def sgd_kernel(
     tensor_table,  # int64 [roles + 2, num_tensors]: sizes, fresh-buffer flags, addresses
     block_table,  # int64 [2, num_blocks]: owning tensor and first element of each block
     num_tensors, num_blocks,
-    lr, weight_decay, momentum, dampening,
+    lr, weight_decay, momentum,
+    one_minus_dampening,  # 1 - dampening from the host
     nesterov,  # 1.0 for Nesterov momentum
     grad_sign,  # -1 to maximize
     MOMENTUM: tl.constexpr,  # a momentum buffer is the third role
@@ -65,17 +66,17 @@ def sgd_kernel(
             fresh_buffer = tensor_extra(tensor_table, num_tensors, tensor) != 0
     if full:
         sgd_block(param_ptr, grad_ptr, momentum_buffer_ptr, fresh_buffer, offsets, numel, lr, weight_decay,
-                  momentum, dampening, nesterov, grad_sign, MOMENTUM, True)
+                  momentum, one_minus_dampening, nesterov, grad_sign, MOMENTUM, True)
     else:
         sgd_block(param_ptr, grad_ptr, momentum_buffer_ptr, fresh_buffer, offsets, numel, lr, weight_decay,
-                  momentum, dampening, nesterov, grad_sign, MOMENTUM, False)
+                  momentum, one_minus_dampening, nesterov, grad_sign, MOMENTUM, False)
 
 
-def sgd(table, *, lr, weight_decay, momentum, dampening, nesterov, maximize, fresh_buffers=False):
+def sgd_step(table, *, lr, weight_decay, momentum, dampening, nesterov, maximize, fresh_buffers=False):
     """One SGD step over a TensorTable whose roles are param, grad [, momentum_buffer when
     momentum != 0]; with fresh_buffers the extra row flags buffers to start from the grad."""
     table.launch(
         sgd_kernel,
-        lr, weight_decay, momentum, dampening, float(nesterov), -1.0 if maximize else 1.0,
+        lr, weight_decay, momentum, 1 - dampening, float(nesterov), -1.0 if maximize else 1.0,
         MOMENTUM=momentum != 0, FRESH_BUFFERS=fresh_buffers,
     )

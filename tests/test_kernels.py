@@ -496,11 +496,11 @@ def test_lr_scheduler_gives_torchs_trajectory(rule, scheduler, device):
 # Hyperparameters that change during training (schedules, per-step bias corrections): runtime
 # kernel arguments, so that no value of theirs compiles a new kernel.
 RUNTIME_ARGUMENTS = {
-    "sgd": ["lr", "weight_decay", "momentum", "dampening", "nesterov", "grad_sign"],
-    "adam": ["lr", "beta1", "beta2", "eps", "weight_decay", "decoupled", "grad_sign", "step", "step_size",
-             "bias_correction2_sqrt"],
+    "sgd": ["lr", "weight_decay", "momentum", "one_minus_dampening", "nesterov", "grad_sign"],
+    "adam": ["lr", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "coupled_weight_decay", "param_scale",
+             "grad_sign", "step", "step_size", "bias_correction2_sqrt", "log2_beta1", "log2_beta2"],
     "adagrad": ["lr", "lr_decay", "weight_decay", "eps", "grad_sign", "step", "clr"],
-    "rmsprop": ["lr", "alpha", "eps", "weight_decay", "momentum", "grad_sign"],
+    "rmsprop": ["lr", "alpha", "one_minus_alpha", "eps", "weight_decay", "momentum", "grad_sign"],
 }
 # Compile-time flags: structure (which states exist, which branch), element type, alignment, block.
 CONSTEXPR_ARGUMENTS = {
@@ -560,16 +560,16 @@ def test_sizes_and_step_counts_are_not_specialised(rule):
 def test_hyperparameters_reach_the_kernel_as_floats(rule, device, monkeypatch):
     """Scalars launched with the kernel are Python floats whatever the user passed (an int 0
     weight decay, a tensor lr), so one compiled kernel serves every value."""
-    from fusedopt.kernels import multi_tensor
-
+    kernel = kernel_of("adam" if rule == "adamw" else rule)
     seen = []
-    original = multi_tensor.TensorTable.launch
+    original = kernel.run
 
-    def spy(table, kernel, *scalars, **constexprs):
-        seen.append(scalars)
-        return original(table, kernel, *scalars, **constexprs)
+    def spy(*args, **kwargs):
+        # (tensor_table, block_table, num_tensors, num_blocks, *scalars)
+        seen.append(args[4:])
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(multi_tensor.TensorTable, "launch", spy)
+    monkeypatch.setattr(kernel, "run", spy)
     generator = torch.Generator().manual_seed(15)
     params = make_params(torch.float32, device, generator, shapes=[(7,)], odd_layouts=False, complex_params=False)
     options = dict(STATEFUL[rule], lr=torch.tensor(0.01), weight_decay=0)
