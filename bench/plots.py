@@ -51,14 +51,15 @@ def plot_step(result, out_dir):
             ax.set_xticks(range(len(rules)), [labels.get(r, r) for r in rules], fontsize=8)
             ax.set_title(next(p["description"] for p in result["param_sets"] if p["name"] == pset), fontsize=9)
             ax.set_ylabel(ylabel, fontsize=8)
-            if kind == "time":
+            if kind == "time" and ax.has_data():
                 ax.set_yscale("log")
             else:
                 ax.axhline(90, color="black", linestyle=":", linewidth=1)
             ax.grid(axis="y", alpha=0.3)
         for ax in list(axes.flat)[len(sets):]:
             ax.set_visible(False)
-        axes.flat[0].legend(fontsize=7)
+        if axes.flat[0].has_data():
+            axes.flat[0].legend(fontsize=7)
         fig.suptitle(f"optimizer step {kind} · {title}", fontsize=10)
         fig.tight_layout()
         path = os.path.join(out_dir, f"step_{kind}.png")
@@ -99,10 +100,12 @@ def plot_batch(result, out_dir):
             ax.set_xlabel("batch size")
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3, which="both")
-        axes[0].set_yscale("log")
-        axes[1].set_yscale("log")
+        for ax in axes[:2]:
+            if ax.has_data():
+                ax.set_yscale("log")
         axes[2].set_ylim(0, 100)
-        axes[2].legend(fontsize=6, ncol=2)
+        if axes[2].has_data():
+            axes[2].legend(fontsize=6, ncol=2)
         info = next((m for m in result["models"] if m["name"] == model), None)
         size = f" ({info['n_params'] / 1e6:.2f}M params, {info['n_tensors']} tensors)" if info else ""
         fig.suptitle(f"{model}{size}: solid fusedopt, dashed best torch · epoch = "

@@ -49,7 +49,8 @@ def step_markdown(result):
     cfg, rows, copy = result["config"], result["rows"], result["copy"]
     out = [
         f"Size preset `{cfg['size']}` · device-to-device copy: **{copy['bytes_per_s'] / 1e9:,.0f} GB/s** "
-        f"({copy['buffer_bytes'] / 2**20:,.0f} MiB buffer, bytes read + written) · fusedopt backend "
+        f"({copy['buffer_bytes'] / 2**20:,.0f} MiB buffer, bytes read + written, the better of a "
+        f"measurement before and after the rows) · fusedopt backend "
         f"`{cfg['fusedopt_backend']}` · median of {cfg['repeats']} timing windows per row",
     ]
     out += busy_warning(result["env"])

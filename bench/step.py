@@ -70,6 +70,8 @@ def planned_rows(cfg):
                     "status": "pending",
                     "reason": None,
                 }
+                if impl == "fusedopt":
+                    row["backend"] = cfg.fusedopt_backend
                 if impl == "torch-compiled":
                     if cfg.quick:
                         row.update(status="skipped", reason="--quick leaves out torch.compile rows")
@@ -89,8 +91,6 @@ def run_case(row, rule, values, grads, cfg, copy_bps, launch_counter):
     try:
         try:
             optimizer, step = impl_mod.build(impl, rule, params, fusedopt_backend=cfg.fusedopt_backend)
-            if impl == "fusedopt":
-                row["backend"] = cfg.fusedopt_backend
             synchronize(device)
             t0 = time.perf_counter()
             step()  # creates the state; Triton JIT or torch.compile happen here
@@ -144,6 +144,12 @@ def run_case(row, rule, values, grads, cfg, copy_bps, launch_counter):
         # no gc pass per case (it costs ~0.2 s with torch loaded); one per parameter set
         del optimizer, step, params
     return row
+
+
+def set_copy_fractions(rows, copy_bps):
+    for row in rows:
+        if row["status"] == "ok":
+            row["copy_fraction"] = row["bytes_per_step"] / (row["median_ms"] / 1e3) / copy_bps
 
 
 def add_speedups(rows):
