@@ -140,6 +140,9 @@ def main(argv=None):
             compile_sets = {s.name for s in sets}
         else:
             compile_sets = {s.strip() for s in args.compile_sets.split(",")}
+            unknown = compile_sets - {s.name for s in sets}
+            if unknown:
+                raise SystemExit(f"--compile-sets names sets not in this run: {', '.join(sorted(unknown))}")
         step_cfg = step_mod.StepConfig(
             device=device, sets=sets, rules=rules, impls=impls, compile_sets=compile_sets,
             quick=args.quick,

@@ -63,7 +63,8 @@ def step_markdown(result):
             if row["param_set"] != pset["name"]:
                 continue
             if row["status"] != "ok":
-                body.append([row["rule_label"], row["impl_label"]] + ["–"] * 9 + [f"{row['status']}: {row['reason']}"])
+                body.append([row["rule_label"], row["impl_label"]] + ["–"] * 9
+                            + [f"{row['status']}: {row['reason']}"])
                 continue
             note = []
             if row.get("cache_resident"):
@@ -224,17 +225,15 @@ def batch_markdown(result):
                 f_ok = f is not None and f["status"] == "ok"
                 t_ok = t["status"] == "ok"
 
-                def cell(r, ok, key, fmt):
-                    return (fmt(r[key]) if ok else (r["status"] if r is not None else "–"))
+                def pair(key, fmt):
+                    return [fmt(f[key]) if f_ok else (f["status"] if f is not None else "–"),
+                            fmt(t[key]) if t_ok else t["status"]]
 
-                body.append([
-                    t["rule_label"], bs,
-                    cell(f, f_ok, "update_ms", _ms), f"{_ms(t['update_ms']) if t_ok else t['status']} ({LABELS[t['impl']]})",
-                    cell(f, f_ok, "samples_per_s", lambda v: f"{v:,.0f}"), cell(t, t_ok, "samples_per_s", lambda v: f"{v:,.0f}"),
-                    cell(f, f_ok, "epoch_s", lambda v: f"{v:,.2f}"), cell(t, t_ok, "epoch_s", lambda v: f"{v:,.2f}"),
-                    cell(f, f_ok, "step_share", lambda v: f"{100 * v:.0f}%"), cell(t, t_ok, "step_share", lambda v: f"{100 * v:.0f}%"),
-                    _x(f.get("gain")) if f is not None else "–",
-                ])
+                rate, secs, share = (lambda v: f"{v:,.0f}"), (lambda v: f"{v:,.2f}"), (lambda v: f"{100 * v:.0f}%")
+                update = pair("update_ms", _ms)
+                body.append([t["rule_label"], bs, update[0], f"{update[1]} ({LABELS[t['impl']]})",
+                             *pair("samples_per_s", rate), *pair("epoch_s", secs), *pair("step_share", share),
+                             _x(f.get("gain")) if f is not None else "–"])
         out.append(_table(["rule", "batch", "fusedopt ms/update", "torch ms/update", "fusedopt samples/s",
                            "torch samples/s", "fusedopt epoch s", "torch epoch s", "fusedopt step share",
                            "torch step share", "fusedopt gain"], body))

@@ -129,3 +129,56 @@ def test_gpt2_small_shapes_have_the_model_size():
     shapes = gpt2_shapes(1.0)
     assert len(shapes) == 148
     assert sum(math.prod(s) for s in shapes) == 124_439_808
+
+
+def _step_row(param_set, rule, impl, ms, **extra):
+    n, bpp = 124_439_808, RULES[rule].bytes_per_param()
+    row = {"param_set": param_set, "rule": rule, "rule_label": RULES[rule].label, "impl": impl,
+           "impl_label": impl, "status": "ok", "reason": None, "n_params": n, "n_tensors": 148,
+           "bytes_per_param": bpp, "bytes_per_step": n * bpp, "median_ms": ms, "q20_ms": ms, "q80_ms": ms,
+           "gbs": n * bpp / ms / 1e6, "copy_fraction": n * bpp / ms / 1e6 / 3000, "host_ms": 0.05,
+           "launches_per_step": 1.0}
+    row.update(extra)
+    return row
+
+
+def test_cuda_targets_are_judged_from_the_rows():
+    """The GPU-only report logic, on made-up rows (nothing here is a measurement)."""
+    from bench import report, step
+
+    rows = [_step_row("gpt2", "adam", "fusedopt", 1.2), _step_row("gpt2", "adam", "torch-fused", 1.5),
+            _step_row("many-small", "adam", "fusedopt", 0.1), _step_row("many-small", "adam", "torch-fused", 0.12),
+            _step_row("many-small", "rmsprop", "fusedopt", 0.1),
+            _step_row("many-small", "rmsprop", "torch-fused", 1.0, status="unsupported", reason="none")]
+    step.add_speedups(rows)
+    result = {"rows": rows, "env": {"device": "cuda"}, "copy": {"bytes_per_s": 3e12},
+              "config": {"size": "full", "rules": ["adam", "rmsprop"]}}
+    targets = {t["target"]: t for t in report.step_targets(result)}
+    bandwidth = targets["Adam fp32, GPT-2 small shapes: fraction of copy bandwidth"]
+    assert bandwidth["met"] is True  # 3.48 GB in 1.2 ms = 2.9 TB/s of 3 TB/s
+    speedup = targets["Adam fp32, GPT-2 small shapes: speed-up over torch.optim.Adam(fused=True)"]
+    assert speedup["met"] is True and speedup["measured"] == "1.25x"
+    small = targets["2,000 small tensors, Adam: speed-up over torch fused=True"]
+    assert small["met"] is False and "launches/step" in small["why"]
+    assert not any("RMSprop" in name for name in targets)  # torch has no fused RMSprop to beat
+
+
+def test_batch_target_needs_a_gain_everywhere_and_the_largest_at_small_batches():
+    from bench import batch, report
+
+    def rows(gains):
+        out = []
+        for bs, gain in gains.items():
+            for role, ms in (("fusedopt", 1.0), ("best-torch", gain)):
+                out.append({"model": "mlp", "rule": "adam", "rule_label": "Adam", "role": role,
+                            "impl": "fusedopt" if role == "fusedopt" else "torch-fused", "batch_size": bs,
+                            "status": "ok", "update_ms": ms, "q20_ms": ms, "q80_ms": ms, "step_ms": 0.1,
+                            "step_share": 0.1 / ms})
+        batch.add_gains(out)
+        return {"rows": out, "env": {"device": "cuda"},
+                "config": {"models": ["mlp"], "rules": ["adam"], "with_fusedopt": True}}
+
+    assert report.batch_targets(rows({1: 1.8, 64: 1.3, 4096: 1.01}))[0]["met"] is True
+    missed = report.batch_targets(rows({1: 1.8, 64: 1.3, 4096: 0.97}))[0]
+    assert missed["met"] is False and "batch 4096" in missed["why"]
+    assert report.batch_targets(rows({1: 1.1, 64: 1.5, 4096: 1.0}))[0]["met"] is False
