@@ -3,7 +3,8 @@
     python -m bench.publish OUT_DIR [--plots] [--dest bench/results]
 
 OUT_DIR is what ``bench/gpu_check.sh OUT_DIR`` (or ``python -m bench --out OUT_DIR``) wrote. The
-JSON files, the markdown tables and the logs are copied; PNG plots only with ``--plots``.
+JSON files, the markdown tables, the logs and the stage summary are copied; PNG plots only with
+``--plots``. A run without a GPU is refused unless ``--allow-cpu``.
 """
 
 import argparse
@@ -38,18 +39,21 @@ def main(argv=None):
     parser.add_argument("out_dir", help="folder a GPU run wrote")
     parser.add_argument("--dest", default=RESULTS, help="results root (default: bench/results)")
     parser.add_argument("--plots", action="store_true", help="copy the PNG plots as well")
+    parser.add_argument("--allow-cpu", action="store_true",
+                        help="publish a run measured without a GPU (bench/results/ is for GPU runs)")
     args = parser.parse_args(argv)
 
     env = read_env(args.out_dir)
-    name = env.get("device_name") or env.get("gpu_name") or "unknown"
-    if env.get("device", "cuda") != "cuda":
-        print(f"warning: {args.out_dir} was measured on {name}, not a GPU", file=sys.stderr)
+    name = env.get("device_name") or "unknown"
+    if env.get("device") != "cuda" and not args.allow_cpu:
+        raise SystemExit(f"{args.out_dir} was measured on {name}, not a GPU: bench/results/ holds GPU "
+                         "runs (--allow-cpu to publish it anyway)")
     base = os.path.join(args.dest, f"{env.get('date', 'undated')}-{slug(name)}")
     target, n = base, 1
     while os.path.exists(target):
         n += 1
         target = f"{base}-{n}"
-    patterns = ["*.json", "*.md", "*.log", "cpu/*.json", "cpu/*.md"] + (["*.png"] if args.plots else [])
+    patterns = ["*.json", "*.md", "*.log", "*.txt", "cpu/*.json", "cpu/*.md"] + (["*.png"] if args.plots else [])
     files = sorted({p for pattern in patterns for p in glob.glob(os.path.join(args.out_dir, pattern))})
     files = [p for p in files if not p.endswith(".tmp")]
     if not files:
