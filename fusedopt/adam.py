@@ -2,7 +2,7 @@
 import torch
 
 from . import reference
-from .optimizer import FusedOptimizer, as_float, reference_states, scalar_step_tensor
+from .optimizer import FusedOptimizer, as_float, reference_states
 
 
 def check_adam_arguments(lr, betas, eps, weight_decay, foreach, capturable):
@@ -77,12 +77,6 @@ class Adam(FusedOptimizer):
     def state_keys(self, group):
         keys = ["exp_avg", "exp_avg_sq"]
         return keys + ["max_exp_avg_sq"] if group["amsgrad"] else keys
-
-    def init_state(self, param, group):
-        state = self.state[param]
-        state["step"] = scalar_step_tensor()
-        for key in self.state_keys(group):
-            state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
     def hyperparameters(self, group):
         beta1, beta2 = group["betas"]

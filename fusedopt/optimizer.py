@@ -227,7 +227,11 @@ class FusedOptimizer(Optimizer):
         raise NotImplementedError
 
     def init_state(self, param, group):
-        raise NotImplementedError
+        """torch's lazy state: a step counter and zeros like the param for each state tensor."""
+        state = self.state[param]
+        state["step"] = scalar_step_tensor()
+        for key in self.state_keys(group):
+            state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
     def reference_step(self, group, params):
         raise NotImplementedError

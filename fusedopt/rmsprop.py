@@ -2,7 +2,7 @@
 import torch
 
 from . import reference
-from .optimizer import FusedOptimizer, as_float, reference_states, scalar_step_tensor
+from .optimizer import FusedOptimizer, as_float, reference_states
 
 
 class RMSprop(FusedOptimizer):
@@ -57,12 +57,6 @@ class RMSprop(FusedOptimizer):
         if group["centered"]:
             keys.append("grad_avg")
         return keys
-
-    def init_state(self, param, group):
-        state = self.state[param]
-        state["step"] = scalar_step_tensor()
-        for key in self.state_keys(group):
-            state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
     def hyperparameters(self, group):
         return dict(lr=as_float(group["lr"]), alpha=group["alpha"], eps=group["eps"],
