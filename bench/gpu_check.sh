@@ -43,7 +43,7 @@ if ! python -c "import fusedopt.kernels" 2>/dev/null; then
 fi
 python -m bench.env "$OUT/env.json" --device cuda --command "bench/gpu_check.sh $*" > /dev/null
 
-stage pytest "$(( $(left) < 240 ? $(left) : 240 ))" python -m pytest tests -q -p no:cacheprovider
+stage pytest "$(( $(left) < 240 ? $(left) : 240 ))" python -m pytest tests -q -p no:cacheprovider -n 4 --dist loadfile
 
 # the benchmarks stop starting new cases at --time-budget, well before the hard timeout
 BENCH_LIMIT=$(( $(left) - 75 ))
