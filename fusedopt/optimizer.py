@@ -121,7 +121,7 @@ class KernelBucket:
                 map(fits_grad, self.params, grads)
             ):
                 return False
-            self.table.refresh_grads(grads, addresses)
+            self.table.refresh_grads(addresses)
         return True
 
     def launch(self, optimizer, group):

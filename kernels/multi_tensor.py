@@ -74,7 +74,7 @@ def same_layout(reference, other):
 
 def fits_kernel(param, grad, states):
     """Whether (param, grad, states) can go through a kernel: one dense span each, same layout."""
-    param = real_view(param) if param.is_complex() else param
+    param = real_view(param)
     if param.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         return False
     if grad.is_sparse or not is_dense(param):
@@ -102,8 +102,11 @@ class TensorTable:
         rows += [[t.data_ptr() for t in role] for role in (params, [real_view(g) for g in grads])]
         rows += [[real_view(t).data_ptr() for t in role] for role in states]
         self._host_table = torch.tensor(rows, dtype=torch.int64)
-        self._other_addresses_aligned = all(a % 16 == 0 for row in rows[2:3] + rows[4:] for a in row)
-        self.grad_addresses = rows[3]
+        grad_row = FIRST_ADDRESS_ROW + 1
+        self.grad_addresses = rows[grad_row]
+        self._other_addresses_aligned = all(
+            address % 16 == 0 for row in rows[FIRST_ADDRESS_ROW:grad_row] + rows[grad_row + 1:] for address in row
+        )
         self.aligned = self._other_addresses_aligned and all(a % 16 == 0 for a in self.grad_addresses)
 
         starts, owners = [], []
@@ -120,17 +123,13 @@ class TensorTable:
             host_table = host_table.pin_memory()
         return host_table.to(self.device, non_blocking=True)
 
-    def refresh_grads(self, grads, addresses=None):
-        """Point the grad row at `grads` if any of them moved (e.g. after zero_grad(set_to_none=True))."""
-        if addresses is None:
-            addresses = [g.data_ptr() for g in grads]
+    def refresh_grads(self, addresses):
+        """Point the grad row at new grad addresses (e.g. after zero_grad(set_to_none=True))."""
         if addresses == self.grad_addresses:
             return
         self.grad_addresses = addresses
-        host_table = self._host_table.clone()
-        host_table[FIRST_ADDRESS_ROW + 1] = torch.tensor(addresses, dtype=torch.int64)
-        self._host_table = host_table
-        self.tensor_table = self._upload(host_table)
+        self._host_table[FIRST_ADDRESS_ROW + 1] = torch.tensor(addresses, dtype=torch.int64)
+        self.tensor_table = self._upload(self._host_table)  # a new device copy on CUDA
         self.aligned = self._other_addresses_aligned and all(a % 16 == 0 for a in addresses)
 
     def launch(self, kernel, *scalars, **constexprs):
