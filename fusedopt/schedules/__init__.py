@@ -49,7 +49,7 @@ Recipes, optimizer first (each returns a ``ScheduledLR``):
     ``warmup_linear(opt, *, warmup_steps, total_steps, min_lr=None)``
     ``warmup_constant(opt, *, warmup_steps, total_steps=None)``
     ``warmup_inverse_sqrt(opt, *, warmup_steps, total_steps=None, timescale=None, min_lr=None)``
-    ``transformer(opt, *, warmup_steps=4000, d_model, total_steps=None)``
+    ``transformer(opt, *, warmup_steps=4000, d_model=512, total_steps=None)``
 ``from_name(name, **kwargs)`` returns the schedule behind a recipe name (and ``one_cycle``).
 
 Plotting (needs matplotlib: ``pip install fusedopt[plot]``): ``schedule.plot(total_steps, path)``,

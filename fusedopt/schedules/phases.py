@@ -288,7 +288,7 @@ class TransformerSchedule(Schedule):
     optimizer lr of 1.0 to get the paper's numbers (any other lr scales the curve).
     """
 
-    d_model: int
+    d_model: int = 512
     warmup_steps: int = 4000
 
     def __post_init__(self):

@@ -207,12 +207,13 @@ def transformer(
     optimizer: Optimizer,
     *,
     warmup_steps: int = 4000,
-    d_model: int,
+    d_model: int = 512,
     total_steps: int | None = None,
     last_epoch: int = -1,
 ) -> ScheduledLR:
     """The "Attention Is All You Need" schedule:
-    ``lr * d_model**-0.5 * min(step**-0.5, step * warmup_steps**-1.5)`` (0 at step 0).
+    ``lr * d_model**-0.5 * min(step**-0.5, step * warmup_steps**-1.5)`` (0 at step 0);
+    `d_model` defaults to the paper's base model, 512.
 
     The formula is the paper's absolute lr, used as a factor of each group's base lr: construct
     the optimizer with ``lr=1.0`` for the paper's values (any other lr scales the curve).
