@@ -182,3 +182,13 @@ def test_batch_target_needs_a_gain_everywhere_and_the_largest_at_small_batches()
     missed = report.batch_targets(rows({1: 1.8, 64: 1.3, 4096: 0.97}))[0]
     assert missed["met"] is False and "batch 4096" in missed["why"]
     assert report.batch_targets(rows({1: 1.1, 64: 1.5, 4096: 1.0}))[0]["met"] is False
+
+
+def test_host_overhead_reports_torch_and_fusedopt_rows(capsys):
+    from bench import host_overhead
+
+    host_overhead.main(["--tensors", "20", "--numel", "16", "--steps", "5"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "us/step" not in line]
+    assert len(rows) == 3
+    for row in rows:
+        assert float(row.split("|")[2]) > 0
