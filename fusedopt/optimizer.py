@@ -4,6 +4,7 @@ buckets keyed by (device, dtype) -> one backend call per bucket.
 import itertools
 import operator
 import os
+import sys
 
 import torch
 from torch.optim import Optimizer
@@ -31,6 +32,15 @@ def load_kernels():
             "use backend='torch' for the plain PyTorch implementation"
         ) from error
     return kernels
+
+
+def kernels_run_on_cpu():
+    """Whether the kernels can take CPU tensors: they were defined under the Triton interpreter.
+    Without CUDA, asking for them on the CPU turns the interpreter on (unless TRITON_INTERPRET
+    says otherwise), since compiled kernels could not run there anyway."""
+    if "fusedopt.kernels" not in sys.modules and not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    return load_kernels().multi_tensor.INTERPRETED
 
 
 def check_implementation_flags(defaults):
@@ -252,10 +262,10 @@ class FusedOptimizer(Optimizer):
             return True
         if self.backend == "auto":
             return False
-        if os.environ.get("TRITON_INTERPRET") != "1":
+        if not kernels_run_on_cpu():
             raise RuntimeError(
-                "backend='triton' runs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); "
-                "these params are on the CPU"
+                "backend='triton' runs CPU tensors only through the Triton interpreter, which must be on "
+                "(TRITON_INTERPRET=1) when fusedopt.kernels is first imported; these params are on the CPU"
             )
         return True
 

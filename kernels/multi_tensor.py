@@ -1,9 +1,14 @@
 """The one multi-tensor mechanism: device-side pointer tables and a block map, so that a single
 launch updates a whole list of tensors, plus the small @triton.jit helpers every rule kernel uses.
 """
+import os
+
 import triton
 import triton.language as tl
 import torch
+
+# Whether triton.jit defines the kernels below for its interpreter (they then take CPU tensors).
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Rows of the per-tensor table (int64, one column per tensor).
 NUMEL_ROW = 0  # elements in the tensor (real elements: a complex tensor counts twice)

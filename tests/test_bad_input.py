@@ -360,8 +360,18 @@ STEP_EACH_CLASS_ON_CPU = """
 """
 
 
-def test_triton_backend_on_cpu_tensors_without_interpreter_raises_runtime_error():
-    result = run_python(STEP_EACH_CLASS_ON_CPU, {})
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the kernels are compiled, not interpreted")
+def test_triton_backend_on_cpu_without_cuda_turns_the_interpreter_on():
+    code = STEP_EACH_CLASS_ON_CPU + "\n    print(fusedopt.kernels.launch_count())\n"
+    result = run_python(code, {})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:-1] == [f"{name} stepped" for name in NAMES], result.stdout
+    assert int(lines[-1]) == len(NAMES)
+
+
+def test_triton_backend_on_cpu_tensors_with_the_interpreter_off_raises_runtime_error():
+    result = run_python(STEP_EACH_CLASS_ON_CPU, {"TRITON_INTERPRET": "0"})
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == len(NAMES), result.stdout
