@@ -97,6 +97,7 @@ class KernelBucket:
                 state["step"] = self.steps[index]
             self.step = values[0]
             extra = [int(value - self.step) for value in values]
+            self.step_offsets = torch.tensor(extra, dtype=self.steps.dtype)
             self.per_tensor_step = any(extra)
         else:
             fresh = optimizer.prepare_fresh_buffers(group, params, states)
@@ -117,7 +118,10 @@ class KernelBucket:
             values = state_values(optimizer.state, self.params)
         except TypeError:  # a param's state is gone
             return False
-        return len(values) == len(self.state_values) and all(map(operator.is_, values, self.state_values))
+        if len(values) != len(self.state_values) or not all(map(operator.is_, values, self.state_values)):
+            return False
+        # step counts edited in place (one vectorised comparison)
+        return not optimizer.has_step or torch.equal(self.steps, self.step_offsets + self.step)
 
     def refresh(self, grads):
         """Point the table at the current grads; False when the bucket must be rebuilt instead

@@ -649,3 +649,26 @@ def test_mlp_training_matches_torch_optim(rule, device):
                             rtol=10 * close["rtol"], atol=10 * close["atol"])
     final = nn.functional.mse_loss(model(inputs), targets).item()
     assert math.isfinite(final)
+
+
+@pytest.mark.parametrize("rule", ["adam", "adagrad"])
+def test_step_count_edited_in_place_is_used_at_the_next_step(rule, device):
+    """The bias correction (Adam) or decayed lr (Adagrad) follows state['step'] changed in place."""
+    generator = torch.Generator().manual_seed(21)
+    params = make_params(torch.float32, device, generator, shapes=[(7,), (33,)], odd_layouts=False,
+                         complex_params=False)
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    options = dict(STATEFUL[rule], lr=0.1)
+    fused = fused_optimizer(rule, params, **options)
+    expected = torch_optimizer(rule, twins, **options)
+    for step in range(3):
+        grads = make_grads(params, generator)
+        assign_grads(params, grads)
+        assign_grads(twins, [g.clone() for g in grads])
+        fused.step()
+        expected.step()
+        if step == 0:
+            fused.state[params[1]]["step"].fill_(10)
+            expected.state[twins[1]]["step"].fill_(10)
+    assert_optimizers_match(fused, expected, params, twins, where=f"{rule} step edited",
+                            **fp32_tolerance(device, rule, options))
