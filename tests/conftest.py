@@ -7,6 +7,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Triton 3.9 warns that its FP-fusion default will change; keep today's default, quietly.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BACKENDS = ["torch", "triton"]
