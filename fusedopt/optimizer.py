@@ -171,9 +171,7 @@ class GroupPlan:
         self.reference_params = []
         self.rebuild_next_step = False
         for p, grad in zip(params, grads):
-            optimizer.check_grad(grad)
-            if not optimizer.state.get(p):
-                optimizer.init_state(p, group)
+            optimizer.prepare_param(p, grad, group)
         on_kernels = [optimizer.runs_on_kernels(p) for p in params]
         kernels = load_kernels() if any(on_kernels) else None
         by_bucket = {}
@@ -212,9 +210,7 @@ class GroupPlan:
             bucket.launch(optimizer, group)
         if self.reference_params:
             for p in self.reference_params:  # per tensor anyway: state may have been cleared by hand
-                optimizer.check_grad(p.grad)
-                if not optimizer.state.get(p):
-                    optimizer.init_state(p, group)
+                optimizer.prepare_param(p, p.grad, group)
             optimizer.reference_step(group, self.reference_params)
         return True
 
@@ -257,6 +253,12 @@ class FusedOptimizer(Optimizer):
         if grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
 
+    def prepare_param(self, param, grad, group):
+        """Before a param is updated: its grad is accepted, and its state exists."""
+        self.check_grad(grad)
+        if not self.state.get(param):
+            self.init_state(param, group)
+
     # ---- the shared step ----
     def runs_on_kernels(self, param):
         """Whether the Triton kernels update `param` (else the reference does)."""
@@ -297,17 +299,9 @@ class FusedOptimizer(Optimizer):
         return loss
 
     def invalidate_plans(self):
-        """Forget the cached tensor tables: call after replacing optimizer state tensors by hand."""
+        """Forget the cached tensor tables; the next step rebuilds them. (Replaced params, grads
+        and state are noticed without it; load_state_dict ends in __setstate__, which forgets.)"""
         self._plans = {}
-
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)  # ends in __setstate__
-        self.invalidate_plans()
-
-    def add_param_group(self, param_group):
-        super().add_param_group(param_group)
-        if hasattr(self, "_plans"):
-            self.invalidate_plans()
 
     def __getstate__(self):
         return {**super().__getstate__(), "backend": self.backend}
