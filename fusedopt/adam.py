@@ -54,7 +54,7 @@ class Adam(FusedOptimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
-                 decoupled_weight_decay=False, backend=None):
+                 decoupled_weight_decay=False, backend=None, max_grad_norm=None):
         check_adam_arguments(lr, betas, eps, weight_decay, foreach, capturable)
         # torch keeps tensor betas as 0-dim tensors in the param groups
         betas = tuple(b.squeeze() if torch.is_tensor(b) and b.dim() != 0 else b for b in betas)
@@ -62,7 +62,7 @@ class Adam(FusedOptimizer):
                         amsgrad=amsgrad, maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, max_grad_norm)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -84,16 +84,16 @@ class Adam(FusedOptimizer):
                     weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
                     amsgrad=group["amsgrad"], maximize=group["maximize"])
 
-    def reference_step(self, group, params):
+    def reference_step(self, group, params, grads):
         reference.adam(
-            params, [p.grad for p in params], reference_states(self, params, "exp_avg"),
+            params, grads, reference_states(self, params, "exp_avg"),
             reference_states(self, params, "exp_avg_sq"), reference_states(self, params, "max_exp_avg_sq"),
             reference_states(self, params, "step"), **self.hyperparameters(group))
 
-    def kernel_step(self, group, table, step, per_tensor_step):
+    def kernel_step(self, group, table, steps, scaling):
         from . import kernels
 
-        kernels.adam_step(table, step=step, per_tensor_step=per_tensor_step, **self.hyperparameters(group))
+        kernels.adam_step(table, steps, scaling=scaling, **self.hyperparameters(group))
 
 
 class AdamW(Adam):
@@ -102,10 +102,11 @@ class AdamW(Adam):
     :class:`torch.optim.AdamW` (default weight_decay 1e-2). See :class:`Adam`."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None, backend=None):
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None, backend=None,
+                 max_grad_norm=None):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True, backend=backend)
+                         decoupled_weight_decay=True, backend=backend, max_grad_norm=max_grad_norm)
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -2,6 +2,7 @@
 buckets keyed by (device, dtype) -> one backend call per bucket.
 """
 import itertools
+import math
 import operator
 import os
 import sys
@@ -9,7 +10,7 @@ import sys
 import torch
 from torch.optim import Optimizer
 
-from . import reference
+from . import epilogue, reference
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -83,25 +84,26 @@ class KernelBucket:
 
     def __init__(self, optimizer, group, params, grads, indices, kernels):
         self.params = params
+        self.device = params[0].device
         self.indices = indices  # positions in the group's list of params with grads; None: all
         self.grad_strides = [p.stride() for p in params]
+        self.complex = any(p.is_complex() for p in params)
         # No state entries where the rule keeps none (SGD without momentum), as in torch.
         keeps_state = optimizer.has_step or optimizer.state_keys(group)
         states = [optimizer.state[p] for p in params] if keeps_state else [{} for _ in params]
-        self.fresh_buffers = False
+        self.steps = None
+        self.fresh_states = []
+        extra = None
         if optimizer.has_step:
-            # Each step tensor becomes a view into one buffer, so the per-step increment is one op.
-            values = [as_float(state["step"]) for state in states]
-            self.steps = torch.tensor(values, dtype=states[0]["step"].dtype)
+            # The step counts live on the params' device, as views into one buffer: the kernel
+            # reads each tensor's count there (edits in place are seen, nothing is synchronised),
+            # and the per-step increment is one op.
+            self.steps = step_buffer([state["step"] for state in states], self.device)
             for index, state in enumerate(states):
                 state["step"] = self.steps[index]
-            self.step = values[0]
-            extra = [int(value - self.step) for value in values]
-            self.step_offsets = torch.tensor(extra, dtype=self.steps.dtype)
-            self.per_tensor_step = any(extra)
         else:
             fresh = optimizer.prepare_fresh_buffers(group, params, states)
-            self.fresh_buffers = any(fresh)
+            self.fresh_states = [state for state, flag in zip(states, fresh) if flag]
             extra = [int(flag) for flag in fresh]
         roles = [[state[key] for state in states] for key in optimizer.state_keys(group)]
         self.table = kernels.TensorTable(params, grads, roles, extra)
@@ -118,10 +120,7 @@ class KernelBucket:
             values = state_values(optimizer.state, self.params)
         except TypeError:  # a param's state is gone
             return False
-        if len(values) != len(self.state_values) or not all(map(operator.is_, values, self.state_values)):
-            return False
-        # step counts edited in place (one vectorised comparison)
-        return not optimizer.has_step or torch.equal(self.steps, self.step_offsets + self.step)
+        return len(values) == len(self.state_values) and all(map(operator.is_, values, self.state_values))
 
     def refresh(self, grads):
         """Point the table at the current grads; False when the bucket must be rebuilt instead
@@ -138,13 +137,26 @@ class KernelBucket:
             self.table.refresh_grads(addresses)
         return True
 
-    def launch(self, optimizer, group):
-        if optimizer.has_step:
+    def launch(self, optimizer, group, scaling):
+        scaling = scaling.to(self.device)
+        if self.steps is not None:
             self.steps += 1
-            self.step += 1
-            optimizer.kernel_step(group, self.table, step=self.step, per_tensor_step=self.per_tensor_step)
-        else:
-            optimizer.kernel_step(group, self.table, fresh_buffers=self.fresh_buffers)
+            if scaling.found_inf is not None:
+                self.steps -= scaling.found_inf  # a skipped step does not count
+            optimizer.kernel_step(group, self.table, steps=self.steps, scaling=scaling.kernel_scaling())
+            return
+        optimizer.kernel_step(group, self.table, fresh_buffers=bool(self.fresh_states),
+                              scaling=scaling.kernel_scaling())
+        if self.fresh_states and not scaling.skipped():
+            optimizer.buffers_started(self.fresh_states)
+
+
+def step_buffer(steps, device):
+    """One 1-D tensor on `device` holding the step counts (fp32, as torch's fused steps)."""
+    dtype = steps[0].dtype if steps[0].is_floating_point() else torch.float32
+    if any(step.device != steps[0].device for step in steps):
+        steps = [step.to(device) for step in steps]
+    return torch.stack([step.reshape(()) for step in steps]).to(device=device, dtype=dtype)
 
 
 def state_values(state, params):
@@ -188,7 +200,7 @@ class GroupPlan:
             if len(indices) == len(params):
                 indices = None  # the common case: one bucket takes the group's grads as they are
             bucket = KernelBucket(optimizer, group, members, [p.grad for p in members], indices, kernels)
-            self.rebuild_next_step |= bucket.fresh_buffers
+            self.rebuild_next_step |= bool(bucket.fresh_states)
             self.buckets.append(bucket)
 
     def matches(self, optimizer, params, structure):
@@ -200,19 +212,23 @@ class GroupPlan:
             and all(bucket.state_unchanged(optimizer) for bucket in self.buckets)
         )
 
-    def step(self, optimizer, group, grads):
-        """Returns False, having changed nothing, when the plan is stale and must be rebuilt."""
+    def refresh(self, grads):
+        """Point every bucket at the current grads; False when the plan must be rebuilt."""
         for bucket in self.buckets:
             bucket_grads = grads if bucket.indices is None else [grads[i] for i in bucket.indices]
             if not bucket.refresh(bucket_grads):
                 return False
+        return True
+
+    def launch(self, optimizer, group, scaling):
         for bucket in self.buckets:
-            bucket.launch(optimizer, group)
+            bucket.launch(optimizer, group, scaling)
         if self.reference_params:
             for p in self.reference_params:  # per tensor anyway: state may have been cleared by hand
                 optimizer.prepare_param(p, p.grad, group)
-            optimizer.reference_step(group, self.reference_params)
-        return True
+            grads = scaling.scale_grads([p.grad for p in self.reference_params])
+            if grads is not None:  # None: AMP found an inf or NaN, the step is skipped
+                optimizer.reference_step(group, self.reference_params, grads)
 
 
 class FusedOptimizer(Optimizer):
@@ -220,11 +236,16 @@ class FusedOptimizer(Optimizer):
     implementations of its rule: `reference_step` (plain torch) and `kernel_step` (Triton)."""
 
     has_step = True  # state['step'] exists (all rules but SGD)
+    # torch.amp.GradScaler hands over `grad_scale` and `found_inf` instead of unscaling the grads.
+    _step_supports_amp_scaling = True
 
-    def __init__(self, params, defaults, backend=None):
+    def __init__(self, params, defaults, backend=None, max_grad_norm=None):
         check_implementation_flags(defaults)
         self.backend = resolve_backend(backend)
+        self.max_grad_norm = None if max_grad_norm is None else epilogue.check_max_norm(max_grad_norm, "max_grad_norm")
+        self.last_grad_norm = None  # the total grad norm of the last step that clipped by max_grad_norm
         self._plans = {}
+        self._clip_coef = None  # set by clip_grad_norm_, applied by the next step
         super().__init__(params, defaults)
 
     # ---- what each rule provides ----
@@ -243,7 +264,7 @@ class FusedOptimizer(Optimizer):
         for key in self.state_keys(group):
             state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
-    def reference_step(self, group, params):
+    def reference_step(self, group, params, grads):
         raise NotImplementedError
 
     def kernel_step(self, group, table, **step_info):
@@ -277,11 +298,32 @@ class FusedOptimizer(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """Perform a single optimization step; returns the closure's loss when one is given."""
+        """Perform a single optimization step; returns the closure's loss when one is given.
+
+        Under torch.amp.GradScaler (which sets `grad_scale` and `found_inf` on the optimizer),
+        grads are unscaled inside the kernels and a step with an inf or NaN grad changes
+        nothing; a pending clip factor (clip_grad_norm_, or max_grad_norm) is applied there too.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        plans = self._current_plans()
+        grad_scale = getattr(self, "grad_scale", None)
+        clip_coef, self._clip_coef = self._clip_coef, None
+        if self.max_grad_norm is not None and clip_coef is None and plans:
+            self.last_grad_norm, _ = self._grad_norm(plans, 2.0, grad_scale)
+            clip_coef = epilogue.clip_coefficient(self.last_grad_norm, self.max_grad_norm)
+        scaling = epilogue.StepScaling(getattr(self, "found_inf", None), grad_scale, clip_coef)
+        for index, group, plan in plans:
+            plan.launch(self, group, scaling)
+            if plan.rebuild_next_step:
+                del self._plans[index]
+        return loss
+
+    def _current_plans(self):
+        """(index, group, plan) for each group with grads, each plan pointed at today's grads."""
+        plans = []
         for index, group in enumerate(self.param_groups):
             params = group["params"]
             grads = list(map(_grad_of, params))
@@ -291,12 +333,61 @@ class FusedOptimizer(Optimizer):
             if not params:
                 continue
             plan = self._plans.get(index)
-            structure = self.structure(group)
-            if plan is None or not plan.matches(self, params, structure) or not plan.step(self, group, grads):
-                plan = GroupPlan(self, group, list(params), grads)
-                plan.step(self, group, grads)
-            self._plans[index] = None if plan.rebuild_next_step else plan
-        return loss
+            if plan is None or not plan.matches(self, params, self.structure(group)) or not plan.refresh(grads):
+                plan = self._plans[index] = GroupPlan(self, group, list(params), grads)
+            plans.append((index, group, plan))
+        return plans
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None, *,
+                        grad_scaler=None):
+        """Clip the grads of all params by their total norm, like torch.nn.utils.clip_grad_norm_,
+        but fused: one reduction launch per bucket reads each grad once, and the clip factor is
+        applied inside the next step()'s update kernel. The grads themselves are left as they are.
+
+        Returns the total norm (a tensor on the first grad's device, in the grads' dtype).
+        With ``grad_scaler`` (a torch.amp.GradScaler whose scaled loss made the grads), the norm is
+        that of the unscaled grads, and the same reduction does the scaler's inf/NaN check, so
+        ``scaler.step(opt)`` neither unscales nor reads the grads again: call this in place of
+        ``scaler.unscale_(opt)``. ``foreach`` is accepted for torch's signature and ignored.
+        """
+        max_norm = epilogue.check_max_norm(max_norm)
+        norm_type = epilogue.check_norm_type(norm_type)
+        plans = self._current_plans()
+        if not plans:
+            return torch.tensor(0.0)
+        grad_scale = epilogue.scaler_scale(grad_scaler)
+        total_norm, found_inf = self._grad_norm(plans, norm_type, grad_scale)
+        if error_if_nonfinite:
+            epilogue.check_finite_norm(total_norm, norm_type)
+        self._clip_coef = epilogue.clip_coefficient(total_norm, max_norm)
+        if grad_scale is not None:
+            epilogue.hand_found_inf_to_scaler(grad_scaler, self, found_inf.to(grad_scale.device), grad_scale)
+        return total_norm
+
+    def _grad_norm(self, plans, norm_type, grad_scale=None):
+        """(total norm of the grads divided by grad_scale, found_inf): one reduction launch per
+        bucket, torch ops for the rest."""
+        from .kernels import norm_kind
+
+        grads = [p.grad for _, _, plan in plans for p in plan.params]
+        dtype = epilogue.norm_dtype(grads)
+        contributions, leftover = [], []
+        for _, _, plan in plans:
+            leftover += [p.grad for p in plan.reference_params]
+            for bucket in plan.buckets:
+                if norm_kind(norm_type) is None or (bucket.complex and norm_type != 2):
+                    leftover += [p.grad for p in bucket.params]
+                else:
+                    partials = load_kernels().grad_norm_partials(bucket.table, norm_type)
+                    partial = partials[0].max() if norm_type == math.inf else partials[0].sum()
+                    contributions.append((partial, partials[1].sum()))
+        if leftover:
+            contributions.append(epilogue.torch_norm_partials(leftover, norm_type, dtype))
+        total, found_inf = epilogue.total_grad_norm(contributions, norm_type, grads[0].device, dtype)
+        if grad_scale is not None:
+            total = total * grad_scale.to(total.device).double().reciprocal().to(total.dtype)
+        return total.to(dtype), found_inf
 
     def invalidate_plans(self):
         """Forget the cached tensor tables; the next step rebuilds them. (Replaced params, grads
@@ -304,12 +395,15 @@ class FusedOptimizer(Optimizer):
         self._plans = {}
 
     def __getstate__(self):
-        return {**super().__getstate__(), "backend": self.backend}
+        return {**super().__getstate__(), "backend": self.backend, "max_grad_norm": self.max_grad_norm}
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self._plans = {}  # tables point at the tensors of the optimizer they were built for
+        self._clip_coef = None
         self.__dict__.setdefault("backend", resolve_backend(None))
+        self.__dict__.setdefault("max_grad_norm", None)
+        self.__dict__.setdefault("last_grad_norm", None)
         for param_state in self.state.values():
             if "step" in param_state:
                 param_state["step"] = as_step_tensor(param_state["step"])

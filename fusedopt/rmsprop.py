@@ -22,7 +22,8 @@ class RMSprop(FusedOptimizer):
     """
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
-                 capturable=False, foreach=None, maximize=False, differentiable=False, backend=None):
+                 capturable=False, foreach=None, maximize=False, differentiable=False, backend=None,
+                 max_grad_norm=None):
         if torch.is_tensor(lr) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:
@@ -38,7 +39,7 @@ class RMSprop(FusedOptimizer):
         defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
                         weight_decay=weight_decay, capturable=capturable, foreach=foreach, maximize=maximize,
                         differentiable=differentiable)
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, max_grad_norm)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -63,14 +64,13 @@ class RMSprop(FusedOptimizer):
                     weight_decay=group["weight_decay"], momentum=group["momentum"], centered=group["centered"],
                     maximize=group["maximize"])
 
-    def reference_step(self, group, params):
-        reference.rmsprop(params, [p.grad for p in params], reference_states(self, params, "square_avg"),
+    def reference_step(self, group, params, grads):
+        reference.rmsprop(params, grads, reference_states(self, params, "square_avg"),
                           reference_states(self, params, "momentum_buffer"),
                           reference_states(self, params, "grad_avg"), reference_states(self, params, "step"),
                           **self.hyperparameters(group))
 
-    def kernel_step(self, group, table, step, per_tensor_step):
+    def kernel_step(self, group, table, steps, scaling):
         from . import kernels
 
-        hyperparameters = self.hyperparameters(group)
-        kernels.rmsprop_step(table, **hyperparameters)
+        kernels.rmsprop_step(table, scaling=scaling, **self.hyperparameters(group))

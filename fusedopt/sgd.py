@@ -1,4 +1,6 @@
 """SGD with momentum: defaults, argument checks and state layout of torch.optim.SGD."""
+import weakref
+
 import torch
 
 from . import reference
@@ -23,7 +25,7 @@ class SGD(FusedOptimizer):
     has_step = False
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
-                 maximize=False, foreach=None, differentiable=False, fused=None, backend=None):
+                 maximize=False, foreach=None, differentiable=False, fused=None, backend=None, max_grad_norm=None):
         if torch.is_tensor(lr) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if lr < 0.0:
@@ -37,10 +39,14 @@ class SGD(FusedOptimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
                         fused=fused)
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, max_grad_norm)
+        # Momentum buffers allocated for a first step that has not run yet (or was skipped by
+        # AMP): they hold no value, and the kernel must start them from the grad.
+        self._unstarted_buffers = weakref.WeakValueDictionary()
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self._unstarted_buffers = weakref.WeakValueDictionary()
         for group in self.param_groups:
             for key, value in (("nesterov", False), ("maximize", False), ("foreach", None),
                                ("differentiable", False), ("fused", False)):
@@ -59,30 +65,37 @@ class SGD(FusedOptimizer):
         pass  # the momentum buffer is created by the first step, from the grad
 
     def prepare_fresh_buffers(self, group, params, states):
-        """Give each param without a momentum buffer an empty one; flag those (the kernel fills
-        them with the grad on this first step)."""
+        """Give each param without a momentum buffer an empty one; flag those, and the empty
+        ones whose first step has not run (the kernel fills them with the grad)."""
         if group["momentum"] == 0:
             return [False] * len(params)
         fresh = []
         for param, state in zip(params, states):
-            fresh.append(state.get("momentum_buffer") is None)
-            if fresh[-1]:
-                state["momentum_buffer"] = torch.empty_like(param, memory_format=torch.preserve_format)
+            buffer = state.get("momentum_buffer")
+            if buffer is None:
+                buffer = state["momentum_buffer"] = torch.empty_like(param, memory_format=torch.preserve_format)
+                self._unstarted_buffers[id(buffer)] = buffer
+            fresh.append(self._unstarted_buffers.get(id(buffer)) is buffer)
         return fresh
+
+    def buffers_started(self, states):
+        """The first step ran on these states' momentum buffers."""
+        for state in states:
+            self._unstarted_buffers.pop(id(state.get("momentum_buffer")), None)
 
     def hyperparameters(self, group):
         return dict(lr=as_float(group["lr"]), weight_decay=as_float(group["weight_decay"]),
                     momentum=group["momentum"], dampening=group["dampening"], nesterov=group["nesterov"],
                     maximize=group["maximize"])
 
-    def reference_step(self, group, params):
-        buffers = reference.sgd(params, [p.grad for p in params],
+    def reference_step(self, group, params, grads):
+        buffers = reference.sgd(params, grads,
                                 reference_states(self, params, "momentum_buffer"), **self.hyperparameters(group))
         if group["momentum"] != 0:
             for param, buffer in zip(params, buffers):
                 self.state[param]["momentum_buffer"] = buffer
 
-    def kernel_step(self, group, table, fresh_buffers):
+    def kernel_step(self, group, table, fresh_buffers, scaling):
         from . import kernels
 
-        kernels.sgd_step(table, fresh_buffers=fresh_buffers, **self.hyperparameters(group))
+        kernels.sgd_step(table, fresh_buffers=fresh_buffers, scaling=scaling, **self.hyperparameters(group))

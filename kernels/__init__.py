@@ -4,8 +4,10 @@ They take tensor tables and numbers, and know nothing of optimizer classes or pa
 """
 from .adagrad import adagrad_step
 from .adam import adam_step
-from .multi_tensor import TensorTable, fits_kernel, launch_count
+from .grad_norm import grad_norm_partials, norm_kind
+from .multi_tensor import GradScaling, TensorTable, fits_kernel, launch_count
 from .rmsprop import rmsprop_step
 from .sgd import sgd_step
 
-__all__ = ["TensorTable", "fits_kernel", "launch_count", "adam_step", "adagrad_step", "rmsprop_step", "sgd_step"]
+__all__ = ["TensorTable", "GradScaling", "fits_kernel", "launch_count", "adam_step", "adagrad_step",
+           "rmsprop_step", "sgd_step", "grad_norm_partials", "norm_kind"]

@@ -2,7 +2,8 @@
 import triton
 import triton.language as tl
 
-from .multi_tensor import load_block, locate_block, store_block, tensor_extra, tensor_pointer
+from .multi_tensor import (grad_scaling, load_block, locate_block, scale_grad, store_block, tensor_pointer,
+                           tensor_step)
 
 
 @triton.jit
@@ -18,48 +19,53 @@ def adagrad_update(param, grad, state_sum, clr, weight_decay, eps, grad_sign):
 
 @triton.jit
 def adagrad_block(param_ptr, grad_ptr, state_sum_ptr, offsets, numel, clr, weight_decay, eps, grad_sign,
-                  FULL: tl.constexpr):
+                  inv_scale, clip_factor, SCALED_GRADS: tl.constexpr, FULL: tl.constexpr):
     param = load_block(param_ptr, offsets, numel, FULL)
-    grad = load_block(grad_ptr, offsets, numel, FULL)
+    grad = scale_grad(load_block(grad_ptr, offsets, numel, FULL), inv_scale, clip_factor, SCALED_GRADS)
     state_sum = load_block(state_sum_ptr, offsets, numel, FULL)
     param, state_sum = adagrad_update(param, grad, state_sum, clr, weight_decay, eps, grad_sign)
     store_block(param_ptr, offsets, numel, param, FULL)
     store_block(state_sum_ptr, offsets, numel, state_sum, FULL)
 
 
-@triton.jit(do_not_specialize=["num_tensors", "num_blocks", "step"])
+@triton.jit(do_not_specialize=["num_tensors", "num_blocks"])
 def adagrad_kernel(
-    tensor_table,  # int64 [roles + 2, num_tensors]: sizes, step offsets, addresses
+    tensor_table,  # int64 [roles + 2, num_tensors]: sizes, (unused), addresses
     block_table,  # int64 [2, num_blocks]: owning tensor and first element of each block
     num_tensors, num_blocks,
+    steps,  # [num_tensors] step counts, already incremented for this step
+    found_inf, grad_scale, clip_coef,  # one-element tensors, read when SCALED_GRADS
     lr, lr_decay, weight_decay, eps,
     grad_sign,  # -1 to maximize
-    step,  # the step count of tensors whose step offset is 0
-    clr,  # lr / (1 + (step - 1) lr_decay), from the host
-    PER_TENSOR_STEP: tl.constexpr,  # some tensors' steps differ: clr from the table
+    SCALED_GRADS: tl.constexpr,  # skip on found_inf; grads unscaled and clipped in registers
     DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     tensor, offsets, numel, full = locate_block(tensor_table, block_table, num_blocks, BLOCK, ALIGNED)
-    param_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 0, DTYPE, ALIGNED)
-    grad_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 1, DTYPE, ALIGNED)
-    state_sum_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 2, DTYPE, ALIGNED)
-    if PER_TENSOR_STEP:
-        # Lagging tensors get their own decayed lr (scalar math in fp64); the others the host's.
-        offset = tensor_extra(tensor_table, num_tensors, tensor)
-        own_step = (offset + step).to(tl.float64)
-        own_clr = lr / (1 + (own_step - 1) * lr_decay)
-        clr = tl.where(offset != 0, own_clr, clr).to(tl.float64 if DTYPE == tl.float64 else tl.float32)
-    if full:
-        adagrad_block(param_ptr, grad_ptr, state_sum_ptr, offsets, numel, clr, weight_decay, eps, grad_sign, True)
-    else:
-        adagrad_block(param_ptr, grad_ptr, state_sum_ptr, offsets, numel, clr, weight_decay, eps, grad_sign, False)
+    skip, inv_scale, clip_factor = False, 1.0, 1.0
+    if SCALED_GRADS:
+        skip, inv_scale, clip_factor = grad_scaling(found_inf, grad_scale, clip_coef)
+    if not skip:
+        param_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 0, DTYPE, ALIGNED)
+        grad_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 1, DTYPE, ALIGNED)
+        state_sum_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 2, DTYPE, ALIGNED)
+        # the decayed lr, lr / (1 + (step - 1) lr_decay), in fp64 once per block
+        clr = lr / (1 + (tensor_step(steps, tensor) - 1) * lr_decay)
+        clr = clr.to(tl.float64 if DTYPE == tl.float64 else tl.float32)
+        if full:
+            adagrad_block(param_ptr, grad_ptr, state_sum_ptr, offsets, numel, clr, weight_decay, eps, grad_sign,
+                          inv_scale, clip_factor, SCALED_GRADS, True)
+        else:
+            adagrad_block(param_ptr, grad_ptr, state_sum_ptr, offsets, numel, clr, weight_decay, eps, grad_sign,
+                          inv_scale, clip_factor, SCALED_GRADS, False)
 
 
-def adagrad_step(table, *, step, lr, lr_decay, weight_decay, eps, maximize, per_tensor_step=False):
-    """One Adagrad step over a TensorTable whose roles are param, grad, sum."""
-    clr = lr / (1 + (step - 1) * lr_decay)
+def adagrad_step(table, steps, *, lr, lr_decay, weight_decay, eps, maximize, scaling=None):
+    """One Adagrad step over a TensorTable whose roles are param, grad, sum; `steps` holds each
+    tensor's step count, already incremented; `scaling` (a GradScaling) skips, unscales, clips."""
+    found_inf, grad_scale, clip_coef, scaled = table.scaling_arguments(scaling)
     table.launch(
         adagrad_kernel,
-        lr, lr_decay, weight_decay, eps, -1.0 if maximize else 1.0, step, clr,
-        PER_TENSOR_STEP=per_tensor_step,
+        steps, found_inf, grad_scale, clip_coef,
+        lr, lr_decay, weight_decay, eps, -1.0 if maximize else 1.0,
+        SCALED_GRADS=scaled,
     )

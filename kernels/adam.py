@@ -4,7 +4,8 @@ import math
 import triton
 import triton.language as tl
 
-from .multi_tensor import load_block, locate_block, store_block, tensor_extra, tensor_pointer
+from .multi_tensor import (grad_scaling, load_block, locate_block, scale_grad, store_block, tensor_pointer,
+                           tensor_step)
 
 
 @triton.jit
@@ -31,9 +32,10 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, one_minus_beta
 @triton.jit
 def adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, offsets, numel,
                one_minus_beta1, beta2, one_minus_beta2, eps, coupled_weight_decay, param_scale, grad_sign,
-               step_size, bias_correction2_sqrt, AMSGRAD: tl.constexpr, FULL: tl.constexpr):
+               step_size, bias_correction2_sqrt, inv_scale, clip_factor,
+               AMSGRAD: tl.constexpr, SCALED_GRADS: tl.constexpr, FULL: tl.constexpr):
     param = load_block(param_ptr, offsets, numel, FULL)
-    grad = load_block(grad_ptr, offsets, numel, FULL)
+    grad = scale_grad(load_block(grad_ptr, offsets, numel, FULL), inv_scale, clip_factor, SCALED_GRADS)
     exp_avg = load_block(exp_avg_ptr, offsets, numel, FULL)
     exp_avg_sq = load_block(exp_avg_sq_ptr, offsets, numel, FULL)
     max_exp_avg_sq = exp_avg_sq
@@ -49,62 +51,70 @@ def adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_
         store_block(max_exp_avg_sq_ptr, offsets, numel, max_exp_avg_sq, FULL)
 
 
-@triton.jit(do_not_specialize=["num_tensors", "num_blocks", "step"])
+@triton.jit
+def adam_bias_corrections(step, lr, log2_beta1, log2_beta2):
+    """lr / (1 - b1^step) and sqrt(1 - b2^step), in fp64 (scalar math, once per block)."""
+    step_size = lr / (1 - tl.exp2(step * log2_beta1))
+    bias_correction2_sqrt = tl.sqrt(1 - tl.exp2(step * log2_beta2))
+    return step_size, bias_correction2_sqrt
+
+
+@triton.jit(do_not_specialize=["num_tensors", "num_blocks"])
 def adam_kernel(
-    tensor_table,  # int64 [roles + 2, num_tensors]: sizes, step offsets, addresses
+    tensor_table,  # int64 [roles + 2, num_tensors]: sizes, (unused), addresses
     block_table,  # int64 [2, num_blocks]: owning tensor and first element of each block
     num_tensors, num_blocks,
+    steps,  # [num_tensors] step counts, already incremented for this step
+    found_inf, grad_scale, clip_coef,  # one-element tensors, read when SCALED_GRADS
     lr, one_minus_beta1, beta2, one_minus_beta2, eps,  # 1 - beta computed on the host, in double
     coupled_weight_decay,  # Adam's L2 penalty added to the grad (0 for AdamW)
     param_scale,  # AdamW's 1 - lr * weight_decay (1 for Adam)
     grad_sign,  # -1 to maximize
-    step,  # the step count of tensors whose step offset is 0
-    step_size, bias_correction2_sqrt,  # lr / (1 - b1^step) and sqrt(1 - b2^step), from the host
-    log2_beta1, log2_beta2,  # for the bias corrections of tensors whose step differs
+    log2_beta1, log2_beta2,  # for the bias corrections
     AMSGRAD: tl.constexpr,
-    PER_TENSOR_STEP: tl.constexpr,  # some tensors' steps differ: the extra row holds the offsets
+    SCALED_GRADS: tl.constexpr,  # skip on found_inf; grads unscaled and clipped in registers
     DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     tensor, offsets, numel, full = locate_block(tensor_table, block_table, num_blocks, BLOCK, ALIGNED)
-    param_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 0, DTYPE, ALIGNED)
-    grad_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 1, DTYPE, ALIGNED)
-    exp_avg_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 2, DTYPE, ALIGNED)
-    exp_avg_sq_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 3, DTYPE, ALIGNED)
-    max_exp_avg_sq_ptr = exp_avg_sq_ptr
-    if AMSGRAD:
-        max_exp_avg_sq_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 4, DTYPE, ALIGNED)
-    if PER_TENSOR_STEP:
-        # Lagging tensors get their own bias corrections (scalar math in fp64, once per block);
-        # the others keep the host's.
-        offset = tensor_extra(tensor_table, num_tensors, tensor)
-        own_step = (offset + step).to(tl.float64)
-        own_step_size = lr / (1 - tl.exp2(own_step * log2_beta1))
-        own_bias_correction2_sqrt = tl.sqrt(1 - tl.exp2(own_step * log2_beta2))
-        step_size = tl.where(offset != 0, own_step_size, step_size).to(tl.float64 if DTYPE == tl.float64 else tl.float32)
-        bias_correction2_sqrt = tl.where(offset != 0, own_bias_correction2_sqrt,
-                                         bias_correction2_sqrt).to(tl.float64 if DTYPE == tl.float64 else tl.float32)
-    if full:
-        adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, offsets, numel,
-                   one_minus_beta1, beta2, one_minus_beta2, eps, coupled_weight_decay, param_scale, grad_sign,
-                   step_size, bias_correction2_sqrt, AMSGRAD, True)
-    else:
-        adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, offsets, numel,
-                   one_minus_beta1, beta2, one_minus_beta2, eps, coupled_weight_decay, param_scale, grad_sign,
-                   step_size, bias_correction2_sqrt, AMSGRAD, False)
+    skip, inv_scale, clip_factor = False, 1.0, 1.0
+    if SCALED_GRADS:
+        skip, inv_scale, clip_factor = grad_scaling(found_inf, grad_scale, clip_coef)
+    if not skip:
+        param_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 0, DTYPE, ALIGNED)
+        grad_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 1, DTYPE, ALIGNED)
+        exp_avg_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 2, DTYPE, ALIGNED)
+        exp_avg_sq_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 3, DTYPE, ALIGNED)
+        max_exp_avg_sq_ptr = exp_avg_sq_ptr
+        if AMSGRAD:
+            max_exp_avg_sq_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 4, DTYPE, ALIGNED)
+        compute_dtype: tl.constexpr = tl.float64 if DTYPE == tl.float64 else tl.float32
+        step_size, bias_correction2_sqrt = adam_bias_corrections(
+            tensor_step(steps, tensor), lr, log2_beta1, log2_beta2)
+        step_size = step_size.to(compute_dtype)
+        bias_correction2_sqrt = bias_correction2_sqrt.to(compute_dtype)
+        if full:
+            adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, offsets, numel,
+                       one_minus_beta1, beta2, one_minus_beta2, eps, coupled_weight_decay, param_scale, grad_sign,
+                       step_size, bias_correction2_sqrt, inv_scale, clip_factor, AMSGRAD, SCALED_GRADS, True)
+        else:
+            adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, offsets, numel,
+                       one_minus_beta1, beta2, one_minus_beta2, eps, coupled_weight_decay, param_scale, grad_sign,
+                       step_size, bias_correction2_sqrt, inv_scale, clip_factor, AMSGRAD, SCALED_GRADS, False)
 
 
-def adam_step(table, *, step, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
-              per_tensor_step=False):
+def adam_step(table, steps, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
+              scaling=None):
     """One Adam/AdamW step over a TensorTable whose roles are param, grad, exp_avg, exp_avg_sq
-    [, max_exp_avg_sq]. `step` is the new step count; with per_tensor_step the table's extra row
-    holds each tensor's offset from it."""
+    [, max_exp_avg_sq]. `steps` holds each tensor's step count, already incremented; `scaling`
+    (a GradScaling) skips the step or unscales and clips the grads."""
+    found_inf, grad_scale, clip_coef, scaled = table.scaling_arguments(scaling)
     table.launch(
         adam_kernel,
+        steps, found_inf, grad_scale, clip_coef,
         lr, 1 - beta1, beta2, 1 - beta2, eps,
         0.0 if decoupled_weight_decay else weight_decay,
         1 - lr * weight_decay if decoupled_weight_decay else 1.0,
         -1.0 if maximize else 1.0,
-        step, lr / (1 - beta1**step), math.sqrt(1 - beta2**step),
         math.log2(beta1) if beta1 > 0 else -math.inf, math.log2(beta2) if beta2 > 0 else -math.inf,
-        AMSGRAD=amsgrad, PER_TENSOR_STEP=per_tensor_step,
+        AMSGRAD=amsgrad, SCALED_GRADS=scaled,
     )

@@ -22,20 +22,28 @@ from .adagrad import adagrad_kernel
 from .adam import adam_kernel
 from .multi_tensor import NUM_WARPS, block_size, kernel_dtype
 from .rmsprop import rmsprop_kernel
+from .grad_norm import INF_NORM, P_NORM, TWO_NORM, grad_norm_kernel
 from .sgd import sgd_kernel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 TABLE_ARGS = ("tensor_table", "block_table")
 COUNT_ARGS = ("num_tensors", "num_blocks")
 
-# Each kernel with the boolean options that change its code (all combinations are launched).
+# Each kernel with the options that change its code (all combinations are launched).
+SCALED = (False, True)
 KERNEL_OPTIONS = {
-    "sgd": (sgd_kernel, [dict(MOMENTUM=False, FRESH_BUFFERS=False), dict(MOMENTUM=True, FRESH_BUFFERS=False),
-                         dict(MOMENTUM=True, FRESH_BUFFERS=True)]),
-    "adam": (adam_kernel, [dict(AMSGRAD=a, PER_TENSOR_STEP=s) for a, s in itertools.product((False, True), repeat=2)]),
-    "adagrad": (adagrad_kernel, [dict(PER_TENSOR_STEP=s) for s in (False, True)]),
-    "rmsprop": (rmsprop_kernel, [dict(MOMENTUM=m, CENTERED=c) for m, c in itertools.product((False, True), repeat=2)]),
+    "sgd": (sgd_kernel, [dict(MOMENTUM=m, FRESH_BUFFERS=f, SCALED_GRADS=s)
+                         for (m, f), s in itertools.product([(False, False), (True, False), (True, True)], SCALED)]),
+    "adam": (adam_kernel, [dict(AMSGRAD=a, SCALED_GRADS=s) for a, s in itertools.product((False, True), SCALED)]),
+    "adagrad": (adagrad_kernel, [dict(SCALED_GRADS=s) for s in SCALED]),
+    "rmsprop": (rmsprop_kernel, [dict(MOMENTUM=m, CENTERED=c, SCALED_GRADS=s)
+                                 for m, c, s in itertools.product((False, True), (False, True), SCALED)]),
+    "grad_norm": (grad_norm_kernel, [dict(NORM=kind) for kind in (TWO_NORM, INF_NORM, P_NORM)]),
 }
+NORM_NAMES = {TWO_NORM: "l2", INF_NORM: "linf", P_NORM: "lp"}
+# Pointer arguments other than the tables: (element type, element type for fp64 kernels).
+POINTER_ARGS = {"steps": ("fp32", "fp32"), "found_inf": ("fp32", "fp32"), "grad_scale": ("fp32", "fp32"),
+                "clip_coef": ("fp32", "fp64"), "partials": ("fp32", "fp64")}
 
 
 @dataclass
@@ -47,7 +55,8 @@ class Specialization:
 
     @property
     def name(self):
-        flags = "_".join(k.lower() for k, v in self.options.items() if v) or "plain"
+        flags = "_".join(NORM_NAMES[v] if k == "NORM" else k.lower() for k, v in self.options.items()
+                         if v is not False) or "plain"
         return f"{self.rule}_{flags}_{self.dtype}_{'aligned' if self.aligned else 'unaligned'}"
 
 
@@ -73,6 +82,8 @@ def compile_specialization(spec, arch):
             signature[name] = "*i64"
         elif name in COUNT_ARGS:
             signature[name] = "i32"
+        elif name in POINTER_ARGS:
+            signature[name] = "*" + POINTER_ARGS[name][torch_dtype == torch.float64]
         else:
             signature[name] = "fp32"
     # The tables come from torch's allocator: 16-byte aligned, as the launcher would detect.

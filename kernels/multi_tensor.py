@@ -2,6 +2,7 @@
 launch updates a whole list of tensors, plus the small @triton.jit helpers every rule kernel uses.
 """
 import os
+from typing import NamedTuple, Optional
 
 import triton
 import triton.language as tl
@@ -12,14 +13,14 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Rows of the per-tensor table (int64, one column per tensor).
 NUMEL_ROW = 0  # elements in the tensor (real elements: a complex tensor counts twice)
-EXTRA_ROW = 1  # one per-tensor integer a rule may need (a step offset, a fresh-buffer flag)
+EXTRA_ROW = 1  # one per-tensor integer a rule may need (SGD's fresh-buffer flag)
 FIRST_ADDRESS_ROW = 2  # then one row of addresses per role: param, grad, each state
 
 _launches = 0
 
 
 def launch_count():
-    """Total number of update-kernel launches made in this process."""
+    """Total number of kernel launches (updates and grad-norm reductions) made in this process."""
     return _launches
 
 
@@ -87,6 +88,17 @@ def fits_kernel(param, grad, states):
     return all(same_layout(param, real_view(t)) for t in (grad, *states))
 
 
+class GradScaling(NamedTuple):
+    """Device scalars an update kernel reads before it touches anything: the step is skipped
+    where `found_inf` is nonzero (AMP's inf/NaN check); otherwise grads are multiplied by
+    1/`grad_scale` (AMP's unscaling) and then by `clip_coef` (gradient clipping), in registers.
+    Each is a one-element tensor on the table's device, or None for no such factor."""
+
+    found_inf: Optional[torch.Tensor] = None
+    grad_scale: Optional[torch.Tensor] = None
+    clip_coef: Optional[torch.Tensor] = None
+
+
 class TensorTable:
     """Pointer tables and block map for one bucket (same device and dtype) of tensors.
 
@@ -137,14 +149,28 @@ class TensorTable:
         self.tensor_table = self._upload(self._host_table)  # a new device copy on CUDA
         self.aligned = self._other_addresses_aligned and all(a % 16 == 0 for a in addresses)
 
-    def launch(self, kernel, *scalars, **constexprs):
+    def scaling_arguments(self, scaling):
+        """The kernel arguments (found_inf, grad_scale, clip_coef, SCALED_GRADS) for `scaling`: the
+        absent factors point at a neutral 0 / 1 / 1 kept on this device."""
+        if scaling is None or all(value is None for value in scaling):
+            return self.tensor_table, self.tensor_table, self.tensor_table, False
+        if not hasattr(self, "_neutral"):
+            self._neutral = torch.tensor([0.0, 1.0], device=self.device)
+        found_inf, grad_scale, clip_coef = (
+            self._neutral[default] if value is None else value
+            for value, default in zip(scaling, (0, 1, 1))
+        )
+        return found_inf, grad_scale, clip_coef, True
+
+    def launch(self, kernel, *arguments, **constexprs):
         """One launch of `kernel` over every block of every tensor in the table."""
         if self.num_blocks == 0:
             return
         count_launch()
-        # Scalars go in as floats, so an int hyperparameter (weight_decay=0) compiles no variant.
-        scalars = [float(scalar) for scalar in scalars]
-        arguments = (self.tensor_table, self.block_table, self.num_tensors, self.num_blocks, *scalars)
+        # Numbers go in as floats, so an int hyperparameter (weight_decay=0) compiles no variant;
+        # tensors (step counts, grad scaling) go in as pointers.
+        arguments = [value if torch.is_tensor(value) else float(value) for value in arguments]
+        arguments = (self.tensor_table, self.block_table, self.num_tensors, self.num_blocks, *arguments)
         options = dict(constexprs, DTYPE=kernel_dtype(self.dtype), ALIGNED=self.aligned, BLOCK=self.block,
                        num_warps=NUM_WARPS)
         if self.device.type == "cuda" and self.device.index != torch.cuda.current_device():
@@ -167,6 +193,29 @@ def locate_block(tensor_table, block_table, num_blocks, BLOCK: tl.constexpr, ALI
         start = tl.multiple_of(start, BLOCK)
     offsets = start + tl.arange(0, BLOCK)
     return tensor, offsets, numel, start + BLOCK <= numel
+
+
+@triton.jit
+def grad_scaling(found_inf_ptr, grad_scale_ptr, clip_coef_ptr):
+    """(skip, inv_scale, clip_factor): GradScaler's skip flag, its 1/scale (rounded to fp32 from a
+    double reciprocal, as GradScaler.unscale_ computes it), and the clip factor."""
+    skip = tl.load(found_inf_ptr) != 0
+    inv_scale = (1.0 / tl.load(grad_scale_ptr).to(tl.float64)).to(tl.float32)
+    return skip, inv_scale, tl.load(clip_coef_ptr)
+
+
+@triton.jit
+def scale_grad(grad, inv_scale, clip_factor, SCALED_GRADS: tl.constexpr):
+    """Unscale, then clip, in the order of `unscale_` then `clip_grad_norm_`."""
+    if SCALED_GRADS:
+        grad = grad * inv_scale.to(grad.dtype) * clip_factor.to(grad.dtype)
+    return grad
+
+
+@triton.jit
+def tensor_step(steps_ptr, tensor):
+    """The step count of `tensor` (already incremented for this step), as fp64."""
+    return tl.load(steps_ptr + tensor).to(tl.float64)
 
 
 @triton.jit

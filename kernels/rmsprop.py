@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-from .multi_tensor import load_block, locate_block, store_block, tensor_pointer
+from .multi_tensor import grad_scaling, load_block, locate_block, scale_grad, store_block, tensor_pointer
 
 
 @triton.jit
@@ -29,10 +29,10 @@ def rmsprop_update(param, grad, square_avg, momentum_buffer, grad_avg, lr, alpha
 
 @triton.jit
 def rmsprop_block(param_ptr, grad_ptr, square_avg_ptr, momentum_buffer_ptr, grad_avg_ptr, offsets, numel,
-                  lr, alpha, one_minus_alpha, eps, weight_decay, momentum, grad_sign,
-                  MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, FULL: tl.constexpr):
+                  lr, alpha, one_minus_alpha, eps, weight_decay, momentum, grad_sign, inv_scale, clip_factor,
+                  MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, SCALED_GRADS: tl.constexpr, FULL: tl.constexpr):
     param = load_block(param_ptr, offsets, numel, FULL)
-    grad = load_block(grad_ptr, offsets, numel, FULL)
+    grad = scale_grad(load_block(grad_ptr, offsets, numel, FULL), inv_scale, clip_factor, SCALED_GRADS)
     square_avg = load_block(square_avg_ptr, offsets, numel, FULL)
     momentum_buffer = square_avg
     grad_avg = square_avg
@@ -56,37 +56,48 @@ def rmsprop_kernel(
     tensor_table,  # int64 [roles + 2, num_tensors]: sizes, (unused), addresses
     block_table,  # int64 [2, num_blocks]: owning tensor and first element of each block
     num_tensors, num_blocks,
+    found_inf, grad_scale, clip_coef,  # one-element tensors, read when SCALED_GRADS
     lr, alpha,
     one_minus_alpha,  # 1 - alpha computed on the host, in double
     eps, weight_decay, momentum,
     grad_sign,  # -1 to maximize
     MOMENTUM: tl.constexpr,  # a momentum buffer is the next role
     CENTERED: tl.constexpr,  # a grad average is the last role
+    SCALED_GRADS: tl.constexpr,  # skip on found_inf; grads unscaled and clipped in registers
     DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     tensor, offsets, numel, full = locate_block(tensor_table, block_table, num_blocks, BLOCK, ALIGNED)
-    param_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 0, DTYPE, ALIGNED)
-    grad_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 1, DTYPE, ALIGNED)
-    square_avg_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 2, DTYPE, ALIGNED)
-    momentum_buffer_ptr = square_avg_ptr
-    grad_avg_ptr = square_avg_ptr
-    if MOMENTUM:
-        momentum_buffer_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 3, DTYPE, ALIGNED)
-    if CENTERED:
-        grad_avg_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 3 + MOMENTUM, DTYPE, ALIGNED)
-    if full:
-        rmsprop_block(param_ptr, grad_ptr, square_avg_ptr, momentum_buffer_ptr, grad_avg_ptr, offsets, numel,
-                      lr, alpha, one_minus_alpha, eps, weight_decay, momentum, grad_sign, MOMENTUM, CENTERED, True)
-    else:
-        rmsprop_block(param_ptr, grad_ptr, square_avg_ptr, momentum_buffer_ptr, grad_avg_ptr, offsets, numel,
-                      lr, alpha, one_minus_alpha, eps, weight_decay, momentum, grad_sign, MOMENTUM, CENTERED, False)
+    skip, inv_scale, clip_factor = False, 1.0, 1.0
+    if SCALED_GRADS:
+        skip, inv_scale, clip_factor = grad_scaling(found_inf, grad_scale, clip_coef)
+    if not skip:
+        param_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 0, DTYPE, ALIGNED)
+        grad_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 1, DTYPE, ALIGNED)
+        square_avg_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 2, DTYPE, ALIGNED)
+        momentum_buffer_ptr = square_avg_ptr
+        grad_avg_ptr = square_avg_ptr
+        if MOMENTUM:
+            momentum_buffer_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 3, DTYPE, ALIGNED)
+        if CENTERED:
+            grad_avg_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 3 + MOMENTUM, DTYPE, ALIGNED)
+        if full:
+            rmsprop_block(param_ptr, grad_ptr, square_avg_ptr, momentum_buffer_ptr, grad_avg_ptr, offsets, numel,
+                          lr, alpha, one_minus_alpha, eps, weight_decay, momentum, grad_sign, inv_scale, clip_factor,
+                          MOMENTUM, CENTERED, SCALED_GRADS, True)
+        else:
+            rmsprop_block(param_ptr, grad_ptr, square_avg_ptr, momentum_buffer_ptr, grad_avg_ptr, offsets, numel,
+                          lr, alpha, one_minus_alpha, eps, weight_decay, momentum, grad_sign, inv_scale, clip_factor,
+                          MOMENTUM, CENTERED, SCALED_GRADS, False)
 
 
-def rmsprop_step(table, *, lr, alpha, eps, weight_decay, momentum, centered, maximize):
+def rmsprop_step(table, *, lr, alpha, eps, weight_decay, momentum, centered, maximize, scaling=None):
     """One RMSprop step over a TensorTable whose roles are param, grad, square_avg
-    [, momentum_buffer when momentum > 0] [, grad_avg when centered]."""
+    [, momentum_buffer when momentum > 0] [, grad_avg when centered]; `scaling` (a GradScaling)
+    skips the step or unscales and clips the grads."""
+    found_inf, grad_scale, clip_coef, scaled = table.scaling_arguments(scaling)
     table.launch(
         rmsprop_kernel,
+        found_inf, grad_scale, clip_coef,
         lr, alpha, 1 - alpha, eps, weight_decay, momentum, -1.0 if maximize else 1.0,
-        MOMENTUM=momentum > 0, CENTERED=centered,
+        MOMENTUM=momentum > 0, CENTERED=centered, SCALED_GRADS=scaled,
     )

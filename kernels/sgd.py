@@ -2,7 +2,8 @@
 import triton
 import triton.language as tl
 
-from .multi_tensor import load_block, locate_block, store_block, tensor_extra, tensor_pointer
+from .multi_tensor import (grad_scaling, load_block, locate_block, scale_grad, store_block, tensor_extra,
+                           tensor_pointer)
 
 
 @triton.jit
@@ -28,9 +29,10 @@ def sgd_update(param, grad, momentum_buffer, fresh_buffer, lr, weight_decay, mom
 
 @triton.jit
 def sgd_block(param_ptr, grad_ptr, momentum_buffer_ptr, fresh_buffer, offsets, numel, lr, weight_decay,
-              momentum, one_minus_dampening, nesterov, grad_sign, MOMENTUM: tl.constexpr, FULL: tl.constexpr):
+              momentum, one_minus_dampening, nesterov, grad_sign, inv_scale, clip_factor, MOMENTUM: tl.constexpr,
+              SCALED_GRADS: tl.constexpr, FULL: tl.constexpr):
     param = load_block(param_ptr, offsets, numel, FULL)
-    grad = load_block(grad_ptr, offsets, numel, FULL)
+    grad = scale_grad(load_block(grad_ptr, offsets, numel, FULL), inv_scale, clip_factor, SCALED_GRADS)
     momentum_buffer = grad
     if MOMENTUM:
         if not fresh_buffer:  # a fresh buffer holds no value yet
@@ -47,36 +49,47 @@ def sgd_kernel(
     tensor_table,  # int64 [roles + 2, num_tensors]: sizes, fresh-buffer flags, addresses
     block_table,  # int64 [2, num_blocks]: owning tensor and first element of each block
     num_tensors, num_blocks,
+    found_inf, grad_scale, clip_coef,  # one-element tensors, read when SCALED_GRADS
     lr, weight_decay, momentum,
     one_minus_dampening,  # 1 - dampening from the host
     nesterov,  # 1.0 for Nesterov momentum
     grad_sign,  # -1 to maximize
     MOMENTUM: tl.constexpr,  # a momentum buffer is the third role
     FRESH_BUFFERS: tl.constexpr,  # some buffers are new this step: the extra row flags them
+    SCALED_GRADS: tl.constexpr,  # skip on found_inf; grads unscaled and clipped in registers
     DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     tensor, offsets, numel, full = locate_block(tensor_table, block_table, num_blocks, BLOCK, ALIGNED)
-    param_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 0, DTYPE, ALIGNED)
-    grad_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 1, DTYPE, ALIGNED)
-    momentum_buffer_ptr = grad_ptr
-    fresh_buffer = False
-    if MOMENTUM:
-        momentum_buffer_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 2, DTYPE, ALIGNED)
-        if FRESH_BUFFERS:
-            fresh_buffer = tensor_extra(tensor_table, num_tensors, tensor) != 0
-    if full:
-        sgd_block(param_ptr, grad_ptr, momentum_buffer_ptr, fresh_buffer, offsets, numel, lr, weight_decay,
-                  momentum, one_minus_dampening, nesterov, grad_sign, MOMENTUM, True)
-    else:
-        sgd_block(param_ptr, grad_ptr, momentum_buffer_ptr, fresh_buffer, offsets, numel, lr, weight_decay,
-                  momentum, one_minus_dampening, nesterov, grad_sign, MOMENTUM, False)
+    skip, inv_scale, clip_factor = False, 1.0, 1.0
+    if SCALED_GRADS:
+        skip, inv_scale, clip_factor = grad_scaling(found_inf, grad_scale, clip_coef)
+    if not skip:
+        param_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 0, DTYPE, ALIGNED)
+        grad_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 1, DTYPE, ALIGNED)
+        momentum_buffer_ptr = grad_ptr
+        fresh_buffer = False
+        if MOMENTUM:
+            momentum_buffer_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 2, DTYPE, ALIGNED)
+            if FRESH_BUFFERS:
+                fresh_buffer = tensor_extra(tensor_table, num_tensors, tensor) != 0
+        if full:
+            sgd_block(param_ptr, grad_ptr, momentum_buffer_ptr, fresh_buffer, offsets, numel, lr, weight_decay,
+                      momentum, one_minus_dampening, nesterov, grad_sign, inv_scale, clip_factor, MOMENTUM,
+                      SCALED_GRADS, True)
+        else:
+            sgd_block(param_ptr, grad_ptr, momentum_buffer_ptr, fresh_buffer, offsets, numel, lr, weight_decay,
+                      momentum, one_minus_dampening, nesterov, grad_sign, inv_scale, clip_factor, MOMENTUM,
+                      SCALED_GRADS, False)
 
 
-def sgd_step(table, *, lr, weight_decay, momentum, dampening, nesterov, maximize, fresh_buffers=False):
+def sgd_step(table, *, lr, weight_decay, momentum, dampening, nesterov, maximize, fresh_buffers=False, scaling=None):
     """One SGD step over a TensorTable whose roles are param, grad [, momentum_buffer when
-    momentum != 0]; with fresh_buffers the extra row flags buffers to start from the grad."""
+    momentum != 0]; with fresh_buffers the extra row flags buffers to start from the grad;
+    `scaling` (a GradScaling) skips the step or unscales and clips the grads."""
+    found_inf, grad_scale, clip_coef, scaled = table.scaling_arguments(scaling)
     table.launch(
         sgd_kernel,
+        found_inf, grad_scale, clip_coef,
         lr, weight_decay, momentum, 1 - dampening, float(nesterov), -1.0 if maximize else 1.0,
-        MOMENTUM=momentum != 0, FRESH_BUFFERS=fresh_buffers,
+        MOMENTUM=momentum != 0, FRESH_BUFFERS=fresh_buffers, SCALED_GRADS=scaled,
     )

@@ -1,5 +1,6 @@
 """Every kernel specialization compiles for sm_80 and sm_90 without a GPU; the aligned fp32,
-bf16 and fp16 kernels use 128-bit global loads and stores, and nothing spills to local memory.
+bf16 and fp16 kernels use 128-bit global loads and stores (the grad-norm reduction stores one
+partial per block: loads only), and nothing spills to local memory.
 
 The compiler and the interpreter cannot share a process, so the code generator runs in a
 subprocess without TRITON_INTERPRET.
@@ -43,7 +44,7 @@ def test_every_specialization_compiles(codegen):
     assert len(rows) == expected_specializations()
     # Each rule x option set x dtype x alignment appears once.
     assert len({row["kernel"] for row in rows}) == len(rows)
-    assert {row["rule"] for row in rows} == {"sgd", "adam", "adagrad", "rmsprop"}
+    assert {row["rule"] for row in rows} == {"sgd", "adam", "adagrad", "rmsprop", "grad_norm"}
     assert {row["dtype"] for row in rows} == {"fp32", "bf16", "fp16", "fp64"}
 
 
@@ -67,7 +68,8 @@ def test_aligned_kernels_use_128_bit_accesses(codegen, dtype):
     assert rows
     for row in rows:
         assert row["load_bits"] == 128, row
-        assert row["store_bits"] == 128, row
+        if row["rule"] != "grad_norm":
+            assert row["store_bits"] == 128, row
 
 
 def test_no_kernel_spills(codegen):

@@ -493,22 +493,27 @@ def test_lr_scheduler_gives_torchs_trajectory(rule, scheduler, device):
                                 **fp32_tolerance(device, rule, options))
 
 
-# Hyperparameters that change during training (schedules, per-step bias corrections): runtime
-# kernel arguments, so that no value of theirs compiles a new kernel.
+# Hyperparameters that change during training (schedules, step counts, AMP and clip factors):
+# runtime kernel arguments, so that no value of theirs compiles a new kernel.
 RUNTIME_ARGUMENTS = {
     "sgd": ["lr", "weight_decay", "momentum", "one_minus_dampening", "nesterov", "grad_sign"],
     "adam": ["lr", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "coupled_weight_decay", "param_scale",
-             "grad_sign", "step", "step_size", "bias_correction2_sqrt", "log2_beta1", "log2_beta2"],
-    "adagrad": ["lr", "lr_decay", "weight_decay", "eps", "grad_sign", "step", "clr"],
+             "grad_sign", "steps", "log2_beta1", "log2_beta2"],
+    "adagrad": ["lr", "lr_decay", "weight_decay", "eps", "grad_sign", "steps"],
     "rmsprop": ["lr", "alpha", "one_minus_alpha", "eps", "weight_decay", "momentum", "grad_sign"],
 }
+for names in RUNTIME_ARGUMENTS.values():
+    names += ["found_inf", "grad_scale", "clip_coef"]
 # Compile-time flags: structure (which states exist, which branch), element type, alignment, block.
 CONSTEXPR_ARGUMENTS = {
-    "sgd": {"MOMENTUM", "FRESH_BUFFERS", "DTYPE", "ALIGNED", "BLOCK"},
-    "adam": {"AMSGRAD", "PER_TENSOR_STEP", "DTYPE", "ALIGNED", "BLOCK"},
-    "adagrad": {"PER_TENSOR_STEP", "DTYPE", "ALIGNED", "BLOCK"},
-    "rmsprop": {"MOMENTUM", "CENTERED", "DTYPE", "ALIGNED", "BLOCK"},
+    "sgd": {"MOMENTUM", "FRESH_BUFFERS", "SCALED_GRADS", "DTYPE", "ALIGNED", "BLOCK"},
+    "adam": {"AMSGRAD", "SCALED_GRADS", "DTYPE", "ALIGNED", "BLOCK"},
+    "adagrad": {"SCALED_GRADS", "DTYPE", "ALIGNED", "BLOCK"},
+    "rmsprop": {"MOMENTUM", "CENTERED", "SCALED_GRADS", "DTYPE", "ALIGNED", "BLOCK"},
 }
+
+
+DEVICE_SCALARS = {"steps", "found_inf", "grad_scale", "clip_coef"}
 
 
 def kernel_of(rule):
@@ -545,15 +550,14 @@ def test_only_flags_dtype_alignment_and_block_are_constexpr(rule):
 
 @pytest.mark.parametrize("rule", list(RUNTIME_ARGUMENTS))
 def test_sizes_and_step_counts_are_not_specialised(rule):
-    """Integer arguments that change with the bucket or the step would compile a kernel per value
-    class (== 1, multiple of 16) if Triton specialised them."""
+    """Integer arguments that change with the bucket would compile a kernel per value class
+    (== 1, multiple of 16) if Triton specialised them; step counts are read from memory."""
     kernel = kernel_of(rule)
     listed = getattr(kernel, "do_not_specialize", None)
     if listed is None:
         listed = kernel.kwargs.get("do_not_specialize", [])
     names = {kernel.arg_names[item] if isinstance(item, int) else item for item in listed}
-    expected = {"num_tensors", "num_blocks"} | ({"step"} & set(kernel.arg_names))
-    assert expected <= names
+    assert {"num_tensors", "num_blocks"} <= names
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -578,8 +582,11 @@ def test_hyperparameters_reach_the_kernel_as_floats(rule, device, monkeypatch):
         assign_grads(params, make_grads(params, generator))
         fused.step()
     assert seen
+    names = kernel.arg_names[4:]
     for scalars in seen:
-        assert all(type(value) is float for value in scalars), [type(value).__name__ for value in scalars]
+        kinds = {name: type(value).__name__ for name, value in zip(names, scalars)}
+        # device scalars (step counts, AMP and clip factors) are pointers; everything else a float
+        assert all(kind == ("Tensor" if name in DEVICE_SCALARS else "float") for name, kind in kinds.items()), kinds
 
 
 # ---- closures and a model ----

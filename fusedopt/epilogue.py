@@ -1,0 +1,148 @@
+"""What happens to the grads between backward() and the update: AMP's unscaling and inf check
+(torch.amp.GradScaler), and clipping by the global grad norm, done inside the update kernels.
+
+The grads themselves are never rewritten: the update kernels multiply them, in registers, by
+1/grad_scale and by the clip factor, and skip the step where found_inf is set.
+"""
+import math
+
+import torch
+
+# torch.nn.utils.clip_grad_norm_'s guard against dividing by a zero norm.
+CLIP_EPSILON = 1e-6
+
+
+class StepScaling:
+    """The device scalars of one step: GradScaler's `found_inf` and `grad_scale`, and the clip
+    factor; any may be None. Copies for other devices are made once per step, without a sync."""
+
+    def __init__(self, found_inf=None, grad_scale=None, clip_coef=None):
+        self.found_inf = found_inf
+        self.grad_scale = grad_scale
+        self.clip_coef = clip_coef
+        self._on_device = {}
+
+    def to(self, device):
+        if device not in self._on_device:
+            moved = [None if t is None else t.to(device, non_blocking=True)
+                     for t in (self.found_inf, self.grad_scale, self.clip_coef)]
+            self._on_device[device] = self if all(
+                t is None or m is t for t, m in zip((self.found_inf, self.grad_scale, self.clip_coef), moved)
+            ) else StepScaling(*moved)
+        return self._on_device[device]
+
+    def kernel_scaling(self):
+        if self.found_inf is None and self.grad_scale is None and self.clip_coef is None:
+            return None
+        from . import kernels
+
+        return kernels.GradScaling(*(None if t is None else t.reshape(1) for t in
+                                     (self.found_inf, self.grad_scale, self.clip_coef)))
+
+    def skipped(self):
+        """Whether AMP skips this step. Reads found_inf on the host: only the rare paths that
+        must know (the plain-torch path, SGD's first momentum step) ask."""
+        return self.found_inf is not None and bool(self.found_inf.item())
+
+    def scale_grads(self, grads):
+        """The grads as `unscale_` then `clip_grad_norm_` would leave them (new tensors), or None
+        when the step is skipped; the grads themselves when there is nothing to apply."""
+        if self.skipped():
+            return None
+        if self.grad_scale is not None:
+            inv_scale = self.grad_scale.double().reciprocal().float()
+            grads = [grad * inv_scale.to(grad.device) for grad in grads]
+        if self.clip_coef is not None:
+            grads = [grad * self.clip_coef.to(grad.device, grad.dtype) for grad in grads]
+        return grads
+
+
+NO_SCALING = StepScaling()
+
+
+def check_max_norm(max_norm, name="max_norm"):
+    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or math.isnan(max_norm) or max_norm < 0:
+        raise ValueError(f"Invalid {name}: {max_norm!r} (expected a number >= 0)")
+    return float(max_norm)
+
+
+def check_norm_type(norm_type):
+    if torch.is_tensor(norm_type):
+        norm_type = norm_type.item()
+    if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float)) or math.isnan(norm_type):
+        raise ValueError(f"Invalid norm_type: {norm_type!r} (expected a number or inf)")
+    return float(norm_type)
+
+
+def norm_dtype(grads):
+    """The dtype of the total norm, as torch's clip_grad_norm_ gives it: the grads' (real) dtype."""
+    dtypes = {grad.real.dtype if grad.is_complex() else grad.dtype for grad in grads}
+    dtype = dtypes.pop()
+    for other in dtypes:
+        dtype = torch.promote_types(dtype, other)
+    return dtype
+
+
+def torch_norm_partials(grads, norm_type, dtype):
+    """(sum |g|^p or max |g|, non-finite count) of `grads` with torch ops, where the kernel does
+    not go: grads on the plain-torch path, sparse grads, complex grads for norms other than 2."""
+    values = [grad.coalesce()._values() if grad.is_sparse else grad for grad in grads]
+    values = [torch.view_as_real(v) if v.is_complex() and norm_type == 2 else v for v in values]
+    norms = torch.stack([torch.linalg.vector_norm(v, norm_type, dtype=dtype) if not v.is_complex()
+                         else torch.linalg.vector_norm(v, norm_type).to(dtype) for v in values])
+    partial = norms.max() if norm_type == math.inf else norms.pow(norm_type).sum()
+    nonfinite = sum((~torch.isfinite(v)).sum().to(dtype) for v in values)
+    return partial, nonfinite
+
+
+def total_grad_norm(contributions, norm_type, device, dtype):
+    """Combine (partial, non-finite count) pairs into (total norm, found_inf) on `device`."""
+    accumulate = torch.float64 if dtype == torch.float64 else torch.float32
+    partials = torch.stack([p.to(device, accumulate) for p, _ in contributions])
+    nonfinite = torch.stack([n.to(device, accumulate) for _, n in contributions]).sum()
+    if norm_type == math.inf:
+        total = partials.max()
+    elif norm_type == 2:
+        total = partials.sum().sqrt()
+    else:
+        total = partials.sum().pow(1.0 / norm_type)
+    return total, (nonfinite > 0).to(torch.float32)
+
+
+def clip_coefficient(total_norm, max_norm):
+    """clip_grad_norm_'s factor, min(1, max_norm / (norm + 1e-6)), in the norm's dtype (fp32 at
+    least, as the kernels load it)."""
+    coef = torch.clamp(max_norm / (total_norm + CLIP_EPSILON), max=1.0)
+    return coef if coef.dtype == torch.float64 else coef.float()
+
+
+def check_finite_norm(total_norm, norm_type):
+    """clip_grad_norm_(error_if_nonfinite=True): this reads the norm on the host."""
+    if torch.logical_or(total_norm.isnan(), total_norm.isinf()):
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot be "
+            "clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
+            "`error_if_nonfinite=False`"
+        )
+
+
+def scaler_scale(grad_scaler):
+    """The scale of an enabled GradScaler that has scaled a loss, else None."""
+    if grad_scaler is None or not grad_scaler.is_enabled():
+        return None
+    return getattr(grad_scaler, "_scale", None)
+
+
+def hand_found_inf_to_scaler(grad_scaler, optimizer, found_inf, grad_scale):
+    """Record the inf check done by the norm reduction in the GradScaler's per-optimizer state, as
+    its own unscale_() would, so that scaler.step() consumes it instead of reading every grad
+    again; the optimizer unscales in its kernels (its `grad_scale` attribute)."""
+    from torch.amp.grad_scaler import OptState
+
+    state = grad_scaler._per_optimizer_states[id(optimizer)]
+    if state["stage"] is not OptState.READY:
+        raise RuntimeError("clip_grad_norm_(grad_scaler=...) must come before the scaler's unscale_() and step() "
+                           "in an iteration")
+    state["found_inf_per_device"] = {found_inf.device: found_inf}
+    state["stage"] = OptState.UNSCALED
+    optimizer.grad_scale = grad_scale
