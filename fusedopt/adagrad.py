@@ -2,7 +2,7 @@
 import torch
 
 from . import reference
-from .optimizer import FusedOptimizer, as_float, reference_states, scalar_step_tensor
+from .optimizer import FusedOptimizer, reference_states, scalar_step_tensor
 
 
 class Adagrad(FusedOptimizer):
@@ -65,12 +65,12 @@ class Adagrad(FusedOptimizer):
                                        memory_format=torch.preserve_format)
 
     def hyperparameters(self, group):
-        return dict(lr=as_float(group["lr"]), lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
+        return dict(lr=group["lr"], lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
                     eps=group["eps"], maximize=group["maximize"])
 
     def reference_step(self, group, params, grads):
         reference.adagrad(params, grads, reference_states(self, params, "sum"),
-                          reference_states(self, params, "step"), **self.hyperparameters(group))
+                          reference_states(self, params, "step"), **self.reference_hyperparameters(group))
 
     def kernel_step(self, group, table, steps, scaling):
         from . import kernels

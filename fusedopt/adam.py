@@ -46,9 +46,13 @@ class Adam(FusedOptimizer):
     decoupled_weight_decay; foreach and fused are accepted and recorded, fusedopt always runs
     its own fused kernel on CUDA), plus ``backend``: "auto" (kernels for CUDA tensors, the
     reference for CPU ones), "triton" or "torch"; default from ``FUSEDOPT_BACKEND``.
-    ``capturable=True`` and ``differentiable=True`` raise NotImplementedError.
+    ``capturable=True`` keeps the step counts on the params' device, and the lr may be a tensor
+    that the kernel reads, so ``step()`` can be captured in a CUDA graph; ``differentiable=True``
+    raises NotImplementedError. ``max_grad_norm`` clips every step by the total 2-norm of the
+    grads (see :meth:`clip_grad_norm_`).
 
-    State per param (torch's layout): ``step`` (0-dim float32 CPU tensor), ``exp_avg``,
+    State per param (torch's layout): ``step`` (0-dim float32 tensor: on the CPU until the kernels
+    take the param, then on its device, as with torch's fused=True), ``exp_avg``,
     ``exp_avg_sq`` and, with amsgrad, ``max_exp_avg_sq`` (like the param).
     """
 
@@ -80,7 +84,7 @@ class Adam(FusedOptimizer):
 
     def hyperparameters(self, group):
         beta1, beta2 = group["betas"]
-        return dict(lr=as_float(group["lr"]), beta1=as_float(beta1), beta2=as_float(beta2), eps=group["eps"],
+        return dict(lr=group["lr"], beta1=as_float(beta1), beta2=as_float(beta2), eps=group["eps"],
                     weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
                     amsgrad=group["amsgrad"], maximize=group["maximize"])
 
@@ -88,7 +92,7 @@ class Adam(FusedOptimizer):
         reference.adam(
             params, grads, reference_states(self, params, "exp_avg"),
             reference_states(self, params, "exp_avg_sq"), reference_states(self, params, "max_exp_avg_sq"),
-            reference_states(self, params, "step"), **self.hyperparameters(group))
+            reference_states(self, params, "step"), **self.reference_hyperparameters(group))
 
     def kernel_step(self, group, table, steps, scaling):
         from . import kernels

@@ -52,8 +52,6 @@ def check_implementation_flags(defaults):
         raise RuntimeError("`fused` does not support `differentiable`")
     if defaults.get("differentiable"):
         raise NotImplementedError("fusedopt does not support differentiable=True; use torch.optim for it")
-    if defaults.get("capturable"):
-        raise NotImplementedError("fusedopt does not support capturable=True yet; use torch.optim for it")
 
 
 _grad_of = operator.attrgetter("grad")
@@ -73,8 +71,11 @@ def as_step_tensor(step):
     return step
 
 
-def scalar_step_tensor():
-    """torch.optim's layout of state['step'] (non-capturable): a 0-dim CPU tensor."""
+def scalar_step_tensor(device=None):
+    """torch.optim's layout of state['step']: a 0-dim tensor, on the CPU unless capturable (then
+    float32 on the param's device)."""
+    if device is not None:
+        return torch.zeros((), dtype=torch.float32, device=device)
     dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
     return torch.tensor(0.0, dtype=dtype)
 
@@ -260,9 +261,18 @@ class FusedOptimizer(Optimizer):
     def init_state(self, param, group):
         """torch's lazy state: a step counter and zeros like the param for each state tensor."""
         state = self.state[param]
-        state["step"] = scalar_step_tensor()
+        state["step"] = scalar_step_tensor(param.device if group.get("capturable") else None)
         for key in self.state_keys(group):
             state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def hyperparameters(self, group):
+        """The rule's keyword arguments for its kernel launcher; a tensor lr stays a tensor (the
+        kernel reads it from device memory)."""
+        raise NotImplementedError
+
+    def reference_hyperparameters(self, group):
+        """The same for the reference, with the lr as a number."""
+        return {**self.hyperparameters(group), "lr": as_float(group["lr"])}
 
     def reference_step(self, group, params, grads):
         raise NotImplementedError

@@ -2,7 +2,7 @@
 import torch
 
 from . import reference
-from .optimizer import FusedOptimizer, as_float, reference_states
+from .optimizer import FusedOptimizer, reference_states
 
 
 class RMSprop(FusedOptimizer):
@@ -60,7 +60,7 @@ class RMSprop(FusedOptimizer):
         return keys
 
     def hyperparameters(self, group):
-        return dict(lr=as_float(group["lr"]), alpha=group["alpha"], eps=group["eps"],
+        return dict(lr=group["lr"], alpha=group["alpha"], eps=group["eps"],
                     weight_decay=group["weight_decay"], momentum=group["momentum"], centered=group["centered"],
                     maximize=group["maximize"])
 
@@ -68,7 +68,7 @@ class RMSprop(FusedOptimizer):
         reference.rmsprop(params, grads, reference_states(self, params, "square_avg"),
                           reference_states(self, params, "momentum_buffer"),
                           reference_states(self, params, "grad_avg"), reference_states(self, params, "step"),
-                          **self.hyperparameters(group))
+                          **self.reference_hyperparameters(group))
 
     def kernel_step(self, group, table, steps, scaling):
         from . import kernels

@@ -84,13 +84,13 @@ class SGD(FusedOptimizer):
             self._unstarted_buffers.pop(id(state.get("momentum_buffer")), None)
 
     def hyperparameters(self, group):
-        return dict(lr=as_float(group["lr"]), weight_decay=as_float(group["weight_decay"]),
+        return dict(lr=group["lr"], weight_decay=as_float(group["weight_decay"]),
                     momentum=group["momentum"], dampening=group["dampening"], nesterov=group["nesterov"],
                     maximize=group["maximize"])
 
     def reference_step(self, group, params, grads):
-        buffers = reference.sgd(params, grads,
-                                reference_states(self, params, "momentum_buffer"), **self.hyperparameters(group))
+        buffers = reference.sgd(params, grads, reference_states(self, params, "momentum_buffer"),
+                                **self.reference_hyperparameters(group))
         if group["momentum"] != 0:
             for param, buffer in zip(params, buffers):
                 self.state[param]["momentum_buffer"] = buffer

@@ -38,6 +38,7 @@ def adagrad_kernel(
     lr, lr_decay, weight_decay, eps,
     grad_sign,  # -1 to maximize
     SCALED_GRADS: tl.constexpr,  # skip on found_inf; grads unscaled and clipped in registers
+    LR_TENSOR: tl.constexpr,  # lr points at a one-element tensor
     DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     tensor, offsets, numel, full = locate_block(tensor_table, block_table, num_blocks, BLOCK, ALIGNED)
@@ -49,7 +50,8 @@ def adagrad_kernel(
         grad_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 1, DTYPE, ALIGNED)
         state_sum_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 2, DTYPE, ALIGNED)
         # the decayed lr, lr / (1 + (step - 1) lr_decay), in fp64 once per block
-        clr = lr / (1 + (tensor_step(steps, tensor) - 1) * lr_decay)
+        # a tensor lr is read here, so that a captured graph sees it changed in place
+        clr = (tl.load(lr).to(tl.float64) if LR_TENSOR else lr) / (1 + (tensor_step(steps, tensor) - 1) * lr_decay)
         clr = clr.to(tl.float64 if DTYPE == tl.float64 else tl.float32)
         if full:
             adagrad_block(param_ptr, grad_ptr, state_sum_ptr, offsets, numel, clr, weight_decay, eps, grad_sign,
@@ -63,9 +65,10 @@ def adagrad_step(table, steps, *, lr, lr_decay, weight_decay, eps, maximize, sca
     """One Adagrad step over a TensorTable whose roles are param, grad, sum; `steps` holds each
     tensor's step count, already incremented; `scaling` (a GradScaling) skips, unscales, clips."""
     found_inf, grad_scale, clip_coef, scaled = table.scaling_arguments(scaling)
+    lr, lr_tensor = table.lr_argument(lr)
     table.launch(
         adagrad_kernel,
         steps, found_inf, grad_scale, clip_coef,
         lr, lr_decay, weight_decay, eps, -1.0 if maximize else 1.0,
-        SCALED_GRADS=scaled,
+        SCALED_GRADS=scaled, LR_TENSOR=lr_tensor,
     )

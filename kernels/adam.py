@@ -59,6 +59,12 @@ def adam_bias_corrections(step, lr, log2_beta1, log2_beta2):
     return step_size, bias_correction2_sqrt
 
 
+@triton.jit
+def decoupled_param_scale(lr_ptr, decoupled_weight_decay, COMPUTE: tl.constexpr):
+    """AdamW's 1 - lr * weight_decay for an lr read from memory."""
+    return (1 - tl.load(lr_ptr).to(tl.float64) * decoupled_weight_decay).to(COMPUTE)
+
+
 @triton.jit(do_not_specialize=["num_tensors", "num_blocks"])
 def adam_kernel(
     tensor_table,  # int64 [roles + 2, num_tensors]: sizes, (unused), addresses
@@ -68,11 +74,13 @@ def adam_kernel(
     found_inf, grad_scale, clip_coef,  # one-element tensors, read when SCALED_GRADS
     lr, one_minus_beta1, beta2, one_minus_beta2, eps,  # 1 - beta computed on the host, in double
     coupled_weight_decay,  # Adam's L2 penalty added to the grad (0 for AdamW)
-    param_scale,  # AdamW's 1 - lr * weight_decay (1 for Adam)
+    decoupled_weight_decay,  # AdamW's weight decay (0 for Adam)
+    param_scale,  # AdamW's 1 - lr * weight_decay from the host (1 for Adam), unless LR_TENSOR
     grad_sign,  # -1 to maximize
     log2_beta1, log2_beta2,  # for the bias corrections
     AMSGRAD: tl.constexpr,
     SCALED_GRADS: tl.constexpr,  # skip on found_inf; grads unscaled and clipped in registers
+    LR_TENSOR: tl.constexpr,  # lr points at a one-element tensor
     DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     tensor, offsets, numel, full = locate_block(tensor_table, block_table, num_blocks, BLOCK, ALIGNED)
@@ -80,6 +88,7 @@ def adam_kernel(
     if SCALED_GRADS:
         skip, inv_scale, clip_factor = grad_scaling(found_inf, grad_scale, clip_coef)
     if not skip:
+        compute_dtype: tl.constexpr = tl.float64 if DTYPE == tl.float64 else tl.float32
         param_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 0, DTYPE, ALIGNED)
         grad_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 1, DTYPE, ALIGNED)
         exp_avg_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 2, DTYPE, ALIGNED)
@@ -87,18 +96,23 @@ def adam_kernel(
         max_exp_avg_sq_ptr = exp_avg_sq_ptr
         if AMSGRAD:
             max_exp_avg_sq_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 4, DTYPE, ALIGNED)
-        compute_dtype: tl.constexpr = tl.float64 if DTYPE == tl.float64 else tl.float32
+        # a tensor lr is read here, so that a captured graph sees it changed in place (and the
+        # numbers are used where they are passed: the interpreter would round copies to fp32)
         step_size, bias_correction2_sqrt = adam_bias_corrections(
-            tensor_step(steps, tensor), lr, log2_beta1, log2_beta2)
+            tensor_step(steps, tensor), tl.load(lr).to(tl.float64) if LR_TENSOR else lr, log2_beta1, log2_beta2)
         step_size = step_size.to(compute_dtype)
         bias_correction2_sqrt = bias_correction2_sqrt.to(compute_dtype)
         if full:
             adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, offsets, numel,
-                       one_minus_beta1, beta2, one_minus_beta2, eps, coupled_weight_decay, param_scale, grad_sign,
+                       one_minus_beta1, beta2, one_minus_beta2, eps, coupled_weight_decay,
+                       decoupled_param_scale(lr, decoupled_weight_decay, compute_dtype) if LR_TENSOR else param_scale,
+                       grad_sign,
                        step_size, bias_correction2_sqrt, inv_scale, clip_factor, AMSGRAD, SCALED_GRADS, True)
         else:
             adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, offsets, numel,
-                       one_minus_beta1, beta2, one_minus_beta2, eps, coupled_weight_decay, param_scale, grad_sign,
+                       one_minus_beta1, beta2, one_minus_beta2, eps, coupled_weight_decay,
+                       decoupled_param_scale(lr, decoupled_weight_decay, compute_dtype) if LR_TENSOR else param_scale,
+                       grad_sign,
                        step_size, bias_correction2_sqrt, inv_scale, clip_factor, AMSGRAD, SCALED_GRADS, False)
 
 
@@ -106,15 +120,18 @@ def adam_step(table, steps, *, lr, beta1, beta2, eps, weight_decay, decoupled_we
               scaling=None):
     """One Adam/AdamW step over a TensorTable whose roles are param, grad, exp_avg, exp_avg_sq
     [, max_exp_avg_sq]. `steps` holds each tensor's step count, already incremented; `scaling`
-    (a GradScaling) skips the step or unscales and clips the grads."""
+    (a GradScaling) skips the step or unscales and clips the grads; `lr` may be a one-element
+    tensor on the table's device, read by the kernel."""
     found_inf, grad_scale, clip_coef, scaled = table.scaling_arguments(scaling)
+    lr, lr_tensor = table.lr_argument(lr)
     table.launch(
         adam_kernel,
         steps, found_inf, grad_scale, clip_coef,
         lr, 1 - beta1, beta2, 1 - beta2, eps,
         0.0 if decoupled_weight_decay else weight_decay,
-        1 - lr * weight_decay if decoupled_weight_decay else 1.0,
+        weight_decay if decoupled_weight_decay else 0.0,
+        1 - lr * weight_decay if decoupled_weight_decay and not lr_tensor else 1.0,
         -1.0 if maximize else 1.0,
         math.log2(beta1) if beta1 > 0 else -math.inf, math.log2(beta2) if beta2 > 0 else -math.inf,
-        AMSGRAD=amsgrad, SCALED_GRADS=scaled,
+        AMSGRAD=amsgrad, SCALED_GRADS=scaled, LR_TENSOR=lr_tensor,
     )

@@ -41,6 +41,12 @@ KERNEL_OPTIONS = {
     "grad_norm": (grad_norm_kernel, [dict(NORM=kind) for kind in (TWO_NORM, INF_NORM, P_NORM)]),
 }
 NORM_NAMES = {TWO_NORM: "l2", INF_NORM: "linf", P_NORM: "lp"}
+# A tensor lr (read from memory): one more variant of each update kernel.
+for _, option_sets in KERNEL_OPTIONS.values():
+    if "SCALED_GRADS" in option_sets[0]:
+        option_sets.append({**option_sets[-1], "LR_TENSOR": True})
+        for options in option_sets[:-1]:
+            options["LR_TENSOR"] = False
 # Pointer arguments other than the tables: (element type, element type for fp64 kernels).
 POINTER_ARGS = {"steps": ("fp32", "fp32"), "found_inf": ("fp32", "fp32"), "grad_scale": ("fp32", "fp32"),
                 "clip_coef": ("fp32", "fp64"), "partials": ("fp32", "fp64")}
@@ -82,6 +88,8 @@ def compile_specialization(spec, arch):
             signature[name] = "*i64"
         elif name in COUNT_ARGS:
             signature[name] = "i32"
+        elif name == "lr" and spec.options.get("LR_TENSOR"):
+            signature[name] = "*" + POINTER_ARGS["clip_coef"][torch_dtype == torch.float64]
         elif name in POINTER_ARGS:
             signature[name] = "*" + POINTER_ARGS[name][torch_dtype == torch.float64]
         else:
@@ -145,7 +153,7 @@ def main(argv=None):
     dtypes = args.dtypes.split(",") if args.dtypes else None
     if args.ptx_dir:
         os.makedirs(args.ptx_dir, exist_ok=True)
-    header = f"{'kernel':<44} {'dtype':<5} {'load bits':>9} {'store bits':>10} {'registers':>9} {'spill bytes':>11}"
+    header = f"{'kernel':<62} {'dtype':<5} {'load bits':>9} {'store bits':>10} {'registers':>9} {'spill bytes':>11}"
     print(f"sm_{args.arch}, triton {triton.__version__}")
     print(header)
     print("-" * len(header))
@@ -154,7 +162,7 @@ def main(argv=None):
         compiled = compile_specialization(spec, args.arch)
         row = report(spec, compiled)
         rows.append(row)
-        print(f"{row['kernel']:<44} {row['dtype']:<5} {row['load_bits']:>9} {row['store_bits']:>10} "
+        print(f"{row['kernel']:<62} {row['dtype']:<5} {row['load_bits']:>9} {row['store_bits']:>10} "
               f"{row['registers'] if row['registers'] is not None else '?':>9} "
               f"{row['spill_bytes'] if row['spill_bytes'] is not None else '?':>11}")
         if args.ptx_dir:

@@ -133,6 +133,8 @@ class TensorTable:
             owners.extend([index] * count)
         self.num_blocks = len(starts)
         self.block_table = torch.tensor([owners, starts], dtype=torch.int64).to(self.device, non_blocking=True)
+        # 0 and 1 on the device, for absent grad-scaling factors (made here, not during a capture)
+        self.neutral = torch.tensor([0.0, 1.0]).to(self.device, non_blocking=True)
         self.tensor_table = self._upload(self._host_table)
 
     def _upload(self, host_table):
@@ -154,13 +156,18 @@ class TensorTable:
         absent factors point at a neutral 0 / 1 / 1 kept on this device."""
         if scaling is None or all(value is None for value in scaling):
             return self.tensor_table, self.tensor_table, self.tensor_table, False
-        if not hasattr(self, "_neutral"):
-            self._neutral = torch.tensor([0.0, 1.0], device=self.device)
         found_inf, grad_scale, clip_coef = (
-            self._neutral[default] if value is None else value
+            self.neutral[default] if value is None else value
             for value, default in zip(scaling, (0, 1, 1))
         )
         return found_inf, grad_scale, clip_coef, True
+
+    def lr_argument(self, lr):
+        """(lr, LR_TENSOR): a tensor lr on this device is read by the kernel from memory (no host
+        sync, and a captured CUDA graph sees in-place changes); anything else goes as a number."""
+        if torch.is_tensor(lr) and lr.device == self.device:
+            return lr, True
+        return float(lr), False
 
     def launch(self, kernel, *arguments, **constexprs):
         """One launch of `kernel` over every block of every tensor in the table."""

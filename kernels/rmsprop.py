@@ -64,6 +64,7 @@ def rmsprop_kernel(
     MOMENTUM: tl.constexpr,  # a momentum buffer is the next role
     CENTERED: tl.constexpr,  # a grad average is the last role
     SCALED_GRADS: tl.constexpr,  # skip on found_inf; grads unscaled and clipped in registers
+    LR_TENSOR: tl.constexpr,  # lr points at a one-element tensor
     DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     tensor, offsets, numel, full = locate_block(tensor_table, block_table, num_blocks, BLOCK, ALIGNED)
@@ -71,6 +72,9 @@ def rmsprop_kernel(
     if SCALED_GRADS:
         skip, inv_scale, clip_factor = grad_scaling(found_inf, grad_scale, clip_coef)
     if not skip:
+        # a tensor lr is read here, so that a captured graph sees it changed in place (and the
+        # number is used where it is passed: the interpreter would round a copy of it to fp32)
+        COMPUTE: tl.constexpr = tl.float64 if DTYPE == tl.float64 else tl.float32
         param_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 0, DTYPE, ALIGNED)
         grad_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 1, DTYPE, ALIGNED)
         square_avg_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 2, DTYPE, ALIGNED)
@@ -82,12 +86,12 @@ def rmsprop_kernel(
             grad_avg_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 3 + MOMENTUM, DTYPE, ALIGNED)
         if full:
             rmsprop_block(param_ptr, grad_ptr, square_avg_ptr, momentum_buffer_ptr, grad_avg_ptr, offsets, numel,
-                          lr, alpha, one_minus_alpha, eps, weight_decay, momentum, grad_sign, inv_scale, clip_factor,
-                          MOMENTUM, CENTERED, SCALED_GRADS, True)
+                          tl.load(lr).to(COMPUTE) if LR_TENSOR else lr, alpha, one_minus_alpha, eps, weight_decay,
+                          momentum, grad_sign, inv_scale, clip_factor, MOMENTUM, CENTERED, SCALED_GRADS, True)
         else:
             rmsprop_block(param_ptr, grad_ptr, square_avg_ptr, momentum_buffer_ptr, grad_avg_ptr, offsets, numel,
-                          lr, alpha, one_minus_alpha, eps, weight_decay, momentum, grad_sign, inv_scale, clip_factor,
-                          MOMENTUM, CENTERED, SCALED_GRADS, False)
+                          tl.load(lr).to(COMPUTE) if LR_TENSOR else lr, alpha, one_minus_alpha, eps, weight_decay,
+                          momentum, grad_sign, inv_scale, clip_factor, MOMENTUM, CENTERED, SCALED_GRADS, False)
 
 
 def rmsprop_step(table, *, lr, alpha, eps, weight_decay, momentum, centered, maximize, scaling=None):
@@ -95,9 +99,10 @@ def rmsprop_step(table, *, lr, alpha, eps, weight_decay, momentum, centered, max
     [, momentum_buffer when momentum > 0] [, grad_avg when centered]; `scaling` (a GradScaling)
     skips the step or unscales and clips the grads."""
     found_inf, grad_scale, clip_coef, scaled = table.scaling_arguments(scaling)
+    lr, lr_tensor = table.lr_argument(lr)
     table.launch(
         rmsprop_kernel,
         found_inf, grad_scale, clip_coef,
         lr, alpha, 1 - alpha, eps, weight_decay, momentum, -1.0 if maximize else 1.0,
-        MOMENTUM=momentum > 0, CENTERED=centered, SCALED_GRADS=scaled,
+        MOMENTUM=momentum > 0, CENTERED=centered, SCALED_GRADS=scaled, LR_TENSOR=lr_tensor,
     )

@@ -57,6 +57,7 @@ def sgd_kernel(
     MOMENTUM: tl.constexpr,  # a momentum buffer is the third role
     FRESH_BUFFERS: tl.constexpr,  # some buffers are new this step: the extra row flags them
     SCALED_GRADS: tl.constexpr,  # skip on found_inf; grads unscaled and clipped in registers
+    LR_TENSOR: tl.constexpr,  # lr points at a one-element tensor
     DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     tensor, offsets, numel, full = locate_block(tensor_table, block_table, num_blocks, BLOCK, ALIGNED)
@@ -64,6 +65,9 @@ def sgd_kernel(
     if SCALED_GRADS:
         skip, inv_scale, clip_factor = grad_scaling(found_inf, grad_scale, clip_coef)
     if not skip:
+        # a tensor lr is read here, so that a captured graph sees it changed in place (and the
+        # number is used where it is passed: the interpreter would round a copy of it to fp32)
+        COMPUTE: tl.constexpr = tl.float64 if DTYPE == tl.float64 else tl.float32
         param_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 0, DTYPE, ALIGNED)
         grad_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 1, DTYPE, ALIGNED)
         momentum_buffer_ptr = grad_ptr
@@ -73,13 +77,13 @@ def sgd_kernel(
             if FRESH_BUFFERS:
                 fresh_buffer = tensor_extra(tensor_table, num_tensors, tensor) != 0
         if full:
-            sgd_block(param_ptr, grad_ptr, momentum_buffer_ptr, fresh_buffer, offsets, numel, lr, weight_decay,
-                      momentum, one_minus_dampening, nesterov, grad_sign, inv_scale, clip_factor, MOMENTUM,
-                      SCALED_GRADS, True)
+            sgd_block(param_ptr, grad_ptr, momentum_buffer_ptr, fresh_buffer, offsets, numel,
+                      tl.load(lr).to(COMPUTE) if LR_TENSOR else lr, weight_decay, momentum, one_minus_dampening,
+                      nesterov, grad_sign, inv_scale, clip_factor, MOMENTUM, SCALED_GRADS, True)
         else:
-            sgd_block(param_ptr, grad_ptr, momentum_buffer_ptr, fresh_buffer, offsets, numel, lr, weight_decay,
-                      momentum, one_minus_dampening, nesterov, grad_sign, inv_scale, clip_factor, MOMENTUM,
-                      SCALED_GRADS, False)
+            sgd_block(param_ptr, grad_ptr, momentum_buffer_ptr, fresh_buffer, offsets, numel,
+                      tl.load(lr).to(COMPUTE) if LR_TENSOR else lr, weight_decay, momentum, one_minus_dampening,
+                      nesterov, grad_sign, inv_scale, clip_factor, MOMENTUM, SCALED_GRADS, False)
 
 
 def sgd_step(table, *, lr, weight_decay, momentum, dampening, nesterov, maximize, fresh_buffers=False, scaling=None):
@@ -87,9 +91,10 @@ def sgd_step(table, *, lr, weight_decay, momentum, dampening, nesterov, maximize
     momentum != 0]; with fresh_buffers the extra row flags buffers to start from the grad;
     `scaling` (a GradScaling) skips the step or unscales and clips the grads."""
     found_inf, grad_scale, clip_coef, scaled = table.scaling_arguments(scaling)
+    lr, lr_tensor = table.lr_argument(lr)
     table.launch(
         sgd_kernel,
         found_inf, grad_scale, clip_coef,
         lr, weight_decay, momentum, 1 - dampening, float(nesterov), -1.0 if maximize else 1.0,
-        MOMENTUM=momentum != 0, FRESH_BUFFERS=fresh_buffers, SCALED_GRADS=scaled,
+        MOMENTUM=momentum != 0, FRESH_BUFFERS=fresh_buffers, SCALED_GRADS=scaled, LR_TENSOR=lr_tensor,
     )

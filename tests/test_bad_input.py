@@ -124,7 +124,7 @@ def test_invalid_constructor_argument_raises_torch_exception_type(name, options,
 UNSUPPORTED_SWITCHES = [
     pytest.param(name, switch, id=f"{name}-{switch}")
     for name in NAMES
-    for switch in ("differentiable", "capturable")
+    for switch in ("differentiable",)
     if switch in inspect.signature(getattr(torch.optim, name)).parameters
 ]
 

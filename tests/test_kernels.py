@@ -504,16 +504,17 @@ RUNTIME_ARGUMENTS = {
 }
 for names in RUNTIME_ARGUMENTS.values():
     names += ["found_inf", "grad_scale", "clip_coef"]
-# Compile-time flags: structure (which states exist, which branch), element type, alignment, block.
+# Compile-time flags: structure (which states exist, which branch), whether grads are scaled and
+# the lr is a tensor (both read from memory), element type, alignment, block.
 CONSTEXPR_ARGUMENTS = {
-    "sgd": {"MOMENTUM", "FRESH_BUFFERS", "SCALED_GRADS", "DTYPE", "ALIGNED", "BLOCK"},
-    "adam": {"AMSGRAD", "SCALED_GRADS", "DTYPE", "ALIGNED", "BLOCK"},
-    "adagrad": {"SCALED_GRADS", "DTYPE", "ALIGNED", "BLOCK"},
-    "rmsprop": {"MOMENTUM", "CENTERED", "SCALED_GRADS", "DTYPE", "ALIGNED", "BLOCK"},
+    "sgd": {"MOMENTUM", "FRESH_BUFFERS", "SCALED_GRADS", "LR_TENSOR", "DTYPE", "ALIGNED", "BLOCK"},
+    "adam": {"AMSGRAD", "SCALED_GRADS", "LR_TENSOR", "DTYPE", "ALIGNED", "BLOCK"},
+    "adagrad": {"SCALED_GRADS", "LR_TENSOR", "DTYPE", "ALIGNED", "BLOCK"},
+    "rmsprop": {"MOMENTUM", "CENTERED", "SCALED_GRADS", "LR_TENSOR", "DTYPE", "ALIGNED", "BLOCK"},
 }
 
 
-DEVICE_SCALARS = {"steps", "found_inf", "grad_scale", "clip_coef"}
+DEVICE_SCALARS = {"steps", "found_inf", "grad_scale", "clip_coef", "lr"}
 
 
 def kernel_of(rule):
@@ -563,7 +564,8 @@ def test_sizes_and_step_counts_are_not_specialised(rule):
 @pytest.mark.parametrize("rule", RULES)
 def test_hyperparameters_reach_the_kernel_as_floats(rule, device, monkeypatch):
     """Scalars launched with the kernel are Python floats whatever the user passed (an int 0
-    weight decay, a tensor lr), so one compiled kernel serves every value."""
+    weight decay), so one compiled kernel serves every value; a tensor lr on the params' device
+    goes in as a pointer, read by the kernel (no host sync)."""
     kernel = kernel_of("adam" if rule == "adamw" else rule)
     seen = []
     original = kernel.run
@@ -585,7 +587,7 @@ def test_hyperparameters_reach_the_kernel_as_floats(rule, device, monkeypatch):
     names = kernel.arg_names[4:]
     for scalars in seen:
         kinds = {name: type(value).__name__ for name, value in zip(names, scalars)}
-        # device scalars (step counts, AMP and clip factors) are pointers; everything else a float
+        # device scalars (step counts, AMP and clip factors, a tensor lr) are pointers; the rest floats
         assert all(kind == ("Tensor" if name in DEVICE_SCALARS else "float") for name, kind in kinds.items()), kinds
 
 
