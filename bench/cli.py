@@ -1,4 +1,4 @@
-"""Command line: ``python -m bench [step|batch|all] [options]``; see ``--help``."""
+"""Command line: ``python -m bench [step|epilogue|batch|all] [options]``; see ``--help``."""
 
 import argparse
 import json
@@ -9,6 +9,7 @@ import time
 import torch
 
 from . import batch as batch_mod
+from . import epilogue as epilogue_mod
 from . import impls as impl_mod
 from . import report
 from . import step as step_mod
@@ -23,11 +24,13 @@ DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 def build_parser():
     p = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Optimizer step time against torch.optim's implementations, and batch-size "
-                    "throughput, on CUDA when present, else the CPU. Markdown on stdout; JSON, "
-                    "markdown and PNG plots in --out.")
-    p.add_argument("command", nargs="?", default="all", choices=["step", "batch", "all"],
-                   help="step: optimizer step benchmark; batch: batch-size sweep; all: both (default)")
+        description="Optimizer step time against torch.optim's implementations, the AMP + clipping "
+                    "+ AdamW epilogue against torch's composition, and batch-size throughput, on CUDA "
+                    "when present, else the CPU. Markdown on stdout; JSON, markdown and PNG plots in --out.")
+    p.add_argument("command", nargs="?", default="all", choices=["step", "epilogue", "batch", "all"],
+                   help="step: optimizer step benchmark; epilogue: GradScaler unscale + grad-norm clip + "
+                        "AdamW step, fusedopt against torch's composition; batch: batch-size sweep; "
+                        "all: the three (default)")
     p.add_argument("--quick", action="store_true",
                    help="small sizes, few repeats, no torch.compile rows: under a minute on a CPU")
     p.add_argument("--size", default="auto",
@@ -39,7 +42,8 @@ def build_parser():
                    help="comma list of sgd,sgd_momentum,adagrad,rmsprop,adam,adamw (default: all)")
     p.add_argument("--impls", default="all",
                    help="comma list of fusedopt,torch-forloop,torch-foreach,torch-fused,torch-compiled")
-    p.add_argument("--sets", default="all", help="step parameter sets: large,gpt2,many-small,gpt2-bf16")
+    p.add_argument("--sets", default="all",
+                   help="step and epilogue parameter sets: large,gpt2,many-small,gpt2-bf16")
     p.add_argument("--compile-sets", default="auto",
                    help="parameter sets that get torch.compile rows: comma list, all or none "
                         "(default: gpt2 on CUDA, large on CPU; none with --quick)")
@@ -107,10 +111,11 @@ def main(argv=None):
         raise SystemExit(f"error: {exc}") from None
     impls = impl_mod.parse_impls(args.impls)
     do_step = args.command in ("step", "all")
+    do_epilogue = args.command in ("epilogue", "all")
     do_batch = args.command in ("batch", "all")
     cuda = device.type == "cuda"
 
-    if "fusedopt" in impls:
+    if "fusedopt" in impls or do_epilogue:  # the epilogue always compares fusedopt with torch
         try:
             impl_mod.load_fusedopt()
         except impl_mod.FusedoptUnavailable as exc:
@@ -155,6 +160,15 @@ def main(argv=None):
         if cuda:  # flag rows whose tensors fit in L2 (CPU caches are too fuzzy to say)
             step_cfg.cache_bytes = cache_bytes(device)
         step_rows = step_mod.planned_rows(step_cfg)
+    epilogue_cfg = epilogue_rows = None
+    if do_epilogue:
+        epilogue_cfg = epilogue_mod.EpilogueConfig(
+            device=device, sets=parse_sets(args.sets, scale),
+            repeats=args.repeats or ((7 if cuda else 3) if args.quick else (15 if cuda else 5)),
+            window_s=(0.01 if cuda else 0.05) / (5 if args.quick else 1),
+            warmup=2 if cuda else 1, fusedopt_backend=backend,
+        )
+        epilogue_rows = epilogue_mod.planned_rows(epilogue_cfg)
     batch_cfg = None
     if do_batch:
         if args.batch_sizes == "auto":
@@ -174,12 +188,14 @@ def main(argv=None):
         )
 
     total = (sum(r["status"] == "pending" for r in step_rows) if do_step else 0) + (
+        len(epilogue_rows) if do_epilogue else 0) + (
         len(batch_cfg.models) * len(rules) * (1 + batch_cfg.with_fusedopt) * len(batch_cfg.batch_sizes)
         if do_batch else 0)
     progress = make_progress(total, args.no_progress)
 
     # ---- step benchmark, all but the compiled rows
     paths = {}
+    copy = None
     if do_step:
         copy = copy_bandwidth(device, (512 if cuda else 64) * 2**20 // (2 if args.quick else 1),
                               repeats=step_cfg.repeats, window_s=step_cfg.window_s)
@@ -199,7 +215,7 @@ def main(argv=None):
         def save_step():
             write_json(paths["step.json"], step_result)
 
-        step_cfg.deadline = deadline(0.55 if do_batch else 0.8)
+        step_cfg.deadline = deadline(0.5 if do_batch else (0.7 if do_epilogue else 0.8))
         step_mod.run(step_cfg, step_rows, phase="main", copy_bps=copy["bytes_per_s"],
                      progress=progress, on_progress=save_step)
         # once more after the rows: the yardstick is the better of the two (clocks, neighbours)
@@ -209,6 +225,33 @@ def main(argv=None):
         if again["bytes_per_s"] > copy["bytes_per_s"]:
             copy.update(again, measurements_bytes_per_s=copy["measurements_bytes_per_s"])
         step_mod.set_copy_fractions(step_rows, copy["bytes_per_s"])
+
+    # ---- epilogue: unscale + clip + update, fusedopt against torch's composition
+    epilogue_result = None
+    if do_epilogue:
+        if copy is None:  # the step benchmark's yardstick when it ran, else measured here
+            copy = copy_bandwidth(device, (512 if cuda else 64) * 2**20 // (2 if args.quick else 1),
+                                  repeats=epilogue_cfg.repeats, window_s=epilogue_cfg.window_s)
+        epilogue_result = {
+            "benchmark": "epilogue", "complete": False, "env": env,
+            "config": {"size": size_name, "scale": scale, "quick": args.quick, "rule": epilogue_mod.RULE.name,
+                       "impls": list(epilogue_mod.IMPLS), "sets": [s.name for s in epilogue_cfg.sets],
+                       "max_norm": epilogue_mod.MAX_NORM, "grad_scale": epilogue_mod.GRAD_SCALE,
+                       "repeats": epilogue_cfg.repeats, "window_s": epilogue_cfg.window_s,
+                       "fusedopt_backend": backend},
+            "copy": copy, "param_sets": [s.summary() for s in epilogue_cfg.sets], "rows": epilogue_rows,
+        }
+        paths["epilogue.json"] = os.path.join(args.out, "epilogue.json")
+
+        def save_epilogue():
+            write_json(paths["epilogue.json"], epilogue_result)
+
+        epilogue_cfg.deadline = deadline(0.6 if do_batch else 0.95)
+        epilogue_mod.run(epilogue_cfg, epilogue_rows, copy_bps=copy["bytes_per_s"], progress=progress,
+                         on_progress=save_epilogue)
+        epilogue_mod.set_copy_fractions(epilogue_rows, copy["bytes_per_s"])
+        epilogue_result["targets"] = report.epilogue_targets(epilogue_result)
+        epilogue_result["complete"] = True
 
     # ---- batch sweep
     batch_result = None
@@ -230,7 +273,7 @@ def main(argv=None):
             batch_result["rows"], batch_result["selections"] = rows, selections
             write_json(paths["batch.json"], batch_result)
 
-        batch_cfg.deadline = deadline(0.85 if do_step else 0.95)
+        batch_cfg.deadline = deadline(0.85 if do_step or do_epilogue else 0.95)
         rows, selections = batch_mod.run(batch_cfg, progress, on_progress=save_batch)
         batch_result.update(rows=rows, selections=selections, complete=True)
 
@@ -261,6 +304,14 @@ def main(argv=None):
                    report.header(env, "fusedopt: optimizer step time") + "\n\n" + step_md)
         sections.append("## Optimizer step time\n\n" + step_md)
         targets += step_result["targets"]
+    if do_epilogue:
+        write_json(paths["epilogue.json"], epilogue_result)
+        epilogue_md = report.epilogue_markdown(epilogue_result)
+        write_text(os.path.join(args.out, "epilogue.md"),
+                   report.header(env, "fusedopt: optimizer epilogue (AMP unscale + clip + AdamW)")
+                   + "\n\n" + epilogue_md)
+        sections.append("## Optimizer epilogue: AMP unscale + grad-norm clip + AdamW\n\n" + epilogue_md)
+        targets += epilogue_result["targets"]
     if do_batch:
         batch_result["targets"] = report.batch_targets(batch_result)
         write_json(paths["batch.json"], batch_result)
@@ -296,8 +347,10 @@ def main(argv=None):
     # fusedopt failures, and failures of torch's plain implementations, are errors of the run
     failed = [r for r in (step_rows or []) if r["status"] == "failed"
               and r["impl"] in ("fusedopt", "torch-forloop", "torch-foreach")]
+    failed += [r for r in (epilogue_rows or []) if r["status"] == "failed"]
     failed += [r for r in (batch_result["rows"] if batch_result else []) if r["status"] == "failed"]
     for r in failed[:20]:
-        where = r.get("param_set") or f"{r.get('model')} batch {r.get('batch_size')}"
+        where = (("epilogue " if "bytes_per_iter" in r else "") + r["param_set"] if r.get("param_set")
+                 else f"{r.get('model')} batch {r.get('batch_size')}")
         print(f"FAILED {where} {r['rule']} {r['impl']}: {r['reason']}", file=sys.stderr)
     return 1 if failed or plot_failed else 0

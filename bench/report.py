@@ -1,5 +1,7 @@
-"""Markdown tables and the target checks, from the JSON-ready results of ``step`` and ``batch``."""
+"""Markdown tables and the target checks, from the JSON-ready results of ``step``, ``epilogue``
+and ``batch``."""
 
+from .epilogue import bytes_per_param as epilogue_bytes
 from .impls import IMPLS, LABELS
 
 NA = "n/a"
@@ -200,6 +202,104 @@ def per_tensor_overhead(fusedopt_row, foreach_row):
     extra_us = (fusedopt_row["median_ms"] - foreach_row["median_ms"]) * 1e3 / fusedopt_row["n_tensors"]
     return (f"; the gap is {extra_us:.1f} us per tensor: fusedopt's CPU path runs each rule as "
             f"per-tensor torch ops (the reference), torch foreach batches each op over all tensors")
+
+
+# ---------------------------------------------------------------- epilogue benchmark
+
+def _pct(fraction):
+    return NA if fraction is None else f"{100 * fraction:.0f}%"
+
+
+def epilogue_markdown(result):
+    cfg, rows, copy = result["config"], result["rows"], result["copy"]
+    device = result["env"]["device"]
+    if device == "cuda":
+        where = "CUDA: fusedopt runs its Triton kernels"
+    else:
+        where = (f"{device.upper()}: fusedopt backend `{cfg['fusedopt_backend']}`"
+                 + {"torch": " (its plain-torch reference path, not the kernels)",
+                    "triton": " (the kernels through the Triton interpreter)"}.get(cfg["fusedopt_backend"], ""))
+    out = [
+        f"AdamW epilogue per iteration: GradScaler unscale + inf check, clip to global 2-norm "
+        f"{cfg['max_norm']:g}, update (grads scaled by {cfg['grad_scale']:g}). Device: **{where}** · "
+        f"size preset `{cfg['size']}` · device-to-device copy **{copy['bytes_per_s'] / 1e9:,.0f} GB/s** · "
+        f"median of {cfg['repeats']} timing windows, each iteration timed from an idle device with the "
+        f"scaled grads re-filled (untimed) before it",
+    ]
+    out += busy_warning(result["env"])
+    out += ["", "- torch: `scaler.unscale_(opt)`, `clip_grad_norm_(params, foreach=True)`, `scaler.step(opt)` "
+                "with `AdamW(fused=True)`, `scaler.update()`",
+            "- fusedopt: `opt.clip_grad_norm_(grad_scaler=scaler)`, `scaler.step(opt)`, `scaler.update()`",
+            f"- B/param: bytes each must move per parameter (`bench.epilogue.bytes_per_param`; fp32: torch "
+            f"{epilogue_bytes('torch-composition')} = unscale_ read+write g, norm read g, clip read+write g, "
+            f"update read p,g,m,v write p,m,v; fusedopt {epilogue_bytes('fusedopt')} = norm read g, update); "
+            f"GB/s = those bytes over the time", ""]
+    by_key = {(r["param_set"], r["impl"]): r for r in rows}
+    body = []
+    for pset in result["param_sets"]:
+        t, f = by_key.get((pset["name"], "torch-composition")), by_key.get((pset["name"], "fusedopt"))
+        if t is None or f is None:
+            continue
+
+        def cell(row, fn):
+            return fn(row) if row["status"] == "ok" else row["status"]
+
+        def launches(row):
+            return _num(row.get("launches_per_iter"), ",.0f")
+
+        notes = [f"{r['impl']}: {r['status']} ({r['reason']})" for r in (t, f) if r["status"] != "ok"]
+        if t.get("torch_update") not in (None, "fused"):
+            notes.append(f"torch update: AdamW {t['torch_update']} (no fused kernel here)")
+        if f.get("max_abs_param_diff") is not None:
+            notes.append(f"after 1 iteration from the same start, fusedopt's params differ from torch's by "
+                         f"<= {f['max_abs_param_diff']:.1e} (update {f['max_abs_update']:.1e}), exp_avg by "
+                         f"{f['exp_avg_rel_diff']:.1e} relative")
+        body.append([
+            f"{pset['name']} ({pset['dtype']})", f"{pset['n_params'] / 1e6:,.2f}M / {pset['n_tensors']:,}",
+            cell(t, lambda r: _ms(r["median_ms"])), cell(f, lambda r: _ms(r["median_ms"])),
+            _x(f.get("torch_over_fusedopt")),
+            f"{t['bytes_per_param']} / {f['bytes_per_param']}",
+            f"{t['bytes_per_iter'] / 1e6:,.1f} / {f['bytes_per_iter'] / 1e6:,.1f}",
+            cell(t, lambda r: f"{r['gbs']:,.1f} ({_pct(r.get('copy_fraction'))})"),
+            cell(f, lambda r: f"{r['gbs']:,.1f} ({_pct(r.get('copy_fraction'))})"),
+            f"{launches(t)} / {launches(f)}", "; ".join(notes),
+        ])
+    out.append(_table(["set", "params / tensors", "torch ms/iter", "fusedopt ms/iter", "torch / fusedopt",
+                       "B/param torch / fusedopt", "MB/iter torch / fusedopt", "torch GB/s (% copy)",
+                       "fusedopt GB/s (% copy)", "launches/iter torch / fusedopt", "note"], body))
+    return "\n".join(out)
+
+
+EPILOGUE_TARGET = "epilogue faster than torch's composition on CUDA"
+
+
+def epilogue_targets(result):
+    """One row per parameter set on CUDA (torch's time / fusedopt's > 1); on the CPU one row that
+    says the target was not measured (fusedopt's CPU path is not its kernels)."""
+    if result["env"]["device"] != "cuda":
+        return [{"target": EPILOGUE_TARGET, "required": "> 1.00x", "measured": NA, "met": None,
+                 "why": f"{result['env']['device'].upper()} run: the target is for the CUDA kernels; here fusedopt "
+                        f"ran its `{result['config']['fusedopt_backend']}` backend"}]
+    size_note = "" if result["config"]["size"] == "full" else \
+        f" (this run used size `{result['config']['size']}`)"
+    by_key = {(r["param_set"], r["impl"]): r for r in result["rows"]}
+    targets = []
+    for pset in result["param_sets"]:
+        t, f = by_key.get((pset["name"], "torch-composition")), by_key.get((pset["name"], "fusedopt"))
+        if t is None or f is None:
+            continue
+        ratio = f.get("torch_over_fusedopt")
+        if ratio is None:
+            why = "; ".join(f"{r['impl']}: {r['status']} ({r['reason']})" for r in (t, f) if r["status"] != "ok")
+        else:
+            why = "; ".join(
+                f"{r['impl']} {_ms(r['median_ms'])} ms (q20-q80 {_ms(r['q20_ms'])}-{_ms(r['q80_ms'])}), "
+                f"{r['bytes_per_param']} B/param = {r['gbs']:,.1f} GB/s ({_pct(r.get('copy_fraction'))} of copy)"
+                + (f", {r['launches_per_iter']:,.0f} launches" if r.get("launches_per_iter") is not None else "")
+                for r in (t, f)) + size_note
+        targets.append({"target": f"{EPILOGUE_TARGET}: {pset['name']} ({pset['dtype']})", "required": "> 1.00x",
+                        "measured": _x(ratio), "met": None if ratio is None else ratio > 1.0, "why": why})
+    return targets
 
 
 # ---------------------------------------------------------------- batch benchmark

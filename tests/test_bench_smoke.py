@@ -192,3 +192,117 @@ def test_host_overhead_reports_torch_and_fusedopt_rows(capsys):
     assert len(rows) == 3
     for row in rows:
         assert float(row.split("|")[2]) > 0
+
+
+# ---------------------------------------------------------------- epilogue stage
+
+EPILOGUE_IMPLS = ("torch-composition", "fusedopt")
+
+
+@pytest.fixture(scope="module")
+def quick_epilogue_run(tmp_path_factory):
+    """``python -m bench epilogue --quick --device cpu``: tiny sizes, a few seconds."""
+    out = tmp_path_factory.mktemp("bench-epilogue-out")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "epilogue", "--quick", "--device", "cpu", "--out", str(out),
+         "--no-progress"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, f"bench epilogue exited with {proc.returncode}:\n{proc.stderr[-4000:]}"
+    return out, proc.stdout
+
+
+def test_epilogue_bytes_per_param_follow_the_pass_count():
+    from bench.epilogue import bytes_per_param as epilogue_bytes
+
+    # fusedopt: norm reads g (4) + update reads p,g,m,v and writes p,m,v (28)
+    assert epilogue_bytes("fusedopt") == 32
+    # torch: unscale_ r+w g (8) + norm r g (4) + clip r+w g (8) + fused update (28)
+    assert epilogue_bytes("torch-composition") == 48
+    assert epilogue_bytes("fusedopt", torch.bfloat16) == 16
+    assert epilogue_bytes("torch-composition", torch.bfloat16) == 24
+    with pytest.raises(ValueError):
+        epilogue_bytes("torch-fused")
+
+
+def test_epilogue_json_has_both_implementations_with_times_and_bytes(quick_epilogue_run):
+    out, _ = quick_epilogue_run
+    result = _load(out, "epilogue.json")
+    assert result["complete"] and result["env"]["device"] == "cpu"
+    assert result["config"]["fusedopt_backend"] == "torch"  # the CPU run measures the reference path
+    rows = result["rows"]
+    sets = {s["name"]: s for s in result["param_sets"]}
+    assert {"large", "gpt2"} <= set(sets)
+    assert {(r["param_set"], r["impl"]) for r in rows} == {(s, i) for s in sets for i in EPILOGUE_IMPLS}
+    assert len(rows) == 2 * len(sets)
+    expected_bpp = {("torch-composition", "float32"): 48, ("fusedopt", "float32"): 32,
+                    ("torch-composition", "bfloat16"): 24, ("fusedopt", "bfloat16"): 16}
+    for row in rows:
+        where = (row["param_set"], row["impl"])
+        assert row["status"] == "ok", (where, row["reason"])
+        assert row["median_ms"] > 0 and row["gbs"] > 0 and row["copy_fraction"] > 0, where
+        assert row["q20_ms"] <= row["median_ms"] <= row["q80_ms"], where
+        assert row["n_params"] == sets[row["param_set"]]["n_params"] > 0, where
+        assert row["bytes_per_param"] == expected_bpp[(row["impl"], row["dtype"])], where
+        assert row["bytes_per_iter"] == row["bytes_per_param"] * row["n_params"], where
+        assert row["gbs"] == pytest.approx(row["bytes_per_iter"] / row["median_ms"] / 1e6), where
+    by_key = {(r["param_set"], r["impl"]): r for r in rows}
+    for name in sets:
+        t, f = by_key[(name, "torch-composition")], by_key[(name, "fusedopt")]
+        assert t["torch_update"] == "fused"  # torch 2.13 has a fused AdamW on the CPU
+        assert f["torch_over_fusedopt"] == pytest.approx(t["median_ms"] / f["median_ms"]), name
+        assert t["torch_over_fusedopt"] == f["torch_over_fusedopt"], name
+        # the two implementations did the same epilogue: same params and the same unscaled, clipped
+        # grads in exp_avg after one iteration
+        tol = 1e-5 if f["dtype"] == "float32" else 2e-2
+        assert f["max_abs_param_diff"] <= tol and f["max_abs_update"] > 10 * f["max_abs_param_diff"], name
+        assert f["exp_avg_rel_diff"] <= tol, name
+
+
+def test_epilogue_markdown_shows_both_sides_and_an_unmeasured_cuda_target(quick_epilogue_run):
+    out, stdout = quick_epilogue_run
+    assert "## Optimizer epilogue" in stdout and "## Optimizer step time" not in stdout
+    assert (out / "epilogue.md").stat().st_size > 0 and (out / "report.md").stat().st_size > 0
+    table = [line for line in stdout.splitlines() if line.startswith("| large (float32)")]
+    assert len(table) == 1
+    cells = [c.strip() for c in table[0].strip("|").split("|")]
+    assert len(cells) == 11, cells  # nothing in a cell may break the markdown table
+    assert float(cells[2]) > 0 and float(cells[3]) > 0 and cells[4].endswith("x")
+    assert cells[5] == "48 / 32"
+    target = [line for line in stdout.splitlines()
+              if line.startswith("| epilogue faster than torch's composition on CUDA")]
+    assert len(target) == 1 and "| not measured |" in target[0]
+    targets = _load(out, "epilogue.json")["targets"]
+    assert [t["met"] for t in targets] == [None]
+
+
+def test_epilogue_cuda_target_is_judged_from_the_rows():
+    """The GPU-only target logic, on made-up rows (nothing here is a measurement)."""
+    from bench import epilogue, report
+
+    def row(name, impl, ms, status="ok"):
+        bpp = epilogue.bytes_per_param(impl)
+        return {"param_set": name, "impl": impl, "status": status, "reason": None, "median_ms": ms,
+                "q20_ms": ms, "q80_ms": ms, "bytes_per_param": bpp, "bytes_per_iter": bpp * 10**8,
+                "gbs": bpp * 10**8 / ms / 1e6, "copy_fraction": 0.5, "launches_per_iter": 3.0}
+
+    rows = [row("gpt2", "torch-composition", 3.0), row("gpt2", "fusedopt", 2.0),
+            row("large", "torch-composition", 1.0), row("large", "fusedopt", 1.25)]
+    epilogue.add_ratios(rows)
+    result = {"rows": rows, "env": {"device": "cuda"},
+              "config": {"size": "full", "fusedopt_backend": "triton"},
+              "param_sets": [{"name": "gpt2", "dtype": "float32"}, {"name": "large", "dtype": "float32"}]}
+    targets = {t["target"]: t for t in report.epilogue_targets(result)}
+    gpt2 = targets["epilogue faster than torch's composition on CUDA: gpt2 (float32)"]
+    assert gpt2["met"] is True and gpt2["measured"] == "1.50x"
+    large = targets["epilogue faster than torch's composition on CUDA: large (float32)"]
+    assert large["met"] is False and large["measured"] == "0.80x" and "48 B/param" in large["why"]
+
+
+def test_all_includes_the_epilogue(quick_run):
+    out, stdout = quick_run
+    rows = _load(out, "epilogue.json")["rows"]
+    assert {(r["param_set"], r["impl"]) for r in rows} == {(s, i) for s in SETS for i in EPILOGUE_IMPLS}
+    assert all(r["status"] == "ok" for r in rows)
+    assert "## Optimizer epilogue" in stdout
