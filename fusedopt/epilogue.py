@@ -60,9 +60,9 @@ class StepScaling:
 NO_SCALING = StepScaling()
 
 
-def check_max_norm(max_norm, name="max_norm"):
+def check_max_grad_norm(max_norm):
     if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or math.isnan(max_norm) or max_norm < 0:
-        raise ValueError(f"Invalid {name}: {max_norm!r} (expected a number >= 0)")
+        raise ValueError(f"Invalid max_grad_norm: {max_norm!r} (expected a number >= 0)")
     return float(max_norm)
 
 
@@ -83,21 +83,42 @@ def norm_dtype(grads):
     return dtype
 
 
-def torch_norm_partials(grads, norm_type, dtype):
-    """(sum |g|^p or max |g|, non-finite count) of `grads` with torch ops, where the kernel does
-    not go: grads on the plain-torch path, sparse grads, complex grads for norms other than 2."""
+def unscaled(grads, grad_scale):
+    """The grads as GradScaler.unscale_ leaves them (new tensors); sparse grads as their values."""
     values = [grad.coalesce()._values() if grad.is_sparse else grad for grad in grads]
+    if grad_scale is None:
+        return values
+    inv_scale = grad_scale.double().reciprocal().float()
+    return [value * inv_scale.to(value.device) for value in values]
+
+
+def torch_norm_partials(grads, norm_type, grad_scale=None):
+    """(sum |g|^p or max |g|, non-finite count) of `grads` divided by grad_scale, in fp32 (fp64
+    for fp64), with torch ops where the kernel does not go: grads on the plain-torch path, sparse
+    grads, complex grads for norms other than 2."""
+    values = unscaled(grads, grad_scale)
     values = [torch.view_as_real(v) if v.is_complex() and norm_type == 2 else v for v in values]
-    norms = torch.stack([torch.linalg.vector_norm(v, norm_type, dtype=dtype) if not v.is_complex()
-                         else torch.linalg.vector_norm(v, norm_type).to(dtype) for v in values])
+    accumulate = torch.float64 if any(v.dtype in (torch.float64, torch.complex128) for v in values) else torch.float32
+    norms = torch.stack([torch.linalg.vector_norm(v, norm_type, dtype=accumulate) if not v.is_complex()
+                         else torch.linalg.vector_norm(v, norm_type).to(accumulate) for v in values])
     partial = norms.max() if norm_type == math.inf else norms.pow(norm_type).sum()
-    nonfinite = sum((~torch.isfinite(v)).sum().to(dtype) for v in values)
+    nonfinite = sum((~torch.isfinite(v)).sum().to(accumulate) for v in values)
     return partial, nonfinite
+
+
+def torch_total_norm(grads, norm_type, grad_scale, device, dtype):
+    """(total norm, found_inf) as torch's clip_grad_norm_ computes it, per-tensor norms first:
+    for the norms the kernel has no sum for (p <= 0, -inf)."""
+    values = unscaled(grads, grad_scale)
+    norms = [torch.linalg.vector_norm(v, norm_type).to(device) for v in values]
+    nonfinite = sum((~torch.isfinite(v)).sum().to(device) for v in values)
+    total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
+    return total.to(dtype), (nonfinite > 0).to(torch.float32)
 
 
 def total_grad_norm(contributions, norm_type, device, dtype):
     """Combine (partial, non-finite count) pairs into (total norm, found_inf) on `device`."""
-    accumulate = torch.float64 if dtype == torch.float64 else torch.float32
+    accumulate = torch.float64 if any(p.dtype == torch.float64 for p, _ in contributions) else torch.float32
     partials = torch.stack([p.to(device, accumulate) for p, _ in contributions])
     nonfinite = torch.stack([n.to(device, accumulate) for _, n in contributions]).sum()
     if norm_type == math.inf:
@@ -106,12 +127,14 @@ def total_grad_norm(contributions, norm_type, device, dtype):
         total = partials.sum().sqrt()
     else:
         total = partials.sum().pow(1.0 / norm_type)
-    return total, (nonfinite > 0).to(torch.float32)
+    return total.to(dtype), (nonfinite > 0).to(torch.float32)
 
 
 def clip_coefficient(total_norm, max_norm):
     """clip_grad_norm_'s factor, min(1, max_norm / (norm + 1e-6)), in the norm's dtype (fp32 at
-    least, as the kernels load it)."""
+    least, as the kernels load it); max_norm may be a number or a tensor, as in torch."""
+    if torch.is_tensor(max_norm):
+        max_norm = max_norm.to(total_norm.device)
     coef = torch.clamp(max_norm / (total_norm + CLIP_EPSILON), max=1.0)
     return coef if coef.dtype == torch.float64 else coef.float()
 

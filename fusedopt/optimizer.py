@@ -148,8 +148,8 @@ class KernelBucket:
             return
         optimizer.kernel_step(group, self.table, fresh_buffers=bool(self.fresh_states),
                               scaling=scaling.kernel_scaling())
-        if self.fresh_states and not scaling.skipped():
-            optimizer.buffers_started(self.fresh_states)
+        if self.fresh_states:  # the first step of these momentum buffers: did it run?
+            optimizer.buffers_started(self.fresh_states, skipped=scaling.skipped())
 
 
 def step_buffer(steps, device):
@@ -243,7 +243,7 @@ class FusedOptimizer(Optimizer):
     def __init__(self, params, defaults, backend=None, max_grad_norm=None):
         check_implementation_flags(defaults)
         self.backend = resolve_backend(backend)
-        self.max_grad_norm = None if max_grad_norm is None else epilogue.check_max_norm(max_grad_norm, "max_grad_norm")
+        self.max_grad_norm = None if max_grad_norm is None else epilogue.check_max_grad_norm(max_grad_norm)
         self.last_grad_norm = None  # the total grad norm of the last step that clipped by max_grad_norm
         self._plans = {}
         self._clip_coef = None  # set by clip_grad_norm_, applied by the next step
@@ -361,7 +361,6 @@ class FusedOptimizer(Optimizer):
         ``scaler.step(opt)`` neither unscales nor reads the grads again: call this in place of
         ``scaler.unscale_(opt)``. ``foreach`` is accepted for torch's signature and ignored.
         """
-        max_norm = epilogue.check_max_norm(max_norm)
         norm_type = epilogue.check_norm_type(norm_type)
         plans = self._current_plans()
         if not plans:
@@ -381,23 +380,23 @@ class FusedOptimizer(Optimizer):
         from .kernels import norm_kind
 
         grads = [p.grad for _, _, plan in plans for p in plan.params]
-        dtype = epilogue.norm_dtype(grads)
+        dtype, device = epilogue.norm_dtype(grads), grads[0].device
+        if norm_kind(norm_type) is None:
+            return epilogue.torch_total_norm(grads, norm_type, grad_scale, device, dtype)
         contributions, leftover = [], []
         for _, _, plan in plans:
             leftover += [p.grad for p in plan.reference_params]
             for bucket in plan.buckets:
-                if norm_kind(norm_type) is None or (bucket.complex and norm_type != 2):
+                if bucket.complex and norm_type != 2:
                     leftover += [p.grad for p in bucket.params]
-                else:
-                    partials = load_kernels().grad_norm_partials(bucket.table, norm_type)
-                    partial = partials[0].max() if norm_type == math.inf else partials[0].sum()
-                    contributions.append((partial, partials[1].sum()))
+                    continue
+                scale = None if grad_scale is None else grad_scale.to(bucket.device, non_blocking=True).reshape(1)
+                partials = load_kernels().grad_norm_partials(bucket.table, norm_type, scale)
+                partial = partials[0].max() if norm_type == math.inf else partials[0].sum()
+                contributions.append((partial, partials[1].sum()))
         if leftover:
-            contributions.append(epilogue.torch_norm_partials(leftover, norm_type, dtype))
-        total, found_inf = epilogue.total_grad_norm(contributions, norm_type, grads[0].device, dtype)
-        if grad_scale is not None:
-            total = total * grad_scale.to(total.device).double().reciprocal().to(total.dtype)
-        return total.to(dtype), found_inf
+            contributions.append(epilogue.torch_norm_partials(leftover, norm_type, grad_scale))
+        return epilogue.total_grad_norm(contributions, norm_type, device, dtype)
 
     def invalidate_plans(self):
         """Forget the cached tensor tables; the next step rebuilds them. (Replaced params, grads

@@ -78,10 +78,15 @@ class SGD(FusedOptimizer):
             fresh.append(self._unstarted_buffers.get(id(buffer)) is buffer)
         return fresh
 
-    def buffers_started(self, states):
-        """The first step ran on these states' momentum buffers."""
+    def buffers_started(self, states, skipped):
+        """The first step ran on these states' momentum buffers, or (skipped by AMP) it did not:
+        then the buffers, never written, leave the state, as in torch."""
         for state in states:
-            self._unstarted_buffers.pop(id(state.get("momentum_buffer")), None)
+            buffer = state.get("momentum_buffer")
+            if self._unstarted_buffers.get(id(buffer)) is buffer:
+                del self._unstarted_buffers[id(buffer)]
+                if skipped:
+                    del state["momentum_buffer"]
 
     def hyperparameters(self, group):
         return dict(lr=group["lr"], weight_decay=as_float(group["weight_decay"]),

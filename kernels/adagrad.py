@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-from .multi_tensor import (grad_scaling, load_block, locate_block, scale_grad, store_block, tensor_pointer,
+from .multi_tensor import (device_lr, grad_scaling, load_block, locate_block, scale_grad, store_block, tensor_pointer,
                            tensor_step)
 
 
@@ -28,17 +28,19 @@ def adagrad_block(param_ptr, grad_ptr, state_sum_ptr, offsets, numel, clr, weigh
     store_block(state_sum_ptr, offsets, numel, state_sum, FULL)
 
 
-@triton.jit(do_not_specialize=["num_tensors", "num_blocks"])
+@triton.jit(do_not_specialize=["num_tensors", "num_blocks", "schedule_length"])
 def adagrad_kernel(
     tensor_table,  # int64 [roles + 2, num_tensors]: sizes, (unused), addresses
     block_table,  # int64 [2, num_blocks]: owning tensor and first element of each block
     num_tensors, num_blocks,
     steps,  # [num_tensors] step counts, already incremented for this step
     found_inf, grad_scale, clip_coef,  # one-element tensors, read when SCALED_GRADS
+    schedule, schedule_count, schedule_length,  # the lr schedule's factors and step count (SCHEDULED)
     lr, lr_decay, weight_decay, eps,
     grad_sign,  # -1 to maximize
     SCALED_GRADS: tl.constexpr,  # skip on found_inf; grads unscaled and clipped in registers
     LR_TENSOR: tl.constexpr,  # lr points at a one-element tensor
+    SCHEDULED: tl.constexpr,  # the lr is multiplied by the schedule's factor at this step
     DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     tensor, offsets, numel, full = locate_block(tensor_table, block_table, num_blocks, BLOCK, ALIGNED)
@@ -51,7 +53,8 @@ def adagrad_kernel(
         state_sum_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 2, DTYPE, ALIGNED)
         # the decayed lr, lr / (1 + (step - 1) lr_decay), in fp64 once per block
         # a tensor lr is read here, so that a captured graph sees it changed in place
-        clr = (tl.load(lr).to(tl.float64) if LR_TENSOR else lr) / (1 + (tensor_step(steps, tensor) - 1) * lr_decay)
+        clr = (device_lr(lr, schedule, schedule_count, schedule_length, LR_TENSOR, SCHEDULED)
+            if LR_TENSOR or SCHEDULED else lr) / (1 + (tensor_step(steps, tensor) - 1) * lr_decay)
         clr = clr.to(tl.float64 if DTYPE == tl.float64 else tl.float32)
         if full:
             adagrad_block(param_ptr, grad_ptr, state_sum_ptr, offsets, numel, clr, weight_decay, eps, grad_sign,
@@ -61,14 +64,15 @@ def adagrad_kernel(
                           inv_scale, clip_factor, SCALED_GRADS, False)
 
 
-def adagrad_step(table, steps, *, lr, lr_decay, weight_decay, eps, maximize, scaling=None):
+def adagrad_step(table, steps, *, lr, lr_decay, weight_decay, eps, maximize, scaling=None, schedule=None):
     """One Adagrad step over a TensorTable whose roles are param, grad, sum; `steps` holds each
-    tensor's step count, already incremented; `scaling` (a GradScaling) skips, unscales, clips."""
+    tensor's step count, already incremented; `scaling` (a GradScaling) skips, unscales, clips;
+    `lr` may be a one-element tensor on the table's device, and `schedule` scales it."""
     found_inf, grad_scale, clip_coef, scaled = table.scaling_arguments(scaling)
-    lr, lr_tensor = table.lr_argument(lr)
+    lr, schedule_arguments, lr_flags = table.lr_arguments(lr, schedule)
     table.launch(
         adagrad_kernel,
-        steps, found_inf, grad_scale, clip_coef,
+        steps, found_inf, grad_scale, clip_coef, *schedule_arguments,
         lr, lr_decay, weight_decay, eps, -1.0 if maximize else 1.0,
-        SCALED_GRADS=scaled, LR_TENSOR=lr_tensor,
+        SCALED_GRADS=scaled, **lr_flags,
     )

@@ -4,7 +4,7 @@ import math
 import triton
 import triton.language as tl
 
-from .multi_tensor import (grad_scaling, load_block, locate_block, scale_grad, store_block, tensor_pointer,
+from .multi_tensor import (device_lr, grad_scaling, load_block, locate_block, scale_grad, store_block, tensor_pointer,
                            tensor_step)
 
 
@@ -60,18 +60,19 @@ def adam_bias_corrections(step, lr, log2_beta1, log2_beta2):
 
 
 @triton.jit
-def decoupled_param_scale(lr_ptr, decoupled_weight_decay, COMPUTE: tl.constexpr):
+def decoupled_param_scale(lr, decoupled_weight_decay, COMPUTE: tl.constexpr):
     """AdamW's 1 - lr * weight_decay for an lr read from memory."""
-    return (1 - tl.load(lr_ptr).to(tl.float64) * decoupled_weight_decay).to(COMPUTE)
+    return (1 - lr * decoupled_weight_decay).to(COMPUTE)
 
 
-@triton.jit(do_not_specialize=["num_tensors", "num_blocks"])
+@triton.jit(do_not_specialize=["num_tensors", "num_blocks", "schedule_length"])
 def adam_kernel(
     tensor_table,  # int64 [roles + 2, num_tensors]: sizes, (unused), addresses
     block_table,  # int64 [2, num_blocks]: owning tensor and first element of each block
     num_tensors, num_blocks,
     steps,  # [num_tensors] step counts, already incremented for this step
     found_inf, grad_scale, clip_coef,  # one-element tensors, read when SCALED_GRADS
+    schedule, schedule_count, schedule_length,  # the lr schedule's factors and step count (SCHEDULED)
     lr, one_minus_beta1, beta2, one_minus_beta2, eps,  # 1 - beta computed on the host, in double
     coupled_weight_decay,  # Adam's L2 penalty added to the grad (0 for AdamW)
     decoupled_weight_decay,  # AdamW's weight decay (0 for Adam)
@@ -81,6 +82,7 @@ def adam_kernel(
     AMSGRAD: tl.constexpr,
     SCALED_GRADS: tl.constexpr,  # skip on found_inf; grads unscaled and clipped in registers
     LR_TENSOR: tl.constexpr,  # lr points at a one-element tensor
+    SCHEDULED: tl.constexpr,  # the lr is multiplied by the schedule's factor at this step
     DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     tensor, offsets, numel, full = locate_block(tensor_table, block_table, num_blocks, BLOCK, ALIGNED)
@@ -99,39 +101,44 @@ def adam_kernel(
         # a tensor lr is read here, so that a captured graph sees it changed in place (and the
         # numbers are used where they are passed: the interpreter would round copies to fp32)
         step_size, bias_correction2_sqrt = adam_bias_corrections(
-            tensor_step(steps, tensor), tl.load(lr).to(tl.float64) if LR_TENSOR else lr, log2_beta1, log2_beta2)
+            tensor_step(steps, tensor), device_lr(lr, schedule, schedule_count, schedule_length, LR_TENSOR, SCHEDULED)
+            if LR_TENSOR or SCHEDULED else lr, log2_beta1, log2_beta2)
         step_size = step_size.to(compute_dtype)
         bias_correction2_sqrt = bias_correction2_sqrt.to(compute_dtype)
         if full:
             adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, offsets, numel,
                        one_minus_beta1, beta2, one_minus_beta2, eps, coupled_weight_decay,
-                       decoupled_param_scale(lr, decoupled_weight_decay, compute_dtype) if LR_TENSOR else param_scale,
+                       decoupled_param_scale(device_lr(lr, schedule, schedule_count, schedule_length, LR_TENSOR, SCHEDULED),
+                                             decoupled_weight_decay, compute_dtype)
+                       if LR_TENSOR or SCHEDULED else param_scale,
                        grad_sign,
                        step_size, bias_correction2_sqrt, inv_scale, clip_factor, AMSGRAD, SCALED_GRADS, True)
         else:
             adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, offsets, numel,
                        one_minus_beta1, beta2, one_minus_beta2, eps, coupled_weight_decay,
-                       decoupled_param_scale(lr, decoupled_weight_decay, compute_dtype) if LR_TENSOR else param_scale,
+                       decoupled_param_scale(device_lr(lr, schedule, schedule_count, schedule_length, LR_TENSOR, SCHEDULED),
+                                             decoupled_weight_decay, compute_dtype)
+                       if LR_TENSOR or SCHEDULED else param_scale,
                        grad_sign,
                        step_size, bias_correction2_sqrt, inv_scale, clip_factor, AMSGRAD, SCALED_GRADS, False)
 
 
 def adam_step(table, steps, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
-              scaling=None):
+              scaling=None, schedule=None):
     """One Adam/AdamW step over a TensorTable whose roles are param, grad, exp_avg, exp_avg_sq
     [, max_exp_avg_sq]. `steps` holds each tensor's step count, already incremented; `scaling`
     (a GradScaling) skips the step or unscales and clips the grads; `lr` may be a one-element
-    tensor on the table's device, read by the kernel."""
+    tensor on the table's device, read by the kernel, and `schedule` (a DeviceSchedule) scales it."""
     found_inf, grad_scale, clip_coef, scaled = table.scaling_arguments(scaling)
-    lr, lr_tensor = table.lr_argument(lr)
+    lr, schedule_arguments, lr_flags = table.lr_arguments(lr, schedule)
     table.launch(
         adam_kernel,
-        steps, found_inf, grad_scale, clip_coef,
+        steps, found_inf, grad_scale, clip_coef, *schedule_arguments,
         lr, 1 - beta1, beta2, 1 - beta2, eps,
         0.0 if decoupled_weight_decay else weight_decay,
         weight_decay if decoupled_weight_decay else 0.0,
-        1 - lr * weight_decay if decoupled_weight_decay and not lr_tensor else 1.0,
+        1 - lr * weight_decay if decoupled_weight_decay and not lr_flags["LR_TENSOR"] else 1.0,
         -1.0 if maximize else 1.0,
         math.log2(beta1) if beta1 > 0 else -math.inf, math.log2(beta2) if beta2 > 0 else -math.inf,
-        AMSGRAD=amsgrad, SCALED_GRADS=scaled, LR_TENSOR=lr_tensor,
+        AMSGRAD=amsgrad, SCALED_GRADS=scaled, **lr_flags,
     )

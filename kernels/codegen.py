@@ -41,14 +41,17 @@ KERNEL_OPTIONS = {
     "grad_norm": (grad_norm_kernel, [dict(NORM=kind) for kind in (TWO_NORM, INF_NORM, P_NORM)]),
 }
 NORM_NAMES = {TWO_NORM: "l2", INF_NORM: "linf", P_NORM: "lp"}
-# A tensor lr (read from memory): one more variant of each update kernel.
+# The lr read from memory (a tensor lr, a schedule's factor, both): more variants of each update
+# kernel, on its richest option set.
 for _, option_sets in KERNEL_OPTIONS.values():
     if "SCALED_GRADS" in option_sets[0]:
-        option_sets.append({**option_sets[-1], "LR_TENSOR": True})
-        for options in option_sets[:-1]:
-            options["LR_TENSOR"] = False
+        richest = option_sets[-1]
+        for options in option_sets:
+            options.update(LR_TENSOR=False, SCHEDULED=False)
+        option_sets += [{**richest, "LR_TENSOR": t, "SCHEDULED": s} for t, s in ((True, False), (False, True),
+                                                                                  (True, True))]
 # Pointer arguments other than the tables: (element type, element type for fp64 kernels).
-POINTER_ARGS = {"steps": ("fp32", "fp32"), "found_inf": ("fp32", "fp32"), "grad_scale": ("fp32", "fp32"),
+POINTER_ARGS = {"schedule": ("fp64", "fp64"), "schedule_count": ("fp32", "fp32"), "steps": ("fp32", "fp32"), "found_inf": ("fp32", "fp32"), "grad_scale": ("fp32", "fp32"),
                 "clip_coef": ("fp32", "fp64"), "partials": ("fp32", "fp64")}
 
 
@@ -86,7 +89,7 @@ def compile_specialization(spec, arch):
             signature[name] = "constexpr"
         elif name in TABLE_ARGS:
             signature[name] = "*i64"
-        elif name in COUNT_ARGS:
+        elif name in COUNT_ARGS or name == "schedule_length":
             signature[name] = "i32"
         elif name == "lr" and spec.options.get("LR_TENSOR"):
             signature[name] = "*" + POINTER_ARGS["clip_coef"][torch_dtype == torch.float64]

@@ -42,29 +42,37 @@ def grad_norm_kernel(
     block_table,  # int64 [2, num_blocks]: owning tensor and first element of each block
     num_tensors, num_blocks,
     partials,  # [2, num_blocks]: each block's partial, then its count of non-finite elements
+    grad_scale,  # one-element tensor: grads are multiplied by its reciprocal first (AMP's unscaling)
     norm_type,
     NORM: tl.constexpr,  # TWO_NORM, INF_NORM or P_NORM
     DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     tensor, offsets, numel, full = locate_block(tensor_table, block_table, num_blocks, BLOCK, ALIGNED)
     grad_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 1, DTYPE, ALIGNED)
+    # unscaled before squaring, as unscale_ then clip_grad_norm_ see them (a scaled norm overflows)
+    inv_scale = (1.0 / tl.load(grad_scale).to(tl.float64)).to(tl.float32)
     if full:
-        partial, nonfinite = block_partial(load_block(grad_ptr, offsets, numel, True), norm_type, NORM)
+        grad = load_block(grad_ptr, offsets, numel, True)
+        partial, nonfinite = block_partial(grad * inv_scale.to(grad.dtype), norm_type, NORM)
     else:
-        partial, nonfinite = block_partial(load_block(grad_ptr, offsets, numel, False), norm_type, NORM)
+        grad = load_block(grad_ptr, offsets, numel, False)
+        partial, nonfinite = block_partial(grad * inv_scale.to(grad.dtype), norm_type, NORM)
     block = tl.program_id(0)
     tl.store(partials + block, partial)
     tl.store(partials + num_blocks + block, nonfinite)
 
 
-def grad_norm_partials(table, norm_type):
-    """One launch over the grads of `table`: a [2, num_blocks] tensor (fp32; fp64 for fp64 grads)
-    whose first row holds each block's sum of |g|^p (its max |g| for the inf norm) and whose
-    second row counts each block's inf and NaN elements."""
+def grad_norm_partials(table, norm_type, grad_scale=None):
+    """One launch over the grads of `table`, divided by `grad_scale` (a one-element tensor on the
+    table's device) if given: a [2, num_blocks] tensor (fp32; fp64 for fp64 grads) whose first row
+    holds each block's sum of |g|^p (its max |g| for the inf norm) and whose second row counts
+    each block's inf and NaN elements."""
     kind = norm_kind(norm_type)
     if kind is None:
         raise ValueError(f"the grad-norm kernel takes norm_type > 0, got {norm_type}")
     dtype = torch.float64 if table.dtype == torch.float64 else torch.float32
     partials = torch.zeros((2, table.num_blocks), dtype=dtype, device=table.device)
-    table.launch(grad_norm_kernel, partials, float(norm_type), NORM=kind)
+    if grad_scale is None:
+        grad_scale = table.neutral[1]
+    table.launch(grad_norm_kernel, partials, grad_scale, float(norm_type), NORM=kind)
     return partials

@@ -99,6 +99,15 @@ class GradScaling(NamedTuple):
     clip_coef: Optional[torch.Tensor] = None
 
 
+class DeviceSchedule(NamedTuple):
+    """A learning-rate schedule the kernels evaluate: `factors` (fp64, on the table's device)
+    holds the factor of each step from 0 (the last one is held past the end), `count` (one fp32
+    element) the number of steps taken, this one included."""
+
+    factors: torch.Tensor
+    count: torch.Tensor
+
+
 class TensorTable:
     """Pointer tables and block map for one bucket (same device and dtype) of tensors.
 
@@ -162,12 +171,16 @@ class TensorTable:
         )
         return found_inf, grad_scale, clip_coef, True
 
-    def lr_argument(self, lr):
-        """(lr, LR_TENSOR): a tensor lr on this device is read by the kernel from memory (no host
-        sync, and a captured CUDA graph sees in-place changes); anything else goes as a number."""
-        if torch.is_tensor(lr) and lr.device == self.device:
-            return lr, True
-        return float(lr), False
+    def lr_arguments(self, lr, schedule):
+        """(lr, (schedule, schedule_count, schedule_length), constexprs LR_TENSOR and SCHEDULED). A tensor lr on this device is read by the kernel from memory (no
+        host sync, and a captured CUDA graph sees in-place changes); anything else goes as a
+        number. `schedule` (a DeviceSchedule or None) scales it by a factor read from memory."""
+        lr_tensor = torch.is_tensor(lr) and lr.device == self.device
+        lr = lr if lr_tensor else float(lr)
+        if schedule is None:
+            return lr, (self.tensor_table, self.tensor_table, 1), dict(LR_TENSOR=lr_tensor, SCHEDULED=False)
+        schedule_arguments = (schedule.factors, schedule.count, schedule.factors.numel())
+        return lr, schedule_arguments, dict(LR_TENSOR=lr_tensor, SCHEDULED=True)
 
     def launch(self, kernel, *arguments, **constexprs):
         """One launch of `kernel` over every block of every tensor in the table."""
@@ -217,6 +230,21 @@ def scale_grad(grad, inv_scale, clip_factor, SCALED_GRADS: tl.constexpr):
     if SCALED_GRADS:
         grad = grad * inv_scale.to(grad.dtype) * clip_factor.to(grad.dtype)
     return grad
+
+
+@triton.jit
+def device_lr(lr, schedule, schedule_count, schedule_length, LR_TENSOR: tl.constexpr, SCHEDULED: tl.constexpr):
+    """The lr read from memory, as fp64: a tensor lr, and/or (SCHEDULED) the base lr times the
+    schedule's factor at this step, table[min(count, length) - 1] (the last factor is held)."""
+    if SCHEDULED:
+        index = tl.minimum(tl.load(schedule_count).to(tl.int64), schedule_length) - 1
+        factor = tl.load(schedule + tl.maximum(index, 0)).to(tl.float64)
+        if LR_TENSOR:
+            return tl.load(lr).to(tl.float64) * factor
+        else:
+            return lr * factor
+    else:
+        return tl.load(lr).to(tl.float64)
 
 
 @triton.jit

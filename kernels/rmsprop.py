@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-from .multi_tensor import grad_scaling, load_block, locate_block, scale_grad, store_block, tensor_pointer
+from .multi_tensor import device_lr, grad_scaling, load_block, locate_block, scale_grad, store_block, tensor_pointer
 
 
 @triton.jit
@@ -51,12 +51,13 @@ def rmsprop_block(param_ptr, grad_ptr, square_avg_ptr, momentum_buffer_ptr, grad
         store_block(grad_avg_ptr, offsets, numel, grad_avg, FULL)
 
 
-@triton.jit(do_not_specialize=["num_tensors", "num_blocks"])
+@triton.jit(do_not_specialize=["num_tensors", "num_blocks", "schedule_length"])
 def rmsprop_kernel(
     tensor_table,  # int64 [roles + 2, num_tensors]: sizes, (unused), addresses
     block_table,  # int64 [2, num_blocks]: owning tensor and first element of each block
     num_tensors, num_blocks,
     found_inf, grad_scale, clip_coef,  # one-element tensors, read when SCALED_GRADS
+    schedule, schedule_count, schedule_length,  # the lr schedule's factors and step count (SCHEDULED)
     lr, alpha,
     one_minus_alpha,  # 1 - alpha computed on the host, in double
     eps, weight_decay, momentum,
@@ -65,6 +66,7 @@ def rmsprop_kernel(
     CENTERED: tl.constexpr,  # a grad average is the last role
     SCALED_GRADS: tl.constexpr,  # skip on found_inf; grads unscaled and clipped in registers
     LR_TENSOR: tl.constexpr,  # lr points at a one-element tensor
+    SCHEDULED: tl.constexpr,  # the lr is multiplied by the schedule's factor at this step
     DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     tensor, offsets, numel, full = locate_block(tensor_table, block_table, num_blocks, BLOCK, ALIGNED)
@@ -86,23 +88,26 @@ def rmsprop_kernel(
             grad_avg_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 3 + MOMENTUM, DTYPE, ALIGNED)
         if full:
             rmsprop_block(param_ptr, grad_ptr, square_avg_ptr, momentum_buffer_ptr, grad_avg_ptr, offsets, numel,
-                          tl.load(lr).to(COMPUTE) if LR_TENSOR else lr, alpha, one_minus_alpha, eps, weight_decay,
+                          device_lr(lr, schedule, schedule_count, schedule_length, LR_TENSOR, SCHEDULED).to(COMPUTE)
+                      if LR_TENSOR or SCHEDULED else lr, alpha, one_minus_alpha, eps, weight_decay,
                           momentum, grad_sign, inv_scale, clip_factor, MOMENTUM, CENTERED, SCALED_GRADS, True)
         else:
             rmsprop_block(param_ptr, grad_ptr, square_avg_ptr, momentum_buffer_ptr, grad_avg_ptr, offsets, numel,
-                          tl.load(lr).to(COMPUTE) if LR_TENSOR else lr, alpha, one_minus_alpha, eps, weight_decay,
+                          device_lr(lr, schedule, schedule_count, schedule_length, LR_TENSOR, SCHEDULED).to(COMPUTE)
+                      if LR_TENSOR or SCHEDULED else lr, alpha, one_minus_alpha, eps, weight_decay,
                           momentum, grad_sign, inv_scale, clip_factor, MOMENTUM, CENTERED, SCALED_GRADS, False)
 
 
-def rmsprop_step(table, *, lr, alpha, eps, weight_decay, momentum, centered, maximize, scaling=None):
+def rmsprop_step(table, *, lr, alpha, eps, weight_decay, momentum, centered, maximize, scaling=None, schedule=None):
     """One RMSprop step over a TensorTable whose roles are param, grad, square_avg
     [, momentum_buffer when momentum > 0] [, grad_avg when centered]; `scaling` (a GradScaling)
-    skips the step or unscales and clips the grads."""
+    skips the step or unscales and clips the grads; `lr` may be a one-element tensor on the
+    table's device, and `schedule` (a DeviceSchedule) scales it."""
     found_inf, grad_scale, clip_coef, scaled = table.scaling_arguments(scaling)
-    lr, lr_tensor = table.lr_argument(lr)
+    lr, schedule_arguments, lr_flags = table.lr_arguments(lr, schedule)
     table.launch(
         rmsprop_kernel,
-        found_inf, grad_scale, clip_coef,
+        found_inf, grad_scale, clip_coef, *schedule_arguments,
         lr, alpha, 1 - alpha, eps, weight_decay, momentum, -1.0 if maximize else 1.0,
-        MOMENTUM=momentum > 0, CENTERED=centered, SCALED_GRADS=scaled, LR_TENSOR=lr_tensor,
+        MOMENTUM=momentum > 0, CENTERED=centered, SCALED_GRADS=scaled, **lr_flags,
     )

@@ -2,7 +2,7 @@
 import triton
 import triton.language as tl
 
-from .multi_tensor import (grad_scaling, load_block, locate_block, scale_grad, store_block, tensor_extra,
+from .multi_tensor import (device_lr, grad_scaling, load_block, locate_block, scale_grad, store_block, tensor_extra,
                            tensor_pointer)
 
 
@@ -44,12 +44,13 @@ def sgd_block(param_ptr, grad_ptr, momentum_buffer_ptr, fresh_buffer, offsets, n
         store_block(momentum_buffer_ptr, offsets, numel, momentum_buffer, FULL)
 
 
-@triton.jit(do_not_specialize=["num_tensors", "num_blocks"])
+@triton.jit(do_not_specialize=["num_tensors", "num_blocks", "schedule_length"])
 def sgd_kernel(
     tensor_table,  # int64 [roles + 2, num_tensors]: sizes, fresh-buffer flags, addresses
     block_table,  # int64 [2, num_blocks]: owning tensor and first element of each block
     num_tensors, num_blocks,
     found_inf, grad_scale, clip_coef,  # one-element tensors, read when SCALED_GRADS
+    schedule, schedule_count, schedule_length,  # the lr schedule's factors and step count (SCHEDULED)
     lr, weight_decay, momentum,
     one_minus_dampening,  # 1 - dampening from the host
     nesterov,  # 1.0 for Nesterov momentum
@@ -58,6 +59,7 @@ def sgd_kernel(
     FRESH_BUFFERS: tl.constexpr,  # some buffers are new this step: the extra row flags them
     SCALED_GRADS: tl.constexpr,  # skip on found_inf; grads unscaled and clipped in registers
     LR_TENSOR: tl.constexpr,  # lr points at a one-element tensor
+    SCHEDULED: tl.constexpr,  # the lr is multiplied by the schedule's factor at this step
     DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     tensor, offsets, numel, full = locate_block(tensor_table, block_table, num_blocks, BLOCK, ALIGNED)
@@ -78,23 +80,26 @@ def sgd_kernel(
                 fresh_buffer = tensor_extra(tensor_table, num_tensors, tensor) != 0
         if full:
             sgd_block(param_ptr, grad_ptr, momentum_buffer_ptr, fresh_buffer, offsets, numel,
-                      tl.load(lr).to(COMPUTE) if LR_TENSOR else lr, weight_decay, momentum, one_minus_dampening,
+                      device_lr(lr, schedule, schedule_count, schedule_length, LR_TENSOR, SCHEDULED).to(COMPUTE)
+                      if LR_TENSOR or SCHEDULED else lr, weight_decay, momentum, one_minus_dampening,
                       nesterov, grad_sign, inv_scale, clip_factor, MOMENTUM, SCALED_GRADS, True)
         else:
             sgd_block(param_ptr, grad_ptr, momentum_buffer_ptr, fresh_buffer, offsets, numel,
-                      tl.load(lr).to(COMPUTE) if LR_TENSOR else lr, weight_decay, momentum, one_minus_dampening,
+                      device_lr(lr, schedule, schedule_count, schedule_length, LR_TENSOR, SCHEDULED).to(COMPUTE)
+                      if LR_TENSOR or SCHEDULED else lr, weight_decay, momentum, one_minus_dampening,
                       nesterov, grad_sign, inv_scale, clip_factor, MOMENTUM, SCALED_GRADS, False)
 
 
-def sgd_step(table, *, lr, weight_decay, momentum, dampening, nesterov, maximize, fresh_buffers=False, scaling=None):
+def sgd_step(table, *, lr, weight_decay, momentum, dampening, nesterov, maximize, fresh_buffers=False, scaling=None, schedule=None):
     """One SGD step over a TensorTable whose roles are param, grad [, momentum_buffer when
     momentum != 0]; with fresh_buffers the extra row flags buffers to start from the grad;
-    `scaling` (a GradScaling) skips the step or unscales and clips the grads."""
+    `scaling` (a GradScaling) skips the step or unscales and clips the grads; `lr` may be a
+    one-element tensor on the table's device, and `schedule` (a DeviceSchedule) scales it."""
     found_inf, grad_scale, clip_coef, scaled = table.scaling_arguments(scaling)
-    lr, lr_tensor = table.lr_argument(lr)
+    lr, schedule_arguments, lr_flags = table.lr_arguments(lr, schedule)
     table.launch(
         sgd_kernel,
-        found_inf, grad_scale, clip_coef,
+        found_inf, grad_scale, clip_coef, *schedule_arguments,
         lr, weight_decay, momentum, 1 - dampening, float(nesterov), -1.0 if maximize else 1.0,
-        MOMENTUM=momentum != 0, FRESH_BUFFERS=fresh_buffers, SCALED_GRADS=scaled, LR_TENSOR=lr_tensor,
+        MOMENTUM=momentum != 0, FRESH_BUFFERS=fresh_buffers, SCALED_GRADS=scaled, **lr_flags,
     )
