@@ -138,16 +138,17 @@ class KernelBucket:
             self.table.refresh_grads(addresses)
         return True
 
-    def launch(self, optimizer, group, scaling):
+    def launch(self, optimizer, group, scaling, schedule):
         scaling = scaling.to(self.device)
         if self.steps is not None:
             self.steps += 1
             if scaling.found_inf is not None:
                 self.steps -= scaling.found_inf  # a skipped step does not count
-            optimizer.kernel_step(group, self.table, steps=self.steps, scaling=scaling.kernel_scaling())
+            optimizer.kernel_step(group, self.table, steps=self.steps, scaling=scaling.kernel_scaling(),
+                                  schedule=schedule)
             return
         optimizer.kernel_step(group, self.table, fresh_buffers=bool(self.fresh_states),
-                              scaling=scaling.kernel_scaling())
+                              scaling=scaling.kernel_scaling(), schedule=schedule)
         if self.fresh_states:  # the first step of these momentum buffers: did it run?
             optimizer.buffers_started(self.fresh_states, skipped=scaling.skipped())
 
@@ -221,9 +222,9 @@ class GroupPlan:
                 return False
         return True
 
-    def launch(self, optimizer, group, scaling):
+    def launch(self, optimizer, group, scaling, schedules):
         for bucket in self.buckets:
-            bucket.launch(optimizer, group, scaling)
+            bucket.launch(optimizer, group, scaling, schedules.get(bucket.device))
         if self.reference_params:
             for p in self.reference_params:  # per tensor anyway: state may have been cleared by hand
                 optimizer.prepare_param(p, p.grad, group)
@@ -240,14 +241,90 @@ class FusedOptimizer(Optimizer):
     # torch.amp.GradScaler hands over `grad_scale` and `found_inf` instead of unscaling the grads.
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, defaults, backend=None, max_grad_norm=None):
+    def __init__(self, params, defaults, backend=None, max_grad_norm=None, schedule=None, schedule_steps=None):
         check_implementation_flags(defaults)
         self.backend = resolve_backend(backend)
         self.max_grad_norm = None if max_grad_norm is None else epilogue.check_max_grad_norm(max_grad_norm)
         self.last_grad_norm = None  # the total grad norm of the last step that clipped by max_grad_norm
         self._plans = {}
         self._clip_coef = None  # set by clip_grad_norm_, applied by the next step
+        self.schedule = None
         super().__init__(params, defaults)
+        self.set_schedule(schedule, schedule_steps)
+
+    # ---- a learning-rate schedule evaluated by the kernels ----
+    def set_schedule(self, schedule, schedule_steps=None):
+        """Have the kernels scale each group's lr by `schedule` (a fusedopt.schedules.Schedule),
+        read at the group's step count on the device: the same lrs as driving the schedule with
+        ScheduledLR from the host, but with nothing on the host, so a captured CUDA graph replays
+        a whole scheduled run. The count (``group["schedule_step"]``, saved in state_dict) moves on
+        at every step(), skipped AMP steps included, as a host scheduler stepped every iteration
+        would. The factors are tabulated once, up to the schedule's end, where the last one is held;
+        a schedule without an end (inverse sqrt, exponential decay) needs ``schedule_steps``, the
+        number of steps to tabulate. None removes the schedule."""
+        from .schedules import Schedule
+
+        if schedule is None:
+            self.schedule = None
+            return
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a fusedopt.schedules.Schedule, got {type(schedule).__name__}")
+        length = schedule.length
+        if schedule_steps is not None:
+            if isinstance(schedule_steps, bool) or not isinstance(schedule_steps, int) or schedule_steps < 1:
+                raise ValueError(f"Invalid schedule_steps: {schedule_steps!r} (expected an int >= 1)")
+            length = max(length or 0, schedule_steps)
+        elif length is None:
+            raise ValueError(f"{type(schedule).__name__} has no end: pass schedule_steps, the number of steps "
+                             "whose factors the kernels should read (the last one is held after them)")
+        for group in self.param_groups:
+            if torch.is_tensor(group["lr"]):
+                raise ValueError("schedule= scales a number lr (the base lr); this group's lr is a tensor")
+        self.schedule = schedule
+        self._schedule_factors = schedule.values(length)  # steps 0..length
+        self._schedule_tables = {}
+
+    def _advance_schedule(self, group, devices):
+        """Count this step for the group's schedule; its DeviceSchedule on each of `devices` (the
+        devices of the group's kernel buckets)."""
+        count = group.get("schedule_step")
+        if count is None:
+            count = torch.zeros((), dtype=torch.float32)
+        if devices and count.device != devices[0]:
+            count = count.to(devices[0])
+        group["schedule_step"] = count
+        count += 1
+        if not devices:
+            return {}
+        from .kernels import DeviceSchedule
+
+        schedules = {}
+        for device in devices:
+            if device not in self._schedule_tables:
+                self._schedule_tables[device] = torch.tensor(self._schedule_factors, dtype=torch.float64,
+                                                             device=device)
+            schedules[device] = DeviceSchedule(self._schedule_tables[device], count.to(device).reshape(1))
+        return schedules
+
+    def scheduled_factor(self, group):
+        """The schedule's factor at the group's current step, on the host (the plain-torch path)."""
+        if self.schedule is None:
+            return 1.0
+        count = int(as_float(group["schedule_step"]))
+        return self._schedule_factors[max(0, min(count, len(self._schedule_factors)) - 1)]
+
+    def current_lr(self, group_index=0):
+        """The lr the last step used in a group, as a tensor: base lr times the schedule's factor
+        (no host sync: the factor is read on the device)."""
+        group = self.param_groups[group_index]
+        if self.schedule is None or "schedule_step" not in group:
+            return torch.as_tensor(group["lr"])
+        count = group["schedule_step"]
+        table = self._schedule_tables.get(count.device)
+        if table is None:
+            table = torch.tensor(self._schedule_factors, dtype=torch.float64, device=count.device)
+        index = count.long().clamp(1, table.numel()) - 1
+        return group["lr"] * table[index]
 
     # ---- what each rule provides ----
     def structure(self, group):
@@ -271,8 +348,8 @@ class FusedOptimizer(Optimizer):
         raise NotImplementedError
 
     def reference_hyperparameters(self, group):
-        """The same for the reference, with the lr as a number."""
-        return {**self.hyperparameters(group), "lr": as_float(group["lr"])}
+        """The same for the reference, with the lr as a number (scheduled, if a schedule is set)."""
+        return {**self.hyperparameters(group), "lr": as_float(group["lr"]) * self.scheduled_factor(group)}
 
     def reference_step(self, group, params, grads):
         raise NotImplementedError
@@ -326,7 +403,11 @@ class FusedOptimizer(Optimizer):
             clip_coef = epilogue.clip_coefficient(self.last_grad_norm, self.max_grad_norm)
         scaling = epilogue.StepScaling(getattr(self, "found_inf", None), grad_scale, clip_coef)
         for index, group, plan in plans:
-            plan.launch(self, group, scaling)
+            schedules = {}
+            if self.schedule is not None:
+                devices = list(dict.fromkeys(bucket.device for bucket in plan.buckets))
+                schedules = self._advance_schedule(group, devices)
+            plan.launch(self, group, scaling, schedules)
             if plan.rebuild_next_step:
                 del self._plans[index]
         return loss
@@ -404,7 +485,11 @@ class FusedOptimizer(Optimizer):
         self._plans = {}
 
     def __getstate__(self):
-        return {**super().__getstate__(), "backend": self.backend, "max_grad_norm": self.max_grad_norm}
+        state = {**super().__getstate__(), "backend": self.backend, "max_grad_norm": self.max_grad_norm,
+                 "schedule": self.schedule}
+        if self.schedule is not None:
+            state["_schedule_factors"] = self._schedule_factors
+        return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -413,6 +498,8 @@ class FusedOptimizer(Optimizer):
         self.__dict__.setdefault("backend", resolve_backend(None))
         self.__dict__.setdefault("max_grad_norm", None)
         self.__dict__.setdefault("last_grad_norm", None)
+        self.__dict__.setdefault("schedule", None)
+        self._schedule_tables = {}
         for param_state in self.state.values():
             if "step" in param_state:
                 param_state["step"] = as_step_tensor(param_state["step"])

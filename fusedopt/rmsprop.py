@@ -23,7 +23,8 @@ class RMSprop(FusedOptimizer):
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
                  capturable=False, foreach=None, maximize=False, differentiable=False, backend=None,
-                 max_grad_norm=None):
+                 max_grad_norm=None,
+                 schedule=None, schedule_steps=None):
         if torch.is_tensor(lr) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:
@@ -39,7 +40,7 @@ class RMSprop(FusedOptimizer):
         defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
                         weight_decay=weight_decay, capturable=capturable, foreach=foreach, maximize=maximize,
                         differentiable=differentiable)
-        super().__init__(params, defaults, backend, max_grad_norm)
+        super().__init__(params, defaults, backend, max_grad_norm, schedule, schedule_steps)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -70,7 +71,8 @@ class RMSprop(FusedOptimizer):
                           reference_states(self, params, "grad_avg"), reference_states(self, params, "step"),
                           **self.reference_hyperparameters(group))
 
-    def kernel_step(self, group, table, steps, scaling):
+    def kernel_step(self, group, table, steps, scaling, schedule):
         from . import kernels
 
-        kernels.rmsprop_step(table, scaling=scaling, **self.hyperparameters(group))
+        kernels.rmsprop_step(table, scaling=scaling, schedule=schedule,
+                          **self.hyperparameters(group))

@@ -28,7 +28,7 @@ def adagrad_block(param_ptr, grad_ptr, state_sum_ptr, offsets, numel, clr, weigh
     store_block(state_sum_ptr, offsets, numel, state_sum, FULL)
 
 
-@triton.jit(do_not_specialize=["num_tensors", "num_blocks", "schedule_length"])
+@triton.jit(do_not_specialize=["num_tensors", "num_blocks"])
 def adagrad_kernel(
     tensor_table,  # int64 [roles + 2, num_tensors]: sizes, (unused), addresses
     block_table,  # int64 [2, num_blocks]: owning tensor and first element of each block
@@ -51,10 +51,13 @@ def adagrad_kernel(
         param_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 0, DTYPE, ALIGNED)
         grad_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 1, DTYPE, ALIGNED)
         state_sum_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 2, DTYPE, ALIGNED)
-        # the decayed lr, lr / (1 + (step - 1) lr_decay), in fp64 once per block
-        # a tensor lr is read here, so that a captured graph sees it changed in place
-        clr = (device_lr(lr, schedule, schedule_count, schedule_length, LR_TENSOR, SCHEDULED)
-            if LR_TENSOR or SCHEDULED else lr) / (1 + (tensor_step(steps, tensor) - 1) * lr_decay)
+        # the decayed lr, lr / (1 + (step - 1) lr_decay), in fp64 once per block; a tensor lr and a
+        # schedule are read here, so that a captured graph sees the lr change
+        decay = 1 + (tensor_step(steps, tensor) - 1) * lr_decay
+        if LR_TENSOR or SCHEDULED:
+            clr = device_lr(lr, schedule, schedule_count, schedule_length, LR_TENSOR, SCHEDULED) / decay
+        else:
+            clr = lr / decay
         clr = clr.to(tl.float64 if DTYPE == tl.float64 else tl.float32)
         if full:
             adagrad_block(param_ptr, grad_ptr, state_sum_ptr, offsets, numel, clr, weight_decay, eps, grad_sign,

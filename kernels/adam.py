@@ -59,13 +59,7 @@ def adam_bias_corrections(step, lr, log2_beta1, log2_beta2):
     return step_size, bias_correction2_sqrt
 
 
-@triton.jit
-def decoupled_param_scale(lr, decoupled_weight_decay, COMPUTE: tl.constexpr):
-    """AdamW's 1 - lr * weight_decay for an lr read from memory."""
-    return (1 - lr * decoupled_weight_decay).to(COMPUTE)
-
-
-@triton.jit(do_not_specialize=["num_tensors", "num_blocks", "schedule_length"])
+@triton.jit(do_not_specialize=["num_tensors", "num_blocks"])
 def adam_kernel(
     tensor_table,  # int64 [roles + 2, num_tensors]: sizes, (unused), addresses
     block_table,  # int64 [2, num_blocks]: owning tensor and first element of each block
@@ -76,7 +70,7 @@ def adam_kernel(
     lr, one_minus_beta1, beta2, one_minus_beta2, eps,  # 1 - beta computed on the host, in double
     coupled_weight_decay,  # Adam's L2 penalty added to the grad (0 for AdamW)
     decoupled_weight_decay,  # AdamW's weight decay (0 for Adam)
-    param_scale,  # AdamW's 1 - lr * weight_decay from the host (1 for Adam), unless LR_TENSOR
+    param_scale,  # AdamW's 1 - lr * weight_decay from the host (1 for Adam) for a number lr
     grad_sign,  # -1 to maximize
     log2_beta1, log2_beta2,  # for the bias corrections
     AMSGRAD: tl.constexpr,
@@ -98,28 +92,25 @@ def adam_kernel(
         max_exp_avg_sq_ptr = exp_avg_sq_ptr
         if AMSGRAD:
             max_exp_avg_sq_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 4, DTYPE, ALIGNED)
-        # a tensor lr is read here, so that a captured graph sees it changed in place (and the
-        # numbers are used where they are passed: the interpreter would round copies to fp32)
-        step_size, bias_correction2_sqrt = adam_bias_corrections(
-            tensor_step(steps, tensor), device_lr(lr, schedule, schedule_count, schedule_length, LR_TENSOR, SCHEDULED)
-            if LR_TENSOR or SCHEDULED else lr, log2_beta1, log2_beta2)
+        step = tensor_step(steps, tensor)
+        if LR_TENSOR or SCHEDULED:  # read here, so that a captured graph sees the lr change
+            lr_now = device_lr(lr, schedule, schedule_count, schedule_length, LR_TENSOR, SCHEDULED)
+            step_size, bias_correction2_sqrt = adam_bias_corrections(step, lr_now, log2_beta1, log2_beta2)
+            device_param_scale = (1 - lr_now * decoupled_weight_decay).to(compute_dtype)
+        else:
+            step_size, bias_correction2_sqrt = adam_bias_corrections(step, lr, log2_beta1, log2_beta2)
         step_size = step_size.to(compute_dtype)
         bias_correction2_sqrt = bias_correction2_sqrt.to(compute_dtype)
+        # (numbers are passed on as they came: the interpreter would round a copy of one to fp32)
         if full:
             adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, offsets, numel,
                        one_minus_beta1, beta2, one_minus_beta2, eps, coupled_weight_decay,
-                       decoupled_param_scale(device_lr(lr, schedule, schedule_count, schedule_length, LR_TENSOR, SCHEDULED),
-                                             decoupled_weight_decay, compute_dtype)
-                       if LR_TENSOR or SCHEDULED else param_scale,
-                       grad_sign,
+                       device_param_scale if LR_TENSOR or SCHEDULED else param_scale, grad_sign,
                        step_size, bias_correction2_sqrt, inv_scale, clip_factor, AMSGRAD, SCALED_GRADS, True)
         else:
             adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, offsets, numel,
                        one_minus_beta1, beta2, one_minus_beta2, eps, coupled_weight_decay,
-                       decoupled_param_scale(device_lr(lr, schedule, schedule_count, schedule_length, LR_TENSOR, SCHEDULED),
-                                             decoupled_weight_decay, compute_dtype)
-                       if LR_TENSOR or SCHEDULED else param_scale,
-                       grad_sign,
+                       device_param_scale if LR_TENSOR or SCHEDULED else param_scale, grad_sign,
                        step_size, bias_correction2_sqrt, inv_scale, clip_factor, AMSGRAD, SCALED_GRADS, False)
 
 

@@ -51,8 +51,9 @@ for _, option_sets in KERNEL_OPTIONS.values():
         option_sets += [{**richest, "LR_TENSOR": t, "SCHEDULED": s} for t, s in ((True, False), (False, True),
                                                                                   (True, True))]
 # Pointer arguments other than the tables: (element type, element type for fp64 kernels).
-POINTER_ARGS = {"schedule": ("fp64", "fp64"), "schedule_count": ("fp32", "fp32"), "steps": ("fp32", "fp32"), "found_inf": ("fp32", "fp32"), "grad_scale": ("fp32", "fp32"),
-                "clip_coef": ("fp32", "fp64"), "partials": ("fp32", "fp64")}
+POINTER_ARGS = {"steps": ("fp32", "fp32"), "found_inf": ("fp32", "fp32"), "grad_scale": ("fp32", "fp32"),
+                "clip_coef": ("fp32", "fp64"), "partials": ("fp32", "fp64"), "schedule": ("fp64", "fp64"),
+                "schedule_count": ("fp32", "fp32")}
 
 
 @dataclass
@@ -89,7 +90,7 @@ def compile_specialization(spec, arch):
             signature[name] = "constexpr"
         elif name in TABLE_ARGS:
             signature[name] = "*i64"
-        elif name in COUNT_ARGS or name == "schedule_length":
+        elif name in COUNT_ARGS:
             signature[name] = "i32"
         elif name == "lr" and spec.options.get("LR_TENSOR"):
             signature[name] = "*" + POINTER_ARGS["clip_coef"][torch_dtype == torch.float64]

@@ -172,9 +172,10 @@ class TensorTable:
         return found_inf, grad_scale, clip_coef, True
 
     def lr_arguments(self, lr, schedule):
-        """(lr, (schedule, schedule_count, schedule_length), constexprs LR_TENSOR and SCHEDULED). A tensor lr on this device is read by the kernel from memory (no
-        host sync, and a captured CUDA graph sees in-place changes); anything else goes as a
-        number. `schedule` (a DeviceSchedule or None) scales it by a factor read from memory."""
+        """(lr, (schedule, schedule_count, schedule_length), constexprs LR_TENSOR and SCHEDULED).
+        A tensor lr on this device is read by the kernel from memory (no host sync, and a captured
+        CUDA graph sees in-place changes); anything else goes as a number. `schedule` (a
+        DeviceSchedule or None) scales it by a factor read from memory."""
         lr_tensor = torch.is_tensor(lr) and lr.device == self.device
         lr = lr if lr_tensor else float(lr)
         if schedule is None:
@@ -237,8 +238,9 @@ def device_lr(lr, schedule, schedule_count, schedule_length, LR_TENSOR: tl.const
     """The lr read from memory, as fp64: a tensor lr, and/or (SCHEDULED) the base lr times the
     schedule's factor at this step, table[min(count, length) - 1] (the last factor is held)."""
     if SCHEDULED:
-        index = tl.minimum(tl.load(schedule_count).to(tl.int64), schedule_length) - 1
-        factor = tl.load(schedule + tl.maximum(index, 0)).to(tl.float64)
+        # counts and length as floats (exact to 2^24 steps): the launcher passes numbers as floats
+        index = tl.maximum(tl.minimum(tl.load(schedule_count), schedule_length) - 1, 0).to(tl.int64)
+        factor = tl.load(schedule + index).to(tl.float64)
         if LR_TENSOR:
             return tl.load(lr).to(tl.float64) * factor
         else:

@@ -51,7 +51,7 @@ def rmsprop_block(param_ptr, grad_ptr, square_avg_ptr, momentum_buffer_ptr, grad
         store_block(grad_avg_ptr, offsets, numel, grad_avg, FULL)
 
 
-@triton.jit(do_not_specialize=["num_tensors", "num_blocks", "schedule_length"])
+@triton.jit(do_not_specialize=["num_tensors", "num_blocks"])
 def rmsprop_kernel(
     tensor_table,  # int64 [roles + 2, num_tensors]: sizes, (unused), addresses
     block_table,  # int64 [2, num_blocks]: owning tensor and first element of each block
@@ -74,9 +74,10 @@ def rmsprop_kernel(
     if SCALED_GRADS:
         skip, inv_scale, clip_factor = grad_scaling(found_inf, grad_scale, clip_coef)
     if not skip:
-        # a tensor lr is read here, so that a captured graph sees it changed in place (and the
-        # number is used where it is passed: the interpreter would round a copy of it to fp32)
-        COMPUTE: tl.constexpr = tl.float64 if DTYPE == tl.float64 else tl.float32
+        if LR_TENSOR or SCHEDULED:  # read here, so that a captured graph sees the lr change
+            lr_now = device_lr(lr, schedule, schedule_count, schedule_length, LR_TENSOR, SCHEDULED)
+            lr_now = lr_now.to(tl.float64 if DTYPE == tl.float64 else tl.float32)
+        # (a number lr is passed on as it came: the interpreter would round a copy of it to fp32)
         param_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 0, DTYPE, ALIGNED)
         grad_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 1, DTYPE, ALIGNED)
         square_avg_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 2, DTYPE, ALIGNED)
@@ -88,13 +89,11 @@ def rmsprop_kernel(
             grad_avg_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 3 + MOMENTUM, DTYPE, ALIGNED)
         if full:
             rmsprop_block(param_ptr, grad_ptr, square_avg_ptr, momentum_buffer_ptr, grad_avg_ptr, offsets, numel,
-                          device_lr(lr, schedule, schedule_count, schedule_length, LR_TENSOR, SCHEDULED).to(COMPUTE)
-                      if LR_TENSOR or SCHEDULED else lr, alpha, one_minus_alpha, eps, weight_decay,
+                          lr_now if LR_TENSOR or SCHEDULED else lr, alpha, one_minus_alpha, eps, weight_decay,
                           momentum, grad_sign, inv_scale, clip_factor, MOMENTUM, CENTERED, SCALED_GRADS, True)
         else:
             rmsprop_block(param_ptr, grad_ptr, square_avg_ptr, momentum_buffer_ptr, grad_avg_ptr, offsets, numel,
-                          device_lr(lr, schedule, schedule_count, schedule_length, LR_TENSOR, SCHEDULED).to(COMPUTE)
-                      if LR_TENSOR or SCHEDULED else lr, alpha, one_minus_alpha, eps, weight_decay,
+                          lr_now if LR_TENSOR or SCHEDULED else lr, alpha, one_minus_alpha, eps, weight_decay,
                           momentum, grad_sign, inv_scale, clip_factor, MOMENTUM, CENTERED, SCALED_GRADS, False)
 
 

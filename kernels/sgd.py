@@ -44,7 +44,7 @@ def sgd_block(param_ptr, grad_ptr, momentum_buffer_ptr, fresh_buffer, offsets, n
         store_block(momentum_buffer_ptr, offsets, numel, momentum_buffer, FULL)
 
 
-@triton.jit(do_not_specialize=["num_tensors", "num_blocks", "schedule_length"])
+@triton.jit(do_not_specialize=["num_tensors", "num_blocks"])
 def sgd_kernel(
     tensor_table,  # int64 [roles + 2, num_tensors]: sizes, fresh-buffer flags, addresses
     block_table,  # int64 [2, num_blocks]: owning tensor and first element of each block
@@ -67,9 +67,10 @@ def sgd_kernel(
     if SCALED_GRADS:
         skip, inv_scale, clip_factor = grad_scaling(found_inf, grad_scale, clip_coef)
     if not skip:
-        # a tensor lr is read here, so that a captured graph sees it changed in place (and the
-        # number is used where it is passed: the interpreter would round a copy of it to fp32)
-        COMPUTE: tl.constexpr = tl.float64 if DTYPE == tl.float64 else tl.float32
+        if LR_TENSOR or SCHEDULED:  # read here, so that a captured graph sees the lr change
+            lr_now = device_lr(lr, schedule, schedule_count, schedule_length, LR_TENSOR, SCHEDULED)
+            lr_now = lr_now.to(tl.float64 if DTYPE == tl.float64 else tl.float32)
+        # (a number lr is passed on as it came: the interpreter would round a copy of it to fp32)
         param_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 0, DTYPE, ALIGNED)
         grad_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 1, DTYPE, ALIGNED)
         momentum_buffer_ptr = grad_ptr
@@ -80,17 +81,16 @@ def sgd_kernel(
                 fresh_buffer = tensor_extra(tensor_table, num_tensors, tensor) != 0
         if full:
             sgd_block(param_ptr, grad_ptr, momentum_buffer_ptr, fresh_buffer, offsets, numel,
-                      device_lr(lr, schedule, schedule_count, schedule_length, LR_TENSOR, SCHEDULED).to(COMPUTE)
-                      if LR_TENSOR or SCHEDULED else lr, weight_decay, momentum, one_minus_dampening,
+                      lr_now if LR_TENSOR or SCHEDULED else lr, weight_decay, momentum, one_minus_dampening,
                       nesterov, grad_sign, inv_scale, clip_factor, MOMENTUM, SCALED_GRADS, True)
         else:
             sgd_block(param_ptr, grad_ptr, momentum_buffer_ptr, fresh_buffer, offsets, numel,
-                      device_lr(lr, schedule, schedule_count, schedule_length, LR_TENSOR, SCHEDULED).to(COMPUTE)
-                      if LR_TENSOR or SCHEDULED else lr, weight_decay, momentum, one_minus_dampening,
+                      lr_now if LR_TENSOR or SCHEDULED else lr, weight_decay, momentum, one_minus_dampening,
                       nesterov, grad_sign, inv_scale, clip_factor, MOMENTUM, SCALED_GRADS, False)
 
 
-def sgd_step(table, *, lr, weight_decay, momentum, dampening, nesterov, maximize, fresh_buffers=False, scaling=None, schedule=None):
+def sgd_step(table, *, lr, weight_decay, momentum, dampening, nesterov, maximize, fresh_buffers=False, scaling=None,
+             schedule=None):
     """One SGD step over a TensorTable whose roles are param, grad [, momentum_buffer when
     momentum != 0]; with fresh_buffers the extra row flags buffers to start from the grad;
     `scaling` (a GradScaling) skips the step or unscales and clips the grads; `lr` may be a

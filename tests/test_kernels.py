@@ -503,18 +503,18 @@ RUNTIME_ARGUMENTS = {
     "rmsprop": ["lr", "alpha", "one_minus_alpha", "eps", "weight_decay", "momentum", "grad_sign"],
 }
 for names in RUNTIME_ARGUMENTS.values():
-    names += ["found_inf", "grad_scale", "clip_coef"]
+    names += ["found_inf", "grad_scale", "clip_coef", "schedule", "schedule_count", "schedule_length"]
 # Compile-time flags: structure (which states exist, which branch), whether grads are scaled and
-# the lr is a tensor (both read from memory), element type, alignment, block.
+# the lr is a tensor or scheduled (all read from memory), element type, alignment, block.
 CONSTEXPR_ARGUMENTS = {
-    "sgd": {"MOMENTUM", "FRESH_BUFFERS", "SCALED_GRADS", "LR_TENSOR", "DTYPE", "ALIGNED", "BLOCK"},
-    "adam": {"AMSGRAD", "SCALED_GRADS", "LR_TENSOR", "DTYPE", "ALIGNED", "BLOCK"},
-    "adagrad": {"SCALED_GRADS", "LR_TENSOR", "DTYPE", "ALIGNED", "BLOCK"},
-    "rmsprop": {"MOMENTUM", "CENTERED", "SCALED_GRADS", "LR_TENSOR", "DTYPE", "ALIGNED", "BLOCK"},
+    "sgd": {"MOMENTUM", "FRESH_BUFFERS", "SCALED_GRADS", "LR_TENSOR", "SCHEDULED", "DTYPE", "ALIGNED", "BLOCK"},
+    "adam": {"AMSGRAD", "SCALED_GRADS", "LR_TENSOR", "SCHEDULED", "DTYPE", "ALIGNED", "BLOCK"},
+    "adagrad": {"SCALED_GRADS", "LR_TENSOR", "SCHEDULED", "DTYPE", "ALIGNED", "BLOCK"},
+    "rmsprop": {"MOMENTUM", "CENTERED", "SCALED_GRADS", "LR_TENSOR", "SCHEDULED", "DTYPE", "ALIGNED", "BLOCK"},
 }
 
 
-DEVICE_SCALARS = {"steps", "found_inf", "grad_scale", "clip_coef", "lr"}
+DEVICE_SCALARS = {"steps", "found_inf", "grad_scale", "clip_coef", "lr", "schedule", "schedule_count"}
 
 
 def kernel_of(rule):
