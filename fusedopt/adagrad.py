@@ -21,8 +21,7 @@ class Adagrad(FusedOptimizer):
     """
 
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
-                 foreach=None, *, maximize=False, differentiable=False, fused=None, backend=None, max_grad_norm=None,
-                 schedule=None, schedule_steps=None):
+                 foreach=None, *, maximize=False, differentiable=False, fused=None, backend=None, **options):
         if torch.is_tensor(lr) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:
@@ -38,7 +37,7 @@ class Adagrad(FusedOptimizer):
         defaults = dict(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
                         initial_accumulator_value=initial_accumulator_value, foreach=foreach, maximize=maximize,
                         differentiable=differentiable, fused=fused)
-        super().__init__(params, defaults, backend, max_grad_norm, schedule, schedule_steps)
+        super().__init__(params, defaults, backend, **options)
         for group in self.param_groups:
             for param in group["params"]:
                 self.init_state(param, group)
@@ -69,12 +68,12 @@ class Adagrad(FusedOptimizer):
         return dict(lr=group["lr"], lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
                     eps=group["eps"], maximize=group["maximize"])
 
-    def reference_step(self, group, params, grads):
-        reference.adagrad(params, grads, reference_states(self, params, "sum"),
+    def reference_step(self, group, params, grads, targets=None):
+        reference.adagrad(params if targets is None else targets, grads, reference_states(self, params, "sum"),
                           reference_states(self, params, "step"), **self.reference_hyperparameters(group))
 
-    def kernel_step(self, group, table, steps, scaling, schedule):
+    def kernel_step(self, group, table, steps, **launch):
         from . import kernels
 
-        kernels.adagrad_step(table, steps, scaling=scaling, schedule=schedule,
+        kernels.adagrad_step(table, steps, **launch,
                           **self.hyperparameters(group))

@@ -58,8 +58,7 @@ class Adam(FusedOptimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
-                 decoupled_weight_decay=False, backend=None, max_grad_norm=None, schedule=None,
-                 schedule_steps=None):
+                 decoupled_weight_decay=False, backend=None, **options):
         check_adam_arguments(lr, betas, eps, weight_decay, foreach, capturable)
         # torch keeps tensor betas as 0-dim tensors in the param groups
         betas = tuple(b.squeeze() if torch.is_tensor(b) and b.dim() != 0 else b for b in betas)
@@ -67,7 +66,7 @@ class Adam(FusedOptimizer):
                         amsgrad=amsgrad, maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
-        super().__init__(params, defaults, backend, max_grad_norm, schedule, schedule_steps)
+        super().__init__(params, defaults, backend, **options)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -89,16 +88,16 @@ class Adam(FusedOptimizer):
                     weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
                     amsgrad=group["amsgrad"], maximize=group["maximize"])
 
-    def reference_step(self, group, params, grads):
+    def reference_step(self, group, params, grads, targets=None):
         reference.adam(
-            params, grads, reference_states(self, params, "exp_avg"),
+            params if targets is None else targets, grads, reference_states(self, params, "exp_avg"),
             reference_states(self, params, "exp_avg_sq"), reference_states(self, params, "max_exp_avg_sq"),
             reference_states(self, params, "step"), **self.reference_hyperparameters(group))
 
-    def kernel_step(self, group, table, steps, scaling, schedule):
+    def kernel_step(self, group, table, steps, **launch):
         from . import kernels
 
-        kernels.adam_step(table, steps, scaling=scaling, schedule=schedule,
+        kernels.adam_step(table, steps, **launch,
                           **self.hyperparameters(group))
 
 
@@ -109,11 +108,10 @@ class AdamW(Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None, backend=None,
-                 max_grad_norm=None, schedule=None, schedule_steps=None):
+                 **options):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True, backend=backend, max_grad_norm=max_grad_norm,
-                         schedule=schedule, schedule_steps=schedule_steps)
+                         decoupled_weight_decay=True, backend=backend, **options)
 
     def __setstate__(self, state):
         super().__setstate__(state)

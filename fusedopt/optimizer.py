@@ -90,7 +90,8 @@ class KernelBucket:
         self.grad_strides = [p.stride() for p in params]
         self.complex = any(p.is_complex() for p in params)
         # No state entries where the rule keeps none (SGD without momentum), as in torch.
-        keeps_state = optimizer.has_step or optimizer.state_keys(group)
+        masters = optimizer.keeps_master(params[0])
+        keeps_state = optimizer.has_step or optimizer.state_keys(group) or masters
         states = [optimizer.state[p] for p in params] if keeps_state else [{} for _ in params]
         self.steps = None
         self.fresh_states = []
@@ -107,6 +108,8 @@ class KernelBucket:
             self.fresh_states = [state for state, flag in zip(states, fresh) if flag]
             extra = [int(flag) for flag in fresh]
         roles = [[state[key] for state in states] for key in optimizer.state_keys(group)]
+        if masters:  # the fp32 master copies are the last role
+            roles.append([state["master_param"] for state in states])
         self.table = kernels.TensorTable(params, grads, roles, extra)
         # The table holds raw addresses: remember which state tensors they belong to, so that
         # state replaced by hand (or cleared) is noticed before the kernel writes anywhere.
@@ -138,17 +141,16 @@ class KernelBucket:
             self.table.refresh_grads(addresses)
         return True
 
-    def launch(self, optimizer, group, scaling, schedule):
+    def launch(self, optimizer, group, scaling, group_step):
         scaling = scaling.to(self.device)
+        launch = dict(scaling=scaling.kernel_scaling(), group_step=group_step, param_rounding=optimizer.param_rounding)
         if self.steps is not None:
             self.steps += 1
             if scaling.found_inf is not None:
                 self.steps -= scaling.found_inf  # a skipped step does not count
-            optimizer.kernel_step(group, self.table, steps=self.steps, scaling=scaling.kernel_scaling(),
-                                  schedule=schedule)
+            optimizer.kernel_step(group, self.table, steps=self.steps, **launch)
             return
-        optimizer.kernel_step(group, self.table, fresh_buffers=bool(self.fresh_states),
-                              scaling=scaling.kernel_scaling(), schedule=schedule)
+        optimizer.kernel_step(group, self.table, fresh_buffers=bool(self.fresh_states), **launch)
         if self.fresh_states:  # the first step of these momentum buffers: did it run?
             optimizer.buffers_started(self.fresh_states, skipped=scaling.skipped())
 
@@ -222,15 +224,23 @@ class GroupPlan:
                 return False
         return True
 
-    def launch(self, optimizer, group, scaling, schedules):
+    def launch(self, optimizer, group, scaling, group_steps):
         for bucket in self.buckets:
-            bucket.launch(optimizer, group, scaling, schedules.get(bucket.device))
+            bucket.launch(optimizer, group, scaling, group_steps.get(bucket.device))
         if self.reference_params:
             for p in self.reference_params:  # per tensor anyway: state may have been cleared by hand
                 optimizer.prepare_param(p, p.grad, group)
             grads = scaling.scale_grads([p.grad for p in self.reference_params])
             if grads is not None:  # None: AMP found an inf or NaN, the step is skipped
-                optimizer.reference_step(group, self.reference_params, grads)
+                optimizer.rounded_reference_step(group, self.reference_params, grads)
+
+
+def param_rounding(stochastic_rounding, master_weights):
+    """How updated bf16 params are stored: "nearest", "stochastic" or "master" (fp32 copies)."""
+    if stochastic_rounding and master_weights:
+        raise ValueError("stochastic_rounding and master_weights are alternatives: with an fp32 master copy the "
+                         "bf16 param is rounded to nearest from it")
+    return "stochastic" if stochastic_rounding else "master" if master_weights else "nearest"
 
 
 class FusedOptimizer(Optimizer):
@@ -241,8 +251,13 @@ class FusedOptimizer(Optimizer):
     # torch.amp.GradScaler hands over `grad_scale` and `found_inf` instead of unscaling the grads.
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, defaults, backend=None, max_grad_norm=None, schedule=None, schedule_steps=None):
+    def __init__(self, params, defaults, backend=None, *, max_grad_norm=None, schedule=None, schedule_steps=None,
+                 stochastic_rounding=False, master_weights=False, rounding_seed=0):
         check_implementation_flags(defaults)
+        self.param_rounding = param_rounding(stochastic_rounding, master_weights)
+        if isinstance(rounding_seed, bool) or not isinstance(rounding_seed, int) or not 0 <= rounding_seed < 2**63:
+            raise ValueError(f"Invalid rounding_seed: {rounding_seed!r} (expected an int in [0, 2**63))")
+        self.rounding_seed = rounding_seed
         self.backend = resolve_backend(backend)
         self.max_grad_norm = None if max_grad_norm is None else epilogue.check_max_grad_norm(max_grad_norm)
         self.last_grad_norm = None  # the total grad norm of the last step that clipped by max_grad_norm
@@ -257,7 +272,7 @@ class FusedOptimizer(Optimizer):
         """Have the kernels scale each group's lr by `schedule` (a fusedopt.schedules.Schedule),
         read at the group's step count on the device: the same lrs as driving the schedule with
         ScheduledLR from the host, but with nothing on the host, so a captured CUDA graph replays
-        a whole scheduled run. The count (``group["schedule_step"]``, saved in state_dict) moves on
+        a whole scheduled run. The count (``group["group_step"]``, saved in state_dict) moves on
         at every step(), skipped AMP steps included, as a host scheduler stepped every iteration
         would. The factors are tabulated once, up to the schedule's end, where the last one is held;
         a schedule without an end (inverse sqrt, exponential decay) needs ``schedule_steps``, the
@@ -266,6 +281,7 @@ class FusedOptimizer(Optimizer):
 
         if schedule is None:
             self.schedule = None
+            self._device_scalars = {}
             return
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a fusedopt.schedules.Schedule, got {type(schedule).__name__}")
@@ -282,47 +298,49 @@ class FusedOptimizer(Optimizer):
                 raise ValueError("schedule= scales a number lr (the base lr); this group's lr is a tensor")
         self.schedule = schedule
         self._schedule_factors = schedule.values(length)  # steps 0..length
-        self._schedule_tables = {}
+        self._device_scalars = {}
 
-    def _advance_schedule(self, group, devices):
-        """Count this step for the group's schedule; its DeviceSchedule on each of `devices` (the
-        devices of the group's kernel buckets)."""
-        count = group.get("schedule_step")
+    def _advance_group_step(self, group, devices):
+        """Count this step() in the group's device counter (``group["group_step"]``, saved in
+        state_dict), which the kernels read for the schedule and for stochastic rounding; the
+        GroupStep of each of `devices` (the devices of the group's kernel buckets)."""
+        count = group.get("group_step")
         if count is None:
             count = torch.zeros((), dtype=torch.float32)
         if devices and count.device != devices[0]:
             count = count.to(devices[0])
-        group["schedule_step"] = count
+        group["group_step"] = count
         count += 1
         if not devices:
             return {}
-        from .kernels import DeviceSchedule
+        from .kernels import GroupStep
 
-        schedules = {}
+        steps = {}
         for device in devices:
-            if device not in self._schedule_tables:
-                self._schedule_tables[device] = torch.tensor(self._schedule_factors, dtype=torch.float64,
-                                                             device=device)
-            schedules[device] = DeviceSchedule(self._schedule_tables[device], count.to(device).reshape(1))
-        return schedules
+            if device not in self._device_scalars:
+                factors = None if self.schedule is None else torch.tensor(self._schedule_factors,
+                                                                        dtype=torch.float64, device=device)
+                seed = torch.tensor(self.rounding_seed, dtype=torch.int64, device=device)
+                self._device_scalars[device] = factors, seed
+            factors, seed = self._device_scalars[device]
+            steps[device] = GroupStep(count.to(device).reshape(1), factors, seed)
+        return steps
 
     def scheduled_factor(self, group):
         """The schedule's factor at the group's current step, on the host (the plain-torch path)."""
         if self.schedule is None:
             return 1.0
-        count = int(as_float(group["schedule_step"]))
+        count = int(as_float(group["group_step"]))
         return self._schedule_factors[max(0, min(count, len(self._schedule_factors)) - 1)]
 
     def current_lr(self, group_index=0):
         """The lr the last step used in a group, as a tensor: base lr times the schedule's factor
         (no host sync: the factor is read on the device)."""
         group = self.param_groups[group_index]
-        if self.schedule is None or "schedule_step" not in group:
+        if self.schedule is None or "group_step" not in group:
             return torch.as_tensor(group["lr"])
-        count = group["schedule_step"]
-        table = self._schedule_tables.get(count.device)
-        if table is None:
-            table = torch.tensor(self._schedule_factors, dtype=torch.float64, device=count.device)
+        count = group["group_step"]
+        table = torch.tensor(self._schedule_factors, dtype=torch.float64, device=count.device)
         index = count.long().clamp(1, table.numel()) - 1
         return group["lr"] * table[index]
 
@@ -351,8 +369,30 @@ class FusedOptimizer(Optimizer):
         """The same for the reference, with the lr as a number (scheduled, if a schedule is set)."""
         return {**self.hyperparameters(group), "lr": as_float(group["lr"]) * self.scheduled_factor(group)}
 
-    def reference_step(self, group, params, grads):
+    def reference_step(self, group, params, grads, targets=None):
+        """Update `targets` (default: the params themselves) with the rule, from the state of
+        `params`."""
         raise NotImplementedError
+
+    def rounded_reference_step(self, group, params, grads):
+        """reference_step, with bf16 params updated through fp32 (their master copies, or copies
+        rounded back stochastically) when param_rounding asks for it."""
+        rounded = [p.dtype == torch.bfloat16 and self.param_rounding != "nearest" for p in params]
+        if not any(rounded):
+            return self.reference_step(group, params, grads)
+        state = self.state
+        targets = [state[p]["master_param"] if flag and self.param_rounding == "master" else
+                   p.detach().float() if flag else p for p, flag in zip(params, rounded)]
+        self.reference_step(group, params, grads, targets)
+        count = int(as_float(group["group_step"])) if "group_step" in group else 0
+        with torch.no_grad():
+            for index, (p, target, flag) in enumerate(zip(params, targets, rounded)):
+                if not flag:
+                    continue
+                if self.param_rounding == "master":
+                    p.copy_(target)
+                else:
+                    p.copy_(reference.stochastic_round_to_bfloat16(target, (self.rounding_seed, count, index)))
 
     def kernel_step(self, group, table, **step_info):
         raise NotImplementedError
@@ -366,6 +406,12 @@ class FusedOptimizer(Optimizer):
         self.check_grad(grad)
         if not self.state.get(param):
             self.init_state(param, group)
+        if self.keeps_master(param) and "master_param" not in self.state[param]:
+            self.state[param]["master_param"] = param.detach().float().clone(memory_format=torch.preserve_format)
+
+    def keeps_master(self, param):
+        """Whether `param` (bf16 under master_weights=True) has an fp32 master copy in its state."""
+        return self.param_rounding == "master" and param.dtype == torch.bfloat16
 
     # ---- the shared step ----
     def runs_on_kernels(self, param):
@@ -403,11 +449,11 @@ class FusedOptimizer(Optimizer):
             clip_coef = epilogue.clip_coefficient(self.last_grad_norm, self.max_grad_norm)
         scaling = epilogue.StepScaling(getattr(self, "found_inf", None), grad_scale, clip_coef)
         for index, group, plan in plans:
-            schedules = {}
-            if self.schedule is not None:
+            group_steps = {}
+            if self.schedule is not None or self.param_rounding == "stochastic":
                 devices = list(dict.fromkeys(bucket.device for bucket in plan.buckets))
-                schedules = self._advance_schedule(group, devices)
-            plan.launch(self, group, scaling, schedules)
+                group_steps = self._advance_group_step(group, devices)
+            plan.launch(self, group, scaling, group_steps)
             if plan.rebuild_next_step:
                 del self._plans[index]
         return loss
@@ -479,6 +525,23 @@ class FusedOptimizer(Optimizer):
             contributions.append(epilogue.torch_norm_partials(leftover, norm_type, grad_scale))
         return epilogue.total_grad_norm(contributions, norm_type, device, dtype)
 
+    def load_state_dict(self, state_dict):
+        """torch.optim's load_state_dict, except that fp32 master copies (master_weights=True) stay
+        fp32: torch casts every state tensor to its param's dtype."""
+        state = state_dict["state"]
+        if not any(isinstance(values, dict) and "master_param" in values for values in state.values()):
+            return super().load_state_dict(state_dict)
+        masters = {key: values["master_param"] for key, values in state.items() if "master_param" in values}
+        state = {key: {name: value for name, value in values.items() if name != "master_param"}
+                 for key, values in state.items()}
+        super().load_state_dict({**state_dict, "state": state})
+        saved_ids = itertools.chain.from_iterable(group["params"] for group in state_dict["param_groups"])
+        params = itertools.chain.from_iterable(group["params"] for group in self.param_groups)
+        for saved_id, param in zip(saved_ids, params):
+            if saved_id in masters:
+                master = masters[saved_id]
+                self.state[param]["master_param"] = master.to(device=param.device, dtype=torch.float32, copy=True)
+
     def invalidate_plans(self):
         """Forget the cached tensor tables; the next step rebuilds them. (Replaced params, grads
         and state are noticed without it; load_state_dict ends in __setstate__, which forgets.)"""
@@ -486,7 +549,8 @@ class FusedOptimizer(Optimizer):
 
     def __getstate__(self):
         state = {**super().__getstate__(), "backend": self.backend, "max_grad_norm": self.max_grad_norm,
-                 "schedule": self.schedule}
+                 "schedule": self.schedule, "param_rounding": self.param_rounding,
+                 "rounding_seed": self.rounding_seed}
         if self.schedule is not None:
             state["_schedule_factors"] = self._schedule_factors
         return state
@@ -499,7 +563,9 @@ class FusedOptimizer(Optimizer):
         self.__dict__.setdefault("max_grad_norm", None)
         self.__dict__.setdefault("last_grad_norm", None)
         self.__dict__.setdefault("schedule", None)
-        self._schedule_tables = {}
+        self.__dict__.setdefault("param_rounding", "nearest")
+        self.__dict__.setdefault("rounding_seed", 0)
+        self._device_scalars = {}
         for param_state in self.state.values():
             if "step" in param_state:
                 param_state["step"] = as_step_tensor(param_state["step"])

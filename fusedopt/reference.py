@@ -384,3 +384,14 @@ def rmsprop(
             centered=centered,
             maximize=maximize,
         )
+
+
+def stochastic_round_to_bfloat16(values, key):
+    """fp32 `values` rounded to bf16 up in magnitude with probability (dropped bits) / 2^16, so
+    that the expectation is the value; the random bits come from a generator seeded by `key`
+    (a tuple of ints: seed, step, tensor), so a run is reproducible."""
+    generator = torch.Generator().manual_seed(hash(key) & (2**63 - 1))
+    noise = torch.randint(0, 1 << 16, values.shape, dtype=torch.int32, generator=generator).to(values.device)
+    bits = values.float().contiguous().view(torch.int32)
+    rounded = torch.bitwise_right_shift(bits + noise, 16).to(torch.int16).view(torch.bfloat16)
+    return torch.where(values.isnan(), values.to(torch.bfloat16), rounded)

@@ -23,8 +23,7 @@ class RMSprop(FusedOptimizer):
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
                  capturable=False, foreach=None, maximize=False, differentiable=False, backend=None,
-                 max_grad_norm=None,
-                 schedule=None, schedule_steps=None):
+                 **options):
         if torch.is_tensor(lr) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:
@@ -40,7 +39,7 @@ class RMSprop(FusedOptimizer):
         defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
                         weight_decay=weight_decay, capturable=capturable, foreach=foreach, maximize=maximize,
                         differentiable=differentiable)
-        super().__init__(params, defaults, backend, max_grad_norm, schedule, schedule_steps)
+        super().__init__(params, defaults, backend, **options)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -65,14 +64,14 @@ class RMSprop(FusedOptimizer):
                     weight_decay=group["weight_decay"], momentum=group["momentum"], centered=group["centered"],
                     maximize=group["maximize"])
 
-    def reference_step(self, group, params, grads):
-        reference.rmsprop(params, grads, reference_states(self, params, "square_avg"),
+    def reference_step(self, group, params, grads, targets=None):
+        reference.rmsprop(params if targets is None else targets, grads, reference_states(self, params, "square_avg"),
                           reference_states(self, params, "momentum_buffer"),
                           reference_states(self, params, "grad_avg"), reference_states(self, params, "step"),
                           **self.reference_hyperparameters(group))
 
-    def kernel_step(self, group, table, steps, scaling, schedule):
+    def kernel_step(self, group, table, steps, **launch):
         from . import kernels
 
-        kernels.rmsprop_step(table, scaling=scaling, schedule=schedule,
+        kernels.rmsprop_step(table, **launch,
                           **self.hyperparameters(group))

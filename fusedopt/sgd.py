@@ -25,8 +25,7 @@ class SGD(FusedOptimizer):
     has_step = False
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
-                 maximize=False, foreach=None, differentiable=False, fused=None, backend=None, max_grad_norm=None,
-                 schedule=None, schedule_steps=None):
+                 maximize=False, foreach=None, differentiable=False, fused=None, backend=None, **options):
         if torch.is_tensor(lr) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if lr < 0.0:
@@ -40,7 +39,7 @@ class SGD(FusedOptimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
                         fused=fused)
-        super().__init__(params, defaults, backend, max_grad_norm, schedule, schedule_steps)
+        super().__init__(params, defaults, backend, **options)
         # Momentum buffers allocated for a first step that has not run yet (or was skipped by
         # AMP): they hold no value, and the kernel must start them from the grad.
         self._unstarted_buffers = weakref.WeakValueDictionary()
@@ -94,15 +93,15 @@ class SGD(FusedOptimizer):
                     momentum=group["momentum"], dampening=group["dampening"], nesterov=group["nesterov"],
                     maximize=group["maximize"])
 
-    def reference_step(self, group, params, grads):
-        buffers = reference.sgd(params, grads, reference_states(self, params, "momentum_buffer"),
-                                **self.reference_hyperparameters(group))
+    def reference_step(self, group, params, grads, targets=None):
+        buffers = reference.sgd(params if targets is None else targets, grads,
+                                reference_states(self, params, "momentum_buffer"), **self.reference_hyperparameters(group))
         if group["momentum"] != 0:
             for param, buffer in zip(params, buffers):
                 self.state[param]["momentum_buffer"] = buffer
 
-    def kernel_step(self, group, table, fresh_buffers, scaling, schedule):
+    def kernel_step(self, group, table, fresh_buffers, **launch):
         from . import kernels
 
-        kernels.sgd_step(table, fresh_buffers=fresh_buffers, scaling=scaling, schedule=schedule,
+        kernels.sgd_step(table, fresh_buffers=fresh_buffers, **launch,
                           **self.hyperparameters(group))

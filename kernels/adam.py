@@ -4,8 +4,8 @@ import math
 import triton
 import triton.language as tl
 
-from .multi_tensor import (device_lr, grad_scaling, load_block, locate_block, scale_grad, store_block, tensor_pointer,
-                           tensor_step)
+from .multi_tensor import (device_lr, grad_scaling, load_block, load_param, locate_block, scale_grad, store_block,
+                           store_param, tensor_pointer, tensor_step)
 
 
 @triton.jit
@@ -30,11 +30,12 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, one_minus_beta
 
 
 @triton.jit
-def adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, offsets, numel,
+def adam_block(param_ptr, master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, offsets, numel,
                one_minus_beta1, beta2, one_minus_beta2, eps, coupled_weight_decay, param_scale, grad_sign,
                step_size, bias_correction2_sqrt, inv_scale, clip_factor,
-               AMSGRAD: tl.constexpr, SCALED_GRADS: tl.constexpr, FULL: tl.constexpr):
-    param = load_block(param_ptr, offsets, numel, FULL)
+               AMSGRAD: tl.constexpr, SCALED_GRADS: tl.constexpr,
+               rounding_seed, tensor, group_step, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, FULL: tl.constexpr):
+    param = load_param(param_ptr, master_ptr, offsets, numel, MASTER, FULL)
     grad = scale_grad(load_block(grad_ptr, offsets, numel, FULL), inv_scale, clip_factor, SCALED_GRADS)
     exp_avg = load_block(exp_avg_ptr, offsets, numel, FULL)
     exp_avg_sq = load_block(exp_avg_sq_ptr, offsets, numel, FULL)
@@ -44,7 +45,8 @@ def adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_
     param, exp_avg, exp_avg_sq, max_exp_avg_sq = adam_update(
         param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, one_minus_beta1, beta2, one_minus_beta2, eps,
         coupled_weight_decay, param_scale, grad_sign, step_size, bias_correction2_sqrt, AMSGRAD)
-    store_block(param_ptr, offsets, numel, param, FULL)
+    store_param(param_ptr, master_ptr, offsets, numel, param, rounding_seed, tensor, group_step, MASTER, STOCHASTIC,
+                FULL)
     store_block(exp_avg_ptr, offsets, numel, exp_avg, FULL)
     store_block(exp_avg_sq_ptr, offsets, numel, exp_avg_sq, FULL)
     if AMSGRAD:
@@ -66,7 +68,8 @@ def adam_kernel(
     num_tensors, num_blocks,
     steps,  # [num_tensors] step counts, already incremented for this step
     found_inf, grad_scale, clip_coef,  # one-element tensors, read when SCALED_GRADS
-    schedule, schedule_count, schedule_length,  # the lr schedule's factors and step count (SCHEDULED)
+    schedule, group_step, schedule_length,  # the lr schedule's factors (SCHEDULED), the group's step count
+    rounding_seed,  # int64 seed of stochastic rounding (STOCHASTIC)
     lr, one_minus_beta1, beta2, one_minus_beta2, eps,  # 1 - beta computed on the host, in double
     coupled_weight_decay,  # Adam's L2 penalty added to the grad (0 for AdamW)
     decoupled_weight_decay,  # AdamW's weight decay (0 for Adam)
@@ -77,6 +80,8 @@ def adam_kernel(
     SCALED_GRADS: tl.constexpr,  # skip on found_inf; grads unscaled and clipped in registers
     LR_TENSOR: tl.constexpr,  # lr points at a one-element tensor
     SCHEDULED: tl.constexpr,  # the lr is multiplied by the schedule's factor at this step
+    STOCHASTIC: tl.constexpr,  # bf16 params are rounded stochastically
+    MASTER: tl.constexpr,  # an fp32 master copy of the param is the last role
     DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     tensor, offsets, numel, full = locate_block(tensor_table, block_table, num_blocks, BLOCK, ALIGNED)
@@ -87,6 +92,9 @@ def adam_kernel(
         compute_dtype: tl.constexpr = tl.float64 if DTYPE == tl.float64 else tl.float32
         param_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 0, DTYPE, ALIGNED)
         grad_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 1, DTYPE, ALIGNED)
+        master_ptr = param_ptr
+        if MASTER:
+            master_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 4 + AMSGRAD, tl.float32, ALIGNED)
         exp_avg_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 2, DTYPE, ALIGNED)
         exp_avg_sq_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 3, DTYPE, ALIGNED)
         max_exp_avg_sq_ptr = exp_avg_sq_ptr
@@ -94,7 +102,7 @@ def adam_kernel(
             max_exp_avg_sq_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 4, DTYPE, ALIGNED)
         step = tensor_step(steps, tensor)
         if LR_TENSOR or SCHEDULED:  # read here, so that a captured graph sees the lr change
-            lr_now = device_lr(lr, schedule, schedule_count, schedule_length, LR_TENSOR, SCHEDULED)
+            lr_now = device_lr(lr, schedule, group_step, schedule_length, LR_TENSOR, SCHEDULED)
             step_size, bias_correction2_sqrt = adam_bias_corrections(step, lr_now, log2_beta1, log2_beta2)
             device_param_scale = (1 - lr_now * decoupled_weight_decay).to(compute_dtype)
         else:
@@ -103,25 +111,29 @@ def adam_kernel(
         bias_correction2_sqrt = bias_correction2_sqrt.to(compute_dtype)
         # (numbers are passed on as they came: the interpreter would round a copy of one to fp32)
         if full:
-            adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, offsets, numel,
+            adam_block(param_ptr, master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, offsets, numel,
                        one_minus_beta1, beta2, one_minus_beta2, eps, coupled_weight_decay,
                        device_param_scale if LR_TENSOR or SCHEDULED else param_scale, grad_sign,
-                       step_size, bias_correction2_sqrt, inv_scale, clip_factor, AMSGRAD, SCALED_GRADS, True)
+                       step_size, bias_correction2_sqrt, inv_scale, clip_factor, AMSGRAD, SCALED_GRADS,
+                       rounding_seed, tensor, group_step, MASTER, STOCHASTIC, True)
         else:
-            adam_block(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, offsets, numel,
+            adam_block(param_ptr, master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, offsets, numel,
                        one_minus_beta1, beta2, one_minus_beta2, eps, coupled_weight_decay,
                        device_param_scale if LR_TENSOR or SCHEDULED else param_scale, grad_sign,
-                       step_size, bias_correction2_sqrt, inv_scale, clip_factor, AMSGRAD, SCALED_GRADS, False)
+                       step_size, bias_correction2_sqrt, inv_scale, clip_factor, AMSGRAD, SCALED_GRADS,
+                       rounding_seed, tensor, group_step, MASTER, STOCHASTIC, False)
 
 
 def adam_step(table, steps, *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize,
-              scaling=None, schedule=None):
+              scaling=None, group_step=None,
+              param_rounding="nearest"):
     """One Adam/AdamW step over a TensorTable whose roles are param, grad, exp_avg, exp_avg_sq
     [, max_exp_avg_sq]. `steps` holds each tensor's step count, already incremented; `scaling`
     (a GradScaling) skips the step or unscales and clips the grads; `lr` may be a one-element
-    tensor on the table's device, read by the kernel, and `schedule` (a DeviceSchedule) scales it."""
+    tensor on the table's device, read by the kernel, `group_step` (a GroupStep)
+    brings a schedule and a rounding seed; `param_rounding` is "nearest", "stochastic" or "master"."""
     found_inf, grad_scale, clip_coef, scaled = table.scaling_arguments(scaling)
-    lr, schedule_arguments, lr_flags = table.lr_arguments(lr, schedule)
+    lr, schedule_arguments, lr_flags = table.lr_arguments(lr, group_step, param_rounding)
     table.launch(
         adam_kernel,
         steps, found_inf, grad_scale, clip_coef, *schedule_arguments,

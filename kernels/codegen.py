@@ -41,19 +41,22 @@ KERNEL_OPTIONS = {
     "grad_norm": (grad_norm_kernel, [dict(NORM=kind) for kind in (TWO_NORM, INF_NORM, P_NORM)]),
 }
 NORM_NAMES = {TWO_NORM: "l2", INF_NORM: "linf", P_NORM: "lp"}
-# The lr read from memory (a tensor lr, a schedule's factor, both): more variants of each update
-# kernel, on its richest option set.
+# The lr read from memory (a tensor lr, a schedule's factor, both) and the bf16 param's rounding
+# (stochastic, or an fp32 master copy): more variants of each update kernel, on its richest option
+# set; the rounding variants for bf16 only.
+PARAM_ROUNDING = ("STOCHASTIC", "MASTER")
 for _, option_sets in KERNEL_OPTIONS.values():
     if "SCALED_GRADS" in option_sets[0]:
         richest = option_sets[-1]
         for options in option_sets:
-            options.update(LR_TENSOR=False, SCHEDULED=False)
+            options.update(LR_TENSOR=False, SCHEDULED=False, STOCHASTIC=False, MASTER=False)
         option_sets += [{**richest, "LR_TENSOR": t, "SCHEDULED": s} for t, s in ((True, False), (False, True),
                                                                                   (True, True))]
+        option_sets += [{**richest, "SCHEDULED": True, rounding: True} for rounding in PARAM_ROUNDING]
 # Pointer arguments other than the tables: (element type, element type for fp64 kernels).
 POINTER_ARGS = {"steps": ("fp32", "fp32"), "found_inf": ("fp32", "fp32"), "grad_scale": ("fp32", "fp32"),
                 "clip_coef": ("fp32", "fp64"), "partials": ("fp32", "fp64"), "schedule": ("fp64", "fp64"),
-                "schedule_count": ("fp32", "fp32")}
+                "group_step": ("fp32", "fp32"), "rounding_seed": ("i64", "i64")}
 
 
 @dataclass
@@ -75,7 +78,8 @@ def specializations(rules=None, dtypes=None, aligned=(True, False)):
         if rules and rule not in rules:
             continue
         for options, dtype, is_aligned in itertools.product(option_sets, dtypes or DTYPES, aligned):
-            yield Specialization(rule, dtype, is_aligned, options)
+            if dtype == "bf16" or not any(options.get(rounding) for rounding in PARAM_ROUNDING):
+                yield Specialization(rule, dtype, is_aligned, options)
 
 
 def compile_specialization(spec, arch):

@@ -99,13 +99,15 @@ class GradScaling(NamedTuple):
     clip_coef: Optional[torch.Tensor] = None
 
 
-class DeviceSchedule(NamedTuple):
-    """A learning-rate schedule the kernels evaluate: `factors` (fp64, on the table's device)
-    holds the factor of each step from 0 (the last one is held past the end), `count` (one fp32
-    element) the number of steps taken, this one included."""
+class GroupStep(NamedTuple):
+    """What the kernels read at a param group's step count `count` (one fp32 element on the
+    table's device: the step() calls so far, this one included): a learning-rate schedule's
+    `factors` (fp64, the factor of each step from 0, the last one held past the end), and the
+    seed of stochastic rounding (one int64 element); either may be None."""
 
-    factors: torch.Tensor
     count: torch.Tensor
+    factors: Optional[torch.Tensor] = None
+    rounding_seed: Optional[torch.Tensor] = None
 
 
 class TensorTable:
@@ -171,17 +173,23 @@ class TensorTable:
         )
         return found_inf, grad_scale, clip_coef, True
 
-    def lr_arguments(self, lr, schedule):
-        """(lr, (schedule, schedule_count, schedule_length), constexprs LR_TENSOR and SCHEDULED).
-        A tensor lr on this device is read by the kernel from memory (no host sync, and a captured
-        CUDA graph sees in-place changes); anything else goes as a number. `schedule` (a
-        DeviceSchedule or None) scales it by a factor read from memory."""
+    def lr_arguments(self, lr, group_step, param_rounding):
+        """(lr, (schedule, group_step, schedule_length, rounding_seed), constexprs LR_TENSOR,
+        SCHEDULED, STOCHASTIC, MASTER). A tensor lr on this device is read by the kernel from
+        memory (no host sync, and a captured CUDA graph sees in-place changes); anything else goes
+        as a number. `group_step` (a GroupStep or None) brings the schedule that scales it and
+        the seed of stochastic rounding; `param_rounding` is "nearest", "stochastic" or "master"
+        (for bf16 tables; others always round to nearest)."""
         lr_tensor = torch.is_tensor(lr) and lr.device == self.device
         lr = lr if lr_tensor else float(lr)
-        if schedule is None:
-            return lr, (self.tensor_table, self.tensor_table, 1), dict(LR_TENSOR=lr_tensor, SCHEDULED=False)
-        schedule_arguments = (schedule.factors, schedule.count, schedule.factors.numel())
-        return lr, schedule_arguments, dict(LR_TENSOR=lr_tensor, SCHEDULED=True)
+        group_step = group_step or GroupStep(self.tensor_table)
+        factors = group_step.factors
+        rounding = param_rounding if self.dtype == torch.bfloat16 else "nearest"
+        arguments = (self.tensor_table if factors is None else factors, group_step.count,
+                     1 if factors is None else factors.numel(),
+                     self.tensor_table if group_step.rounding_seed is None else group_step.rounding_seed)
+        return lr, arguments, dict(LR_TENSOR=lr_tensor, SCHEDULED=factors is not None,
+                                   STOCHASTIC=rounding == "stochastic", MASTER=rounding == "master")
 
     def launch(self, kernel, *arguments, **constexprs):
         """One launch of `kernel` over every block of every tensor in the table."""
@@ -234,12 +242,13 @@ def scale_grad(grad, inv_scale, clip_factor, SCALED_GRADS: tl.constexpr):
 
 
 @triton.jit
-def device_lr(lr, schedule, schedule_count, schedule_length, LR_TENSOR: tl.constexpr, SCHEDULED: tl.constexpr):
+def device_lr(lr, schedule, group_step, schedule_length, LR_TENSOR: tl.constexpr, SCHEDULED: tl.constexpr):
     """The lr read from memory, as fp64: a tensor lr, and/or (SCHEDULED) the base lr times the
-    schedule's factor at this step, table[min(count, length) - 1] (the last factor is held)."""
+    schedule's factor at the group's step count, table[min(count, length) - 1] (the last factor
+    is held)."""
     if SCHEDULED:
         # counts and length as floats (exact to 2^24 steps): the launcher passes numbers as floats
-        index = tl.maximum(tl.minimum(tl.load(schedule_count), schedule_length) - 1, 0).to(tl.int64)
+        index = tl.maximum(tl.minimum(tl.load(group_step), schedule_length) - 1, 0).to(tl.int64)
         factor = tl.load(schedule + index).to(tl.float64)
         if LR_TENSOR:
             return tl.load(lr).to(tl.float64) * factor
@@ -289,6 +298,45 @@ def round_to_bfloat16(values):
     rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
     rounded = tl.where(values != values, 0x7FC0, rounded)  # NaN stays NaN (carry could flip it)
     return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def stochastic_round_to_bfloat16(values, random_bits):
+    """fp32 -> bf16 rounding up in magnitude with probability (dropped bits) / 2^16: unbiased,
+    E[rounded] = value. `random_bits` are uniform uint32; their low 16 bits are used."""
+    bits = values.to(tl.uint32, bitcast=True)
+    rounded = (bits + (random_bits & 0xFFFF)) >> 16
+    rounded = tl.where(values != values, 0x7FC0, rounded)  # NaN stays NaN
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def load_param(param_ptr, master_ptr, offsets, numel, MASTER: tl.constexpr, FULL: tl.constexpr):
+    """The param the update starts from: its fp32 master copy (MASTER), else the param."""
+    if MASTER:
+        return load_block(master_ptr, offsets, numel, FULL)
+    else:
+        return load_block(param_ptr, offsets, numel, FULL)
+
+
+@triton.jit
+def store_param(param_ptr, master_ptr, offsets, numel, values, rounding_seed, tensor, group_step,
+                MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, FULL: tl.constexpr):
+    """Store the updated param: into the fp32 master copy too (MASTER), and into the param rounded
+    to nearest, or (STOCHASTIC, bf16) stochastically with random bits that depend only on the
+    seed, the element, the tensor and the group's step count: reproducible, replayable."""
+    if MASTER:
+        store_block(master_ptr, offsets, numel, values, FULL)
+    if STOCHASTIC:
+        random_bits, _, _, _ = tl.philox(tl.load(rounding_seed), offsets.to(tl.int32), tensor.to(tl.int32),
+                                         tl.load(group_step).to(tl.int32), 0)
+        rounded = stochastic_round_to_bfloat16(values, random_bits)
+        if FULL:
+            tl.store(param_ptr + offsets, rounded)
+        else:
+            tl.store(param_ptr + offsets, rounded, mask=offsets < numel)
+    else:
+        store_block(param_ptr, offsets, numel, values, FULL)
 
 
 @triton.jit

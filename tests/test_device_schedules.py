@@ -120,7 +120,7 @@ def test_schedule_position_is_saved_and_resumed(rule, backend, device):
     for _ in range(5):
         step_both(scheduled, params, driven, twins, host_scheduler, generator)
     checkpoint = copy.deepcopy(scheduled.state_dict())
-    assert checkpoint["param_groups"][0]["schedule_step"].item() == 5
+    assert checkpoint["param_groups"][0]["group_step"].item() == 5
     optimizer_class, options = RULES[rule]
     resumed = optimizer_class(params, lr=0.05, backend=backend, schedule=WARMUP_COSINE, **options)
     resumed.load_state_dict(checkpoint)
@@ -143,7 +143,7 @@ def test_skipped_amp_steps_still_advance_the_schedule(device):
     optimizer.step()
     del optimizer.found_inf
     assert all(torch.equal(p, b) for p, b in zip(params, before))
-    assert optimizer.param_groups[0]["schedule_step"].item() == 1
+    assert optimizer.param_groups[0]["group_step"].item() == 1
     assert optimizer.current_lr().item() == pytest.approx(0.05 * WARMUP_COSINE(0))
 
 
@@ -192,5 +192,5 @@ def test_captured_graph_replays_a_scheduled_run(rule):
         driven.step()
         host_scheduler.step()
     torch.cuda.synchronize()
-    assert math.isclose(scheduled.param_groups[0]["schedule_step"].item(), STEPS)
+    assert math.isclose(scheduled.param_groups[0]["group_step"].item(), STEPS)
     assert_same_run(params, twins, torch.float32)

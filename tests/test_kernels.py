@@ -503,18 +503,19 @@ RUNTIME_ARGUMENTS = {
     "rmsprop": ["lr", "alpha", "one_minus_alpha", "eps", "weight_decay", "momentum", "grad_sign"],
 }
 for names in RUNTIME_ARGUMENTS.values():
-    names += ["found_inf", "grad_scale", "clip_coef", "schedule", "schedule_count", "schedule_length"]
+    names += ["found_inf", "grad_scale", "clip_coef", "schedule", "group_step", "schedule_length", "rounding_seed"]
 # Compile-time flags: structure (which states exist, which branch), whether grads are scaled and
-# the lr is a tensor or scheduled (all read from memory), element type, alignment, block.
+# the lr is a tensor or scheduled (all read from memory), how bf16 params are rounded, element
+# type, alignment, block.
 CONSTEXPR_ARGUMENTS = {
-    "sgd": {"MOMENTUM", "FRESH_BUFFERS", "SCALED_GRADS", "LR_TENSOR", "SCHEDULED", "DTYPE", "ALIGNED", "BLOCK"},
-    "adam": {"AMSGRAD", "SCALED_GRADS", "LR_TENSOR", "SCHEDULED", "DTYPE", "ALIGNED", "BLOCK"},
-    "adagrad": {"SCALED_GRADS", "LR_TENSOR", "SCHEDULED", "DTYPE", "ALIGNED", "BLOCK"},
-    "rmsprop": {"MOMENTUM", "CENTERED", "SCALED_GRADS", "LR_TENSOR", "SCHEDULED", "DTYPE", "ALIGNED", "BLOCK"},
+    "sgd": {"MOMENTUM", "FRESH_BUFFERS", "SCALED_GRADS", "LR_TENSOR", "SCHEDULED", "STOCHASTIC", "MASTER", "DTYPE", "ALIGNED", "BLOCK"},
+    "adam": {"AMSGRAD", "SCALED_GRADS", "LR_TENSOR", "SCHEDULED", "STOCHASTIC", "MASTER", "DTYPE", "ALIGNED", "BLOCK"},
+    "adagrad": {"SCALED_GRADS", "LR_TENSOR", "SCHEDULED", "STOCHASTIC", "MASTER", "DTYPE", "ALIGNED", "BLOCK"},
+    "rmsprop": {"MOMENTUM", "CENTERED", "SCALED_GRADS", "LR_TENSOR", "SCHEDULED", "STOCHASTIC", "MASTER", "DTYPE", "ALIGNED", "BLOCK"},
 }
 
 
-DEVICE_SCALARS = {"steps", "found_inf", "grad_scale", "clip_coef", "lr", "schedule", "schedule_count"}
+DEVICE_SCALARS = {"steps", "found_inf", "grad_scale", "clip_coef", "lr", "schedule", "group_step", "rounding_seed"}
 
 
 def kernel_of(rule):
