@@ -360,3 +360,30 @@ def assert_matches_reference(fused, oracle, fused_params, *, rtol, atol, where="
             else:
                 actual = fused.state[p][key].to(value.dtype)
                 assert_close(actual, value, rtol=rtol, atol=atol * scales[key], name=name)
+
+
+# ---- CUDA graphs ----
+
+
+def fill_static_grads(params, twins, generator):
+    """Fresh grads copied into the params' existing grads (a captured graph reads those storages)
+    and given to the twins."""
+    grads = make_grads(params, generator)
+    for p, g in zip(params, grads):
+        p.grad.copy_(g)
+    assign_grads(twins, [g.clone() for g in grads])
+
+
+def capture_cuda_graph(warm_up_step, step):
+    """Two warm-up calls on a side stream (tables built, kernels compiled), then `step` captured
+    in a CUDA graph, which is returned for replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            warm_up_step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import fusedopt
-from helpers import assign_grads, assert_optimizers_match, make_grads, make_params, tolerance
+from helpers import (assert_optimizers_match, assign_grads, capture_cuda_graph, fill_static_grads, make_grads,
+                     make_params, tolerance)
 
 from conftest import kernels_runnable
 
@@ -146,25 +147,15 @@ def test_captured_step_replays_like_eager_steps(rule):
     eager = fused_class(twins, lr=twin_lr, **options)
     for p in params:
         p.grad = torch.zeros_like(p)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):  # warm up: tables built, kernels compiled
-            grads = make_grads(params, generator)
-            for p, g in zip(params, grads):
-                p.grad.copy_(g)
-            assign_grads(twins, [g.clone() for g in grads])
-            graphed.step()
-            eager.step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+
+    def warm_up_step():
+        fill_static_grads(params, twins, generator)
         graphed.step()
+        eager.step()
+
+    graph = capture_cuda_graph(warm_up_step, graphed.step)
     for _ in range(5):
-        grads = make_grads(params, generator)
-        for p, g in zip(params, grads):
-            p.grad.copy_(g)
-        assign_grads(twins, [g.clone() for g in grads])
+        fill_static_grads(params, twins, generator)
         graph.replay()
         eager.step()
         lr.mul_(0.7)

@@ -10,7 +10,7 @@ import torch
 import fusedopt
 from fusedopt import schedules
 from fusedopt.kernels import launch_count
-from helpers import assign_grads, make_grads, make_params
+from helpers import assign_grads, capture_cuda_graph, fill_static_grads, make_grads, make_params
 
 from conftest import kernels_runnable
 
@@ -168,26 +168,16 @@ def test_captured_graph_replays_a_scheduled_run(rule):
     scheduled, params, driven, twins, host_scheduler, generator = twin_runs(rule, "auto", "cuda")
     for p in params:
         p.grad = torch.zeros_like(p)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):  # warm up: tables built, kernels compiled
-            grads = make_grads(params, generator)
-            for p, g in zip(params, grads):
-                p.grad.copy_(g)
-            assign_grads(twins, [g.clone() for g in grads])
-            scheduled.step()
-            driven.step()
-            host_scheduler.step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+
+    def warm_up_step():
+        fill_static_grads(params, twins, generator)
         scheduled.step()
+        driven.step()
+        host_scheduler.step()
+
+    graph = capture_cuda_graph(warm_up_step, scheduled.step)
     for _ in range(STEPS - 2):
-        grads = make_grads(params, generator)
-        for p, g in zip(params, grads):
-            p.grad.copy_(g)
-        assign_grads(twins, [g.clone() for g in grads])
+        fill_static_grads(params, twins, generator)
         graph.replay()
         driven.step()
         host_scheduler.step()
