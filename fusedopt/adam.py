@@ -82,6 +82,9 @@ class Adam(FusedOptimizer):
         keys = ["exp_avg", "exp_avg_sq"]
         return keys + ["max_exp_avg_sq"] if group["amsgrad"] else keys
 
+    def lerped_state_keys(self, group):
+        return ("exp_avg",)
+
     def hyperparameters(self, group):
         beta1, beta2 = group["betas"]
         return dict(lr=group["lr"], beta1=as_float(beta1), beta2=as_float(beta2), eps=group["eps"],

@@ -5,8 +5,11 @@ The grads themselves are never rewritten: the update kernels multiply them, in r
 1/grad_scale and by the clip factor, and skip the step where found_inf is set.
 """
 import math
+import operator
 
 import torch
+
+from . import distributed
 
 # torch.nn.utils.clip_grad_norm_'s guard against dividing by a zero norm.
 CLIP_EPSILON = 1e-6
@@ -49,15 +52,72 @@ class StepScaling:
         when the step is skipped; the grads themselves when there is nothing to apply."""
         if self.skipped():
             return None
+        # 0-dim factors, which a DTensor takes as scalars; unscaled grads in fp32 at least
         if self.grad_scale is not None:
-            inv_scale = self.grad_scale.double().reciprocal().float()
-            grads = [grad * inv_scale.to(grad.device) for grad in grads]
+            inv_scale = self.grad_scale.double().reciprocal().float().reshape(())
+            grads = [grad.to(torch.promote_types(grad.dtype, torch.float32)) * inv_scale.to(grad.device)
+                     for grad in grads]
         if self.clip_coef is not None:
-            grads = [grad * self.clip_coef.to(grad.device, grad.dtype) for grad in grads]
+            grads = [grad * self.clip_coef.to(grad.device, grad.dtype).reshape(()) for grad in grads]
         return grads
 
 
 NO_SCALING = StepScaling()
+
+
+class PendingClip:
+    """The clip factor clip_grad_norm_ computed, kept for the next step, with what it was computed
+    from: the params with grads, their grads (the same objects, at the same version and address,
+    or the factor does not apply) and the grad scale the norm was unscaled by."""
+
+    def __init__(self, clip_coef, params, grads, grad_scale):
+        self.clip_coef = clip_coef
+        self.grad_scale = grad_scale
+        self.params = params
+        self.grads = grads
+        self.versions, self.addresses = grad_marks(grads)
+
+    def applies_to(self, params, grads):
+        """True where the step's grads are exactly the clipped ones (a param left without a grad
+        is not stepped); False where every one is new since (torch clipped grads that are gone);
+        RuntimeError where some are new and some clipped, or a clipped grad changed in place:
+        torch's result cannot be had then, and nothing is written."""
+        if len(params) == len(self.params) and all(map(operator.is_, params, self.params)) and all(
+                map(operator.is_, grads, self.grads)):
+            if grad_marks(grads) == (self.versions, self.addresses):
+                return True
+            raise RuntimeError(CLIPPED_GRADS_CHANGED)
+        clipped = {id(p): index for index, p in enumerate(self.params)}
+        kinds = set()
+        for param, grad in zip(params, grads):
+            index = clipped.get(id(param))
+            if index is None or grad is not self.grads[index]:
+                kinds.add("new")
+            elif grad_marks([grad]) != ([self.versions[index]], [self.addresses[index]]):
+                raise RuntimeError(CLIPPED_GRADS_CHANGED)
+            else:
+                kinds.add("clipped")
+        if kinds == {"new"}:
+            return False
+        if kinds == {"clipped"}:
+            return True
+        raise RuntimeError("clip_grad_norm_() computed its clip factor from grads of which some have been replaced "
+                           "since: it cannot apply to the new ones. Call clip_grad_norm_() again right before step(), "
+                           "or zero_grad() to drop the clip.")
+
+
+CLIPPED_GRADS_CHANGED = ("clip_grad_norm_() computed its clip factor from grads that have been changed in place since "
+                         "(accumulated into, rescaled or given new storage): torch would have clipped only their "
+                         "earlier values. Call clip_grad_norm_() again after changing the grads, or zero_grad() to "
+                         "drop the clip.")
+
+
+def grad_marks(grads):
+    """(version counters, addresses) of the grads' own (local) tensors: an in-place change moves
+    the first, new storage the second."""
+    local = list(map(distributed.local_tensor, grads))
+    return [tensor._version for tensor in local], [tensor.data_ptr() if tensor.layout == torch.strided else None
+                                                    for tensor in local]
 
 
 def check_max_grad_norm(max_norm):
@@ -72,6 +132,12 @@ def check_norm_type(norm_type):
     if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float)) or math.isnan(norm_type):
         raise ValueError(f"Invalid norm_type: {norm_type!r} (expected a number or inf)")
     return float(norm_type)
+
+
+def has_norm_sum(norm_type):
+    """Whether the norm is a sum over the elements (p > 0) or a max (inf), which the reduction kernel
+    and the per-rank partials compute; other orders take torch's norm of per-tensor norms."""
+    return norm_type > 0
 
 
 def norm_dtype(grads):
@@ -93,12 +159,23 @@ def unscaled(grads, grad_scale):
 
 
 def torch_norm_partials(grads, norm_type, grad_scale=None):
-    """(sum |g|^p or max |g|, non-finite count) of `grads` divided by grad_scale, in fp32 (fp64
-    for fp64), with torch ops where the kernel does not go: grads on the plain-torch path, sparse
-    grads, complex grads for norms other than 2."""
-    values = unscaled(grads, grad_scale)
+    """[(sum |g|^p or max |g|, non-finite count, norm group)] of `grads` divided by grad_scale, in
+    fp32 (fp64 for fp64), with torch ops on the local shards, one entry per norm group (the mesh
+    dims the partial is reduced over, distributed.norm_group): for grads on the plain-torch path,
+    sparse grads, complex grads for norms other than 2."""
+    by_group = {}
+    for grad in distributed.without_partial_sums(grads):
+        by_group.setdefault(distributed.norm_group(grad), []).append(distributed.local_tensor(grad))
+    return [(*local_norm_partials(values, norm_type, grad_scale), group) for group, values in by_group.items()]
+
+
+def local_norm_partials(grads, norm_type, grad_scale):
+    values = [v for v in unscaled(grads, grad_scale) if v.numel()]
     values = [torch.view_as_real(v) if v.is_complex() and norm_type == 2 else v for v in values]
-    accumulate = torch.float64 if any(v.dtype in (torch.float64, torch.complex128) for v in values) else torch.float32
+    accumulate = torch.float64 if any(v.dtype in (torch.float64, torch.complex128) for v in grads) else torch.float32
+    if not values:  # empty shards
+        zero = torch.zeros((), dtype=accumulate, device=grads[0].device)
+        return zero, zero
     norms = torch.stack([torch.linalg.vector_norm(v, norm_type, dtype=accumulate) if not v.is_complex()
                          else torch.linalg.vector_norm(v, norm_type).to(accumulate) for v in values])
     partial = norms.max() if norm_type == math.inf else norms.pow(norm_type).sum()
@@ -108,19 +185,32 @@ def torch_norm_partials(grads, norm_type, grad_scale=None):
 
 def torch_total_norm(grads, norm_type, grad_scale, device, dtype):
     """(total norm, found_inf) as torch's clip_grad_norm_ computes it, per-tensor norms first:
-    for the norms the kernel has no sum for (p <= 0, -inf)."""
+    for the norms the kernel has no sum for (p <= 0, -inf); global values for DTensor grads."""
     values = unscaled(grads, grad_scale)
-    norms = [torch.linalg.vector_norm(v, norm_type).to(device) for v in values]
-    nonfinite = sum((~torch.isfinite(v)).sum().to(device) for v in values)
+    norms = [distributed.full_value(torch.linalg.vector_norm(v, norm_type)).to(device) for v in values]
+    nonfinite = sum(distributed.full_value((~torch.isfinite(v)).sum()).to(device) for v in values)
     total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
     return total.to(dtype), (nonfinite > 0).to(torch.float32)
 
 
 def total_grad_norm(contributions, norm_type, device, dtype):
-    """Combine (partial, non-finite count) pairs into (total norm, found_inf) on `device`."""
-    accumulate = torch.float64 if any(p.dtype == torch.float64 for p, _ in contributions) else torch.float32
-    partials = torch.stack([p.to(device, accumulate) for p, _ in contributions])
-    nonfinite = torch.stack([n.to(device, accumulate) for _, n in contributions]).sum()
+    """Combine (partial, non-finite count, norm group) triples into (total norm, found_inf) on
+    `device`: summed (maxed) per norm group, reduced over the ranks of each group's sharded mesh
+    dims, then over the groups."""
+    accumulate = torch.float64 if any(p.dtype == torch.float64 for p, _, _ in contributions) else torch.float32
+    by_group = {}
+    for partial, nonfinite, group in contributions:
+        partial, nonfinite = partial.to(device, accumulate), nonfinite.to(device, accumulate)
+        if group in by_group:
+            earlier, earlier_nonfinite = by_group[group]
+            partial = torch.maximum(earlier, partial) if norm_type == math.inf else earlier + partial
+            nonfinite = earlier_nonfinite + nonfinite
+        by_group[group] = partial, nonfinite
+    # the same collectives in the same order on every rank, whichever path each grad took there
+    reduced = [distributed.reduce_over_shards(*by_group[group], group, norm_type)
+               for group in sorted(by_group, key=distributed.norm_group_order)]
+    partials = torch.stack([partial for partial, _ in reduced])
+    nonfinite = torch.stack([count for _, count in reduced]).sum()
     if norm_type == math.inf:
         total = partials.max()
     elif norm_type == 2:
@@ -156,10 +246,10 @@ def scaler_scale(grad_scaler):
     return getattr(grad_scaler, "_scale", None)
 
 
-def hand_found_inf_to_scaler(grad_scaler, optimizer, found_inf, grad_scale):
+def hand_found_inf_to_scaler(grad_scaler, optimizer, found_inf):
     """Record the inf check done by the norm reduction in the GradScaler's per-optimizer state, as
     its own unscale_() would, so that scaler.step() consumes it instead of reading every grad
-    again; the optimizer unscales in its kernels (its `grad_scale` attribute)."""
+    again; the optimizer unscales in its kernels (the grad scale kept with the pending clip)."""
     from torch.amp.grad_scaler import OptState
 
     state = grad_scaler._per_optimizer_states[id(optimizer)]
@@ -168,4 +258,3 @@ def hand_found_inf_to_scaler(grad_scaler, optimizer, found_inf, grad_scale):
                            "in an iteration")
     state["found_inf_per_device"] = {found_inf.device: found_inf}
     state["stage"] = OptState.UNSCALED
-    optimizer.grad_scale = grad_scale

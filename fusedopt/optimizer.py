@@ -10,7 +10,9 @@ import sys
 import torch
 from torch.optim import Optimizer
 
-from . import epilogue, reference
+from . import distributed, epilogue, reference
+from .plan import GroupPlan, load_kernels
+from .state import counted, plain
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -22,17 +24,6 @@ def resolve_backend(backend):
     if backend not in BACKENDS:
         raise ValueError(f"Invalid backend: {backend!r} (expected one of {', '.join(BACKENDS)})")
     return backend
-
-
-def load_kernels():
-    try:
-        from . import kernels
-    except ImportError as error:
-        raise RuntimeError(
-            "fusedopt's triton backend needs the `triton` package (pip install triton); "
-            "use backend='torch' for the plain PyTorch implementation"
-        ) from error
-    return kernels
 
 
 def kernels_run_on_cpu():
@@ -55,6 +46,9 @@ def check_implementation_flags(defaults):
 
 
 _grad_of = operator.attrgetter("grad")
+
+# torch.optim's error for a state["step"] that is not a tensor
+STEP_NOT_A_TENSOR = "API has changed, `state_steps` argument must contain a list of singleton tensors"
 
 
 def as_float(value):
@@ -80,161 +74,6 @@ def scalar_step_tensor(device=None):
     return torch.tensor(0.0, dtype=dtype)
 
 
-class KernelBucket:
-    """The tensors of one group on one (device, dtype), updated by one kernel launch per step."""
-
-    def __init__(self, optimizer, group, params, grads, indices, kernels):
-        self.params = params
-        self.device = params[0].device
-        self.indices = indices  # positions in the group's list of params with grads; None: all
-        self.grad_strides = [p.stride() for p in params]
-        self.complex = any(p.is_complex() for p in params)
-        # No state entries where the rule keeps none (SGD without momentum), as in torch.
-        masters = optimizer.keeps_master(params[0])
-        keeps_state = optimizer.has_step or optimizer.state_keys(group) or masters
-        states = [optimizer.state[p] for p in params] if keeps_state else [{} for _ in params]
-        self.steps = None
-        self.fresh_states = []
-        extra = None
-        if optimizer.has_step:
-            # The step counts live on the params' device, as views into one buffer: the kernel
-            # reads each tensor's count there (edits in place are seen, nothing is synchronised),
-            # and the per-step increment is one op.
-            self.steps = step_buffer([state["step"] for state in states], self.device)
-            for index, state in enumerate(states):
-                state["step"] = self.steps[index]
-        else:
-            fresh = optimizer.prepare_fresh_buffers(group, params, states)
-            self.fresh_states = [state for state, flag in zip(states, fresh) if flag]
-            extra = [int(flag) for flag in fresh]
-        roles = [[state[key] for state in states] for key in optimizer.state_keys(group)]
-        if masters:  # the fp32 master copies are the last role
-            roles.append([state["master_param"] for state in states])
-        self.table = kernels.TensorTable(params, grads, roles, extra)
-        # The table holds raw addresses: remember which state tensors they belong to, so that
-        # state replaced by hand (or cleared) is noticed before the kernel writes anywhere.
-        self.state_values = state_values(optimizer.state, params) if keeps_state else None
-
-    def state_unchanged(self, optimizer):
-        """True while the optimizer's state for these params holds the very tensors the table
-        was built on."""
-        if self.state_values is None:
-            return True
-        try:
-            values = state_values(optimizer.state, self.params)
-        except TypeError:  # a param's state is gone
-            return False
-        return len(values) == len(self.state_values) and all(map(operator.is_, values, self.state_values))
-
-    def refresh(self, grads):
-        """Point the table at the current grads; False when the bucket must be rebuilt instead
-        (a grad changed layout or became sparse)."""
-        try:
-            addresses = list(map(torch.Tensor.data_ptr, grads))
-        except RuntimeError:  # a sparse grad has no data pointer
-            return False
-        if addresses != self.table.grad_addresses:
-            if list(map(torch.Tensor.stride, grads)) != self.grad_strides and not all(
-                map(fits_grad, self.params, grads)
-            ):
-                return False
-            self.table.refresh_grads(addresses)
-        return True
-
-    def launch(self, optimizer, group, scaling, group_step):
-        scaling = scaling.to(self.device)
-        launch = dict(scaling=scaling.kernel_scaling(), group_step=group_step, param_rounding=optimizer.param_rounding)
-        if self.steps is not None:
-            self.steps += 1
-            if scaling.found_inf is not None:
-                self.steps -= scaling.found_inf  # a skipped step does not count
-            optimizer.kernel_step(group, self.table, steps=self.steps, **launch)
-            return
-        optimizer.kernel_step(group, self.table, fresh_buffers=bool(self.fresh_states), **launch)
-        if self.fresh_states:  # the first step of these momentum buffers: did it run?
-            optimizer.buffers_started(self.fresh_states, skipped=scaling.skipped())
-
-
-def step_buffer(steps, device):
-    """One 1-D tensor on `device` holding the step counts (fp32, as torch's fused steps)."""
-    dtype = steps[0].dtype if steps[0].is_floating_point() else torch.float32
-    if any(step.device != steps[0].device for step in steps):
-        steps = [step.to(device) for step in steps]
-    return torch.stack([step.reshape(()) for step in steps]).to(device=device, dtype=dtype)
-
-
-def state_values(state, params):
-    """Every value of every param's state dict, in order, in one flat list."""
-    return list(itertools.chain.from_iterable(map(dict.values, map(state.get, params))))
-
-
-def fits_grad(param, grad):
-    from .kernels.multi_tensor import real_view, same_layout
-
-    return not grad.is_sparse and same_layout(real_view(param), real_view(grad))
-
-
-class GroupPlan:
-    """How one param group is stepped: its kernel buckets and the tensors left to the reference.
-
-    Valid while the same params (same storages) have grads and the group's structure stays."""
-
-    def __init__(self, optimizer, group, params, grads):
-        self.params = params
-        self.param_addresses = list(map(torch.Tensor.data_ptr, params))
-        self.structure = optimizer.structure(group)
-        self.buckets = []
-        self.reference_params = []
-        self.rebuild_next_step = False
-        for p, grad in zip(params, grads):
-            optimizer.prepare_param(p, grad, group)
-        on_kernels = [optimizer.runs_on_kernels(p) for p in params]
-        kernels = load_kernels() if any(on_kernels) else None
-        by_bucket = {}
-        for index, (p, grad) in enumerate(zip(params, grads)):
-            state = optimizer.state.get(p, {})
-            states = [state[key] for key in optimizer.state_keys(group) if key in state]
-            if on_kernels[index] and kernels.fits_kernel(p, grad, states):
-                dtype = torch.view_as_real(p).dtype if p.is_complex() else p.dtype
-                by_bucket.setdefault((p.device, dtype), []).append(index)
-            else:
-                self.reference_params.append(p)
-        for indices in by_bucket.values():
-            members = [params[i] for i in indices]
-            if len(indices) == len(params):
-                indices = None  # the common case: one bucket takes the group's grads as they are
-            bucket = KernelBucket(optimizer, group, members, [p.grad for p in members], indices, kernels)
-            self.rebuild_next_step |= bool(bucket.fresh_states)
-            self.buckets.append(bucket)
-
-    def matches(self, optimizer, params, structure):
-        return (
-            len(params) == len(self.params)
-            and all(map(operator.is_, params, self.params))
-            and structure == self.structure
-            and list(map(torch.Tensor.data_ptr, params)) == self.param_addresses
-            and all(bucket.state_unchanged(optimizer) for bucket in self.buckets)
-        )
-
-    def refresh(self, grads):
-        """Point every bucket at the current grads; False when the plan must be rebuilt."""
-        for bucket in self.buckets:
-            bucket_grads = grads if bucket.indices is None else [grads[i] for i in bucket.indices]
-            if not bucket.refresh(bucket_grads):
-                return False
-        return True
-
-    def launch(self, optimizer, group, scaling, group_steps):
-        for bucket in self.buckets:
-            bucket.launch(optimizer, group, scaling, group_steps.get(bucket.device))
-        if self.reference_params:
-            for p in self.reference_params:  # per tensor anyway: state may have been cleared by hand
-                optimizer.prepare_param(p, p.grad, group)
-            grads = scaling.scale_grads([p.grad for p in self.reference_params])
-            if grads is not None:  # None: AMP found an inf or NaN, the step is skipped
-                optimizer.rounded_reference_step(group, self.reference_params, grads)
-
-
 def param_rounding(stochastic_rounding, master_weights):
     """How updated bf16 params are stored: "nearest", "stochastic" or "master" (fp32 copies)."""
     if stochastic_rounding and master_weights:
@@ -248,8 +87,6 @@ class FusedOptimizer(Optimizer):
     implementations of its rule: `reference_step` (plain torch) and `kernel_step` (Triton)."""
 
     has_step = True  # state['step'] exists (all rules but SGD)
-    # torch.amp.GradScaler hands over `grad_scale` and `found_inf` instead of unscaling the grads.
-    _step_supports_amp_scaling = True
 
     def __init__(self, params, defaults, backend=None, *, max_grad_norm=None, schedule=None, schedule_steps=None,
                  stochastic_rounding=False, master_weights=False, rounding_seed=0):
@@ -262,10 +99,25 @@ class FusedOptimizer(Optimizer):
         self.max_grad_norm = None if max_grad_norm is None else epilogue.check_max_grad_norm(max_grad_norm)
         self.last_grad_norm = None  # the total grad norm of the last step that clipped by max_grad_norm
         self._plans = {}
-        self._clip_coef = None  # set by clip_grad_norm_, applied by the next step
+        self._pending_clip = None  # left by clip_grad_norm_ for the next step (an epilogue.PendingClip)
         self.schedule = None
         super().__init__(params, defaults)
+        self.state = counted(self.state)
         self.set_schedule(schedule, schedule_steps)
+
+    @property
+    def _step_supports_amp_scaling(self):
+        """Whether torch.amp.GradScaler hands over `grad_scale` and `found_inf` (the kernels then
+        unscale the grads and skip a step with an inf or NaN) instead of unscaling the grads
+        itself. Not for DTensor params: there GradScaler and ShardedGradScaler unscale and check
+        as they do for torch.optim, and ShardedGradScaler agrees on the inf check over the ranks,
+        so every rank skips the same steps and keeps the same scale."""
+        return not self._holds_dtensors
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        self._holds_dtensors = (getattr(self, "_holds_dtensors", False)
+                                or any(map(distributed.is_dtensor, self.param_groups[-1]["params"])))
 
     # ---- a learning-rate schedule evaluated by the kernels ----
     def set_schedule(self, schedule, schedule_steps=None):
@@ -391,8 +243,10 @@ class FusedOptimizer(Optimizer):
                     continue
                 if self.param_rounding == "master":
                     p.copy_(target)
-                else:
-                    p.copy_(reference.stochastic_round_to_bfloat16(target, (self.rounding_seed, count, index)))
+                else:  # on the local shards of DTensors: the random bits are drawn per shard
+                    rounded = reference.stochastic_round_to_bfloat16(distributed.local_tensor(target),
+                                                                     (self.rounding_seed, count, index))
+                    distributed.local_tensor(p).copy_(rounded)
 
     def kernel_step(self, group, table, **step_info):
         raise NotImplementedError
@@ -401,11 +255,33 @@ class FusedOptimizer(Optimizer):
         if grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
 
+    def lerped_state_keys(self, group):
+        """The state tensors torch.optim moves towards the grad with lerp_, which needs both of one
+        dtype."""
+        return ()
+
+    def check_state(self, state, group, grad):
+        """torch.optim's errors for a state it could not step: a step count that is not a tensor;
+        a state tensor the group's options need that was never made (an option such as amsgrad
+        switched on after steps); a lerped state of another dtype than the grad (a model cast by
+        .half() or .double() after steps)."""
+        if self.has_step and "step" in state and not torch.is_tensor(state["step"]):
+            raise RuntimeError(STEP_NOT_A_TENSOR)
+        for key in ("step", *self.state_keys(group)) if self.has_step else self.state_keys(group):
+            if key not in state:
+                raise KeyError(key)
+        for key in self.lerped_state_keys(group):
+            if state[key].dtype != grad.dtype:
+                raise RuntimeError(f"expected dtype {state[key].dtype} for `end` but got dtype {grad.dtype}")
+
     def prepare_param(self, param, grad, group):
-        """Before a param is updated: its grad is accepted, and its state exists."""
+        """Before a param is updated: its grad is accepted, and its state exists and is whole."""
         self.check_grad(grad)
-        if not self.state.get(param):
+        state = self.state.get(param)
+        if not state:
             self.init_state(param, group)
+        else:
+            self.check_state(state, group, grad)
         if self.keeps_master(param) and "master_param" not in self.state[param]:
             self.state[param]["master_param"] = param.detach().float().clone(memory_format=torch.preserve_format)
 
@@ -442,8 +318,10 @@ class FusedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         plans = self._current_plans()
+        clip_coef, clip_grad_scale = self._take_pending_clip(plans)
         grad_scale = getattr(self, "grad_scale", None)
-        clip_coef, self._clip_coef = self._clip_coef, None
+        if grad_scale is None:  # clip_grad_norm_(grad_scaler=) took the place of unscale_()
+            grad_scale = clip_grad_scale
         if self.max_grad_norm is not None and clip_coef is None and plans:
             self.last_grad_norm, _ = self._grad_norm(plans, 2.0, grad_scale)
             clip_coef = epilogue.clip_coefficient(self.last_grad_norm, self.max_grad_norm)
@@ -459,21 +337,40 @@ class FusedOptimizer(Optimizer):
         return loss
 
     def _current_plans(self):
-        """(index, group, plan) for each group with grads, each plan pointed at today's grads."""
+        """(index, group, plan) for each group with grads, each plan checked against the tensors
+        held now (and planned again where they changed)."""
         plans = []
         for index, group in enumerate(self.param_groups):
             params = group["params"]
             grads = list(map(_grad_of, params))
-            if any(grad is None for grad in grads):
+            if any(map(operator.is_, grads, itertools.repeat(None))):
                 params = [p for p, grad in zip(params, grads) if grad is not None]
                 grads = [grad for grad in grads if grad is not None]
             if not params:
                 continue
             plan = self._plans.get(index)
-            if plan is None or not plan.matches(self, params, self.structure(group)) or not plan.refresh(grads):
+            if plan is None or not plan.current(self, params, grads, self.structure(group)):
                 plan = self._plans[index] = GroupPlan(self, group, list(params), grads)
             plans.append((index, group, plan))
         return plans
+
+    def _take_pending_clip(self, plans):
+        """(clip factor, grad scale) that clip_grad_norm_ left for this step, where its grads are
+        the ones stepped now; (None, None) where there is none or all its grads have been
+        replaced. Raises RuntimeError (and keeps it) where the grads changed otherwise."""
+        pending = self._pending_clip
+        if pending is None:
+            return None, None
+        params = [p for _, _, plan in plans for p in plan.params]
+        applies = pending.applies_to(params, [p.grad for p in params])
+        self._pending_clip = None
+        return (pending.clip_coef, pending.grad_scale) if applies else (None, None)
+
+    def zero_grad(self, set_to_none=True):
+        """torch.optim's zero_grad; it also drops the clip factor of a clip_grad_norm_ whose grads
+        are being cleared (the common "non-finite norm: skip this batch")."""
+        self._pending_clip = None
+        super().zero_grad(set_to_none)
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None, *,
@@ -496,19 +393,20 @@ class FusedOptimizer(Optimizer):
         total_norm, found_inf = self._grad_norm(plans, norm_type, grad_scale)
         if error_if_nonfinite:
             epilogue.check_finite_norm(total_norm, norm_type)
-        self._clip_coef = epilogue.clip_coefficient(total_norm, max_norm)
+        params = [p for _, _, plan in plans for p in plan.params]
+        grads = [p.grad for p in params]
+        self._pending_clip = epilogue.PendingClip(epilogue.clip_coefficient(total_norm, max_norm), params, grads,
+                                                  grad_scale)
         if grad_scale is not None:
-            epilogue.hand_found_inf_to_scaler(grad_scaler, self, found_inf.to(grad_scale.device), grad_scale)
-        return total_norm
+            epilogue.hand_found_inf_to_scaler(grad_scaler, self, found_inf.to(grad_scale.device))
+        return distributed.replicated_like(total_norm, grads)
 
     def _grad_norm(self, plans, norm_type, grad_scale=None):
-        """(total norm of the grads divided by grad_scale, found_inf): one reduction launch per
-        bucket, torch ops for the rest."""
-        from .kernels import norm_kind
-
+        """(total norm of the grads divided by grad_scale, found_inf), global over the ranks for
+        DTensor grads: one reduction launch per bucket, torch ops for the rest."""
         grads = [p.grad for _, _, plan in plans for p in plan.params]
-        dtype, device = epilogue.norm_dtype(grads), grads[0].device
-        if norm_kind(norm_type) is None:
+        dtype, device = epilogue.norm_dtype(grads), distributed.local_tensor(grads[0]).device
+        if not epilogue.has_norm_sum(norm_type):
             return epilogue.torch_total_norm(grads, norm_type, grad_scale, device, dtype)
         contributions, leftover = [], []
         for _, _, plan in plans:
@@ -517,13 +415,15 @@ class FusedOptimizer(Optimizer):
                 if bucket.complex and norm_type != 2:
                     leftover += [p.grad for p in bucket.params]
                     continue
-                scale = None if grad_scale is None else grad_scale.to(bucket.device, non_blocking=True).reshape(1)
-                partials = load_kernels().grad_norm_partials(bucket.table, norm_type, scale)
-                partial = partials[0].max() if norm_type == math.inf else partials[0].sum()
-                contributions.append((partial, partials[1].sum()))
+                contributions += bucket.grad_norm_partials(load_kernels(), norm_type, grad_scale)
         if leftover:
-            contributions.append(epilogue.torch_norm_partials(leftover, norm_type, grad_scale))
+            contributions += epilogue.torch_norm_partials(leftover, norm_type, grad_scale)
         return epilogue.total_grad_norm(contributions, norm_type, device, dtype)
+
+    def state_dict(self):
+        state_dict = super().state_dict()
+        state_dict["state"] = plain(state_dict["state"])
+        return state_dict
 
     def load_state_dict(self, state_dict):
         """torch.optim's load_state_dict, except that fp32 master copies (master_weights=True) stay
@@ -557,8 +457,10 @@ class FusedOptimizer(Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self.state = counted(self.state)
         self._plans = {}  # tables point at the tensors of the optimizer they were built for
-        self._clip_coef = None
+        self._pending_clip = None
+        self._holds_dtensors = any(distributed.is_dtensor(p) for group in self.param_groups for p in group["params"])
         self.__dict__.setdefault("backend", resolve_backend(None))
         self.__dict__.setdefault("max_grad_norm", None)
         self.__dict__.setdefault("last_grad_norm", None)

@@ -59,6 +59,9 @@ class RMSprop(FusedOptimizer):
             keys.append("grad_avg")
         return keys
 
+    def lerped_state_keys(self, group):
+        return ("grad_avg",) if group["centered"] else ()
+
     def hyperparameters(self, group):
         return dict(lr=group["lr"], alpha=group["alpha"], eps=group["eps"],
                     weight_decay=group["weight_decay"], momentum=group["momentum"], centered=group["centered"],

@@ -64,6 +64,9 @@ class SGD(FusedOptimizer):
     def init_state(self, param, group):
         pass  # the momentum buffer is created by the first step, from the grad
 
+    def check_state(self, state, group, grad):
+        pass  # a missing momentum buffer is made at the next step, as in torch
+
     def prepare_fresh_buffers(self, group, params, states):
         """Give each param without a momentum buffer an empty one; flag those, and the empty
         ones whose first step has not run (the kernel fills them with the grad)."""
@@ -98,7 +101,9 @@ class SGD(FusedOptimizer):
                                 reference_states(self, params, "momentum_buffer"), **self.reference_hyperparameters(group))
         if group["momentum"] != 0:
             for param, buffer in zip(params, buffers):
-                self.state[param]["momentum_buffer"] = buffer
+                state = self.state[param]
+                if state.get("momentum_buffer") is not buffer:  # a new buffer (no needless state change)
+                    state["momentum_buffer"] = buffer
 
     def kernel_step(self, group, table, fresh_buffers, **launch):
         from . import kernels

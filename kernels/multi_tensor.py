@@ -67,25 +67,55 @@ def is_dense(tensor):
     return True
 
 
-def same_layout(reference, other):
-    """`other` can be walked element by element alongside `reference`'s memory span."""
+def same_layout(reference, other, dtype=None):
+    """`other` can be walked element by element alongside `reference`'s memory span (and holds
+    `dtype`, default `reference`'s)."""
     return (
         other.shape == reference.shape
-        and other.dtype == reference.dtype
+        and other.dtype == (reference.dtype if dtype is None else dtype)
         and other.device == reference.device
         and not other.is_sparse
         and (other.stride() == reference.stride() or (reference.is_contiguous() and other.is_contiguous()))
     )
 
 
-def fits_kernel(param, grad, states):
-    """Whether (param, grad, states) can go through a kernel: one dense span each, same layout."""
+def holds_its_values(tensor):
+    """A tensor whose own memory holds its values as they read: not a wrapper subclass (a DTensor,
+    a FakeTensor: its data pointer names no memory of its own, and its size may not be its
+    shard's), nor a lazily conjugated or negated view, nor on a device the kernels cannot reach."""
+    return (
+        type(tensor).__torch_dispatch__ is torch._C._disabled_torch_dispatch_impl
+        and (tensor.device.type == "cuda" or (tensor.device.type == "cpu" and INTERPRETED))
+        and not tensor.is_conj()
+        and not tensor.is_neg()
+    )
+
+
+def fits_kernel(param, grad, states, master=None):
+    """Whether (param, grad, states and an fp32 master copy) can go through a kernel: plain tensors
+    holding their values, one dense span each, laid out alike."""
+    if not all(holds_its_values(t) for t in (param, grad, *states, *([] if master is None else [master]))):
+        return False
     param = real_view(param)
     if param.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         return False
     if grad.is_sparse or not is_dense(param):
         return False
+    if master is not None and not same_layout(param, master, torch.float32):
+        return False
     return all(same_layout(param, real_view(t)) for t in (grad, *states))
+
+
+def check_span(tensor):
+    """Raise unless `tensor` holds its values and the dense span a kernel walks from its data
+    pointer (numel elements) lies inside its own storage: the last line of defence against a
+    kernel reading or writing memory that is not the tensor's."""
+    if not holds_its_values(tensor) or not is_dense(tensor):
+        raise RuntimeError(f"fusedopt: a {type(tensor).__name__} of shape {tuple(tensor.shape)} and strides "
+                           f"{tensor.stride()} cannot be walked by a kernel as one span of its own memory")
+    if tensor.numel() and tensor.untyped_storage().nbytes() < (
+            tensor.storage_offset() + tensor.numel()) * tensor.element_size():
+        raise RuntimeError(f"fusedopt: a tensor of shape {tuple(tensor.shape)} reaches past the end of its storage")
 
 
 class GradScaling(NamedTuple):
@@ -120,6 +150,8 @@ class TensorTable:
     def __init__(self, params, grads, states, extra=None):
         """params, grads: lists of tensors; states: list of per-role lists (one per state
         tensor kind, each aligned with params); extra: optional per-tensor integers."""
+        for tensor in (*params, *grads, *(t for role in states for t in role)):
+            check_span(real_view(tensor))
         params = [real_view(p) for p in params]
         self.device = params[0].device
         self.dtype = params[0].dtype
@@ -143,7 +175,8 @@ class TensorTable:
             starts.extend(range(0, count * self.block, self.block))
             owners.extend([index] * count)
         self.num_blocks = len(starts)
-        self.block_table = torch.tensor([owners, starts], dtype=torch.int64).to(self.device, non_blocking=True)
+        self.host_block_table = torch.tensor([owners, starts], dtype=torch.int64)
+        self.block_table = self.host_block_table.to(self.device, non_blocking=True)
         # 0 and 1 on the device, for absent grad-scaling factors (made here, not during a capture)
         self.neutral = torch.tensor([0.0, 1.0]).to(self.device, non_blocking=True)
         self.tensor_table = self._upload(self._host_table)

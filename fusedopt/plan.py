@@ -1,0 +1,325 @@
+"""How a param group is stepped: kernel buckets (one tensor table per (device, dtype)) and the
+params left to the reference; and the check, before every launch, that each tensor a table
+names is still exactly the one the user holds.
+
+The check (`KernelBucket.current`) is what makes a cached table of raw addresses safe. A table
+is used only while every tensor it names (param, grad, each state, the fp32 master, the step
+count) is the one the optimizer finds now, at the same address, with the same type, dtype,
+device, shape and strides; otherwise the group is planned again, and whatever no longer fits a
+kernel goes to the reference. It costs, per step, one comparison of each address list and one
+layout comparison in C++ over the bucket's tensors; whether any state dict changed is a single
+counter (fusedopt.state).
+"""
+import itertools
+import operator
+
+import torch
+
+from . import distributed
+from .state import is_counted, state_changes
+
+_data_ptr = torch.Tensor.data_ptr
+
+
+def load_kernels():
+    try:
+        from . import kernels
+    except ImportError as error:
+        raise RuntimeError(
+            "fusedopt's triton backend needs the `triton` package (pip install triton); "
+            "use backend='torch' for the plain PyTorch implementation"
+        ) from error
+    return kernels
+
+
+def _tensor_guards():
+    """torch's C++ layout check (dynamo's TensorGuards), if it behaves here as LayoutGuard needs."""
+    try:
+        from torch._C._dynamo.guards import TensorGuards
+
+        def guard(*tensors):
+            return TensorGuards(*tensors, dynamic_dims_sizes=None, dynamic_dims_strides=None)
+
+        a, b = torch.zeros(2, 3), torch.zeros(6)
+        checks = guard(a, b)
+        same = checks.check(torch.zeros(2, 3), torch.ones(6))
+        changed = [(a.t(), b), (a, b.double()), (a, b[:5]), (a, torch.nn.Parameter(b)), (a.reshape(3, 2), b),
+                   (a, torch.zeros(12)[::2]), (a, torch.zeros(6, dtype=torch.complex64).conj())]
+        if same and not any(checks.check(*tensors) for tensors in changed):
+            return guard
+    except Exception:  # absent or changed in this torch: the Python comparison below
+        pass
+    return None
+
+
+_TENSOR_GUARDS = _tensor_guards()
+
+
+def layout_of(tensor):
+    return (type(tensor), tensor.dtype, tensor.device, tensor.shape, tensor.stride(), tensor.requires_grad,
+            tensor.is_conj(), tensor.is_neg())
+
+
+class LayoutGuard:
+    """The type, dtype, device, shape and strides of a list of tensors when a table was built;
+    ``check(*tensors)`` is True while the tensors given now have exactly those."""
+
+    def __init__(self, tensors):
+        if _TENSOR_GUARDS is not None:
+            self.check = _TENSOR_GUARDS(*tensors).check
+        else:
+            layouts = list(map(layout_of, tensors))
+            self.check = lambda *now: list(map(layout_of, now)) == layouts
+
+
+def state_values(state, params):
+    """Every value of every param's state dict, in order, in one flat list."""
+    return list(itertools.chain.from_iterable(map(dict.values, map(state.get, params))))
+
+
+def step_buffer(steps, device):
+    """One 1-D tensor on `device` holding the step counts (fp32, as torch's fused steps)."""
+    dtype = steps[0].dtype if steps[0].is_floating_point() else torch.float32
+    if any(step.device != steps[0].device for step in steps):
+        steps = [step.to(device) for step in steps]
+    return torch.stack([step.reshape(()) for step in steps]).to(device=device, dtype=dtype)
+
+
+def overlapping(spans):
+    """Indices of the spans (start, end, writable, owner) that share memory with another span where
+    either is written (grads may share memory among themselves): their owners go to the reference,
+    which updates one tensor after another, as torch does."""
+    owners = set()
+    cluster, cluster_end = [], None
+    for start, end, writable, owner in sorted(spans) + [(None, None, False, None)]:
+        if cluster and (start is None or start >= cluster_end):
+            if len(cluster) > 1 and any(w for w, _ in cluster):
+                owners.update(o for _, o in cluster)
+            cluster = []
+        if start is None:
+            break
+        cluster_end = end if not cluster else max(cluster_end, end)
+        cluster.append((writable, owner))
+    return owners
+
+
+def memory_span(tensor, writable, owner):
+    start = tensor.data_ptr()
+    return start, start + tensor.numel() * tensor.element_size(), writable, owner
+
+
+class KernelBucket:
+    """The tensors of one group on one (device, dtype), updated by one kernel launch per step.
+
+    DTensor params take part through their local shards: the table names the shards of param,
+    grad, states and master, and the shards are looked up again at every step."""
+
+    def __init__(self, optimizer, group, params, grads, indices, kernels):
+        self.params = params
+        self.device = distributed.local_tensor(params[0]).device
+        self.indices = indices  # positions in the group's list of params with grads; None: all
+        self.complex = any(p.is_complex() for p in params)
+        self.sharded = any(map(distributed.is_dtensor, params))
+        # No state entries where the rule keeps none (SGD without momentum), as in torch.
+        masters = optimizer.keeps_master(params[0])
+        self.keeps_state = bool(optimizer.has_step or optimizer.state_keys(group) or masters)
+        states = [optimizer.state[p] for p in params] if self.keeps_state else [{} for _ in params]
+        self.steps = None
+        self.fresh_states = []
+        extra = None
+        step_views = []
+        if optimizer.has_step:
+            # The step counts live on the params' device, as views into one buffer: the kernel
+            # reads each tensor's count there (edits in place are seen, nothing is synchronised),
+            # and the per-step increment is one op.
+            self.steps = step_buffer([state["step"] for state in states], self.device)
+            step_views = [self.steps[index] for index in range(len(params))]
+            for state, view in zip(states, step_views):
+                state["step"] = view
+        else:
+            fresh = optimizer.prepare_fresh_buffers(group, params, states)
+            self.fresh_states = [state for state, flag in zip(states, fresh) if flag]
+            extra = [int(flag) for flag in fresh]
+        roles = [[state[key] for state in states] for key in optimizer.state_keys(group)]
+        if masters:  # the fp32 master copies are the last role
+            roles.append([state["master_param"] for state in states])
+        # What the table names: param and each role (fixed while the table lives), the grads
+        # (re-pointed when they move) and the step views (the buffer's, checked by address).
+        self.fixed = params + [tensor for role in roles for tensor in role]
+        self.step_views = step_views
+        self.addressed = self.fixed + step_views
+        local = distributed.local_tensor
+        self.table = kernels.TensorTable(list(map(local, params)), list(map(local, grads)),
+                                         [list(map(local, role)) for role in roles], extra)
+        fixed_local = list(map(local, self.fixed))
+        self.guard = LayoutGuard(fixed_local + list(map(local, grads)))
+        self.addresses = list(map(_data_ptr, fixed_local + step_views))
+        self.norm_groups = list(dict.fromkeys(map(distributed.norm_group, grads)))
+        self.block_norm_group = None
+        if len(self.norm_groups) > 1:  # which group each block's norm partial is reduced over
+            group_of_tensor = torch.tensor([self.norm_groups.index(distributed.norm_group(g)) for g in grads])
+            self.block_norm_group = group_of_tensor[self.table.host_block_table[0]].to(self.device)
+        # Whether the state dicts still hold the tensors the table names: one counter while
+        # they count their changes (fusedopt.state), else every value compared at each step.
+        self.state = optimizer.state
+        self.state_values = state_values(optimizer.state, params) if self.keeps_state else None
+        self.seen_changes = state_changes()
+        self.counted = self.keeps_state and is_counted(optimizer.state, params)
+
+    def current(self, optimizer, grads):
+        """True while the table names exactly the tensors held now (the grad row is re-pointed if
+        only the grads moved); False when the group must be planned again."""
+        if self.keeps_state and not self._state_current(optimizer):
+            return False
+        fixed, addressed = self.fixed, self.addressed
+        if self.sharded:
+            fixed = list(map(distributed.local_tensor, fixed))
+            addressed = fixed + self.step_views
+            grads = distributed.local_grads(self.params, grads)
+            if grads is None:
+                return False
+        if not self.guard.check(*fixed, *grads):
+            return False
+        if list(map(_data_ptr, addressed)) != self.addresses:
+            return False
+        grad_addresses = list(map(_data_ptr, grads))
+        if grad_addresses != self.table.grad_addresses:
+            self.table.refresh_grads(grad_addresses)
+        return True
+
+    def _state_current(self, optimizer):
+        state = optimizer.state
+        if state is self.state and self.counted and state_changes() == self.seen_changes:
+            return True
+        changes = state_changes()
+        try:
+            values = state_values(state, self.params)
+        except TypeError:  # a param's state is gone
+            return False
+        if len(values) != len(self.state_values) or not all(map(operator.is_, values, self.state_values)):
+            return False
+        self.state, self.seen_changes, self.counted = state, changes, is_counted(state, self.params)
+        return True
+
+    def launch(self, optimizer, group, scaling, group_step):
+        scaling = scaling.to(self.device)
+        launch = dict(scaling=scaling.kernel_scaling(), group_step=group_step, param_rounding=optimizer.param_rounding)
+        if self.steps is not None:
+            self.steps += 1
+            if scaling.found_inf is not None:
+                self.steps -= scaling.found_inf  # a skipped step does not count
+            optimizer.kernel_step(group, self.table, steps=self.steps, **launch)
+            return
+        optimizer.kernel_step(group, self.table, fresh_buffers=bool(self.fresh_states), **launch)
+        if self.fresh_states:  # the first step of these momentum buffers: did it run?
+            optimizer.buffers_started(self.fresh_states, skipped=scaling.skipped())
+
+    def grad_norm_partials(self, kernels, norm_type, grad_scale):
+        """[(partial, non-finite count, norm group)] of this bucket's grads: one reduction launch,
+        the block partials summed (maxed) per norm group."""
+        if self.table.num_blocks == 0:  # only empty shards here
+            zero = torch.zeros((), dtype=torch.float64 if self.table.dtype == torch.float64 else torch.float32,
+                               device=self.device)
+            return [(zero, zero, group) for group in self.norm_groups]
+        scale = None if grad_scale is None else grad_scale.to(self.device, non_blocking=True).reshape(1)
+        partials = kernels.grad_norm_partials(self.table, norm_type, scale)
+        if self.block_norm_group is None:
+            partial = partials[0].max() if norm_type == float("inf") else partials[0].sum()
+            return [(partial, partials[1].sum(), self.norm_groups[0])]
+        count = len(self.norm_groups)
+        reduce = "amax" if norm_type == float("inf") else "sum"
+        by_group = torch.zeros(2, count, dtype=partials.dtype, device=self.device)
+        by_group[0].scatter_reduce_(0, self.block_norm_group, partials[0], reduce, include_self=False)
+        by_group[1].index_add_(0, self.block_norm_group, partials[1])
+        return [(by_group[0, i], by_group[1, i], group) for i, group in enumerate(self.norm_groups)]
+
+
+class GroupPlan:
+    """How one param group is stepped: its kernel buckets and the tensors left to the reference.
+
+    Valid while the same params have grads, the group's structure stays, and every bucket's table
+    names the tensors held now (KernelBucket.current)."""
+
+    def __init__(self, optimizer, group, params, grads):
+        self.params = params
+        self.structure = optimizer.structure(group)
+        self.buckets = []
+        self.reference_params = []
+        self.rebuild_next_step = False
+        for p, grad in zip(params, grads):
+            optimizer.prepare_param(p, grad, group)
+        on_kernels = [optimizer.runs_on_kernels(p) for p in params]
+        kernels = load_kernels() if any(on_kernels) else None
+        # A param listed twice is stepped twice, one after the other, as torch does: the reference.
+        counts = {}
+        for p in params:
+            counts[id(p)] = counts.get(id(p), 0) + 1
+        candidates = [index for index, p in enumerate(params) if on_kernels[index] and counts[id(p)] == 1
+                      and self._fits(optimizer, group, p, grads[index], kernels)]
+        candidates = self._without_shared_memory(optimizer, group, params, grads, candidates)
+        by_bucket = {}
+        for index in candidates:
+            local = distributed.local_tensor(params[index])
+            dtype = torch.view_as_real(local).dtype if local.is_complex() else local.dtype
+            by_bucket.setdefault((local.device, dtype), []).append(index)
+        on_bucket = set(candidates)
+        self.reference_params = [p for index, p in enumerate(params) if index not in on_bucket]
+        for indices in by_bucket.values():
+            members = [params[i] for i in indices]
+            if len(indices) == len(params):
+                indices = None  # the common case: one bucket takes the group's grads as they are
+            bucket = KernelBucket(optimizer, group, members, [p.grad for p in members], indices, kernels)
+            self.rebuild_next_step |= bool(bucket.fresh_states)
+            self.buckets.append(bucket)
+
+    @staticmethod
+    def _state_tensors(optimizer, group, param):
+        """The state tensors a kernel would walk beside `param`: each role's, and its fp32 master."""
+        state = optimizer.state.get(param, {})
+        tensors = [state[key] for key in optimizer.state_keys(group) if key in state]
+        master = state.get("master_param") if optimizer.keeps_master(param) else None
+        return tensors, master
+
+    def _fits(self, optimizer, group, param, grad, kernels):
+        """Whether param, grad, states and master can be walked by a kernel: their local shards,
+        for a DTensor param, whose grad and states must then be split as the param is."""
+        states, master = self._state_tensors(optimizer, group, param)
+        others = (grad, *states, *([] if master is None else [master]))
+        if not all(distributed.same_sharding(param, t) for t in others):
+            return False
+        local = distributed.local_tensor
+        return kernels.fits_kernel(local(param), local(grad), list(map(local, states)),
+                                   None if master is None else local(master))
+
+    def _without_shared_memory(self, optimizer, group, params, grads, candidates):
+        spans = []
+        local = distributed.local_tensor
+        for index in candidates:
+            spans.append(memory_span(local(grads[index]), False, index))
+            states, master = self._state_tensors(optimizer, group, params[index])
+            for tensor in (params[index], *states, *([] if master is None else [master])):
+                spans.append(memory_span(local(tensor), True, index))
+        shared = overlapping([span for span in spans if span[1] > span[0]])
+        return [index for index in candidates if index not in shared]
+
+    def current(self, optimizer, params, grads, structure):
+        """True while this plan steps these params with these grads (see KernelBucket.current)."""
+        if len(params) != len(self.params) or not all(map(operator.is_, params, self.params)):
+            return False
+        if structure != self.structure:
+            return False
+        for bucket in self.buckets:
+            bucket_grads = grads if bucket.indices is None else [grads[i] for i in bucket.indices]
+            if not bucket.current(optimizer, bucket_grads):
+                return False
+        return True
+
+    def launch(self, optimizer, group, scaling, group_steps):
+        for p in self.reference_params:  # per tensor anyway: state may have been cleared by hand
+            optimizer.prepare_param(p, p.grad, group)
+        for bucket in self.buckets:
+            bucket.launch(optimizer, group, scaling, group_steps.get(bucket.device))
+        if self.reference_params:
+            grads = scaling.scale_grads([p.grad for p in self.reference_params])
+            if grads is not None:  # None: AMP found an inf or NaN, the step is skipped
+                optimizer.rounded_reference_step(group, self.reference_params, grads)
