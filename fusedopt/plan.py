@@ -154,6 +154,12 @@ class KernelBucket:
         fixed_local = list(map(local, self.fixed))
         self.guard = LayoutGuard(fixed_local + list(map(local, grads)))
         self.addresses = list(map(_data_ptr, fixed_local + step_views))
+        # The memory the kernel writes, as sorted disjoint [start, end) byte spans: a grad that
+        # moves into it (p.grad = p.detach(), a state as a grad) sends the group to be planned again.
+        written = sorted(memory_span(t, True, None)[:2] for t in fixed_local if t.numel())
+        self.written_starts = torch.tensor([start for start, _ in written] or [0], dtype=torch.int64)
+        self.written_ends = torch.tensor([end for _, end in written] or [0], dtype=torch.int64)
+        self.grad_bytes = torch.tensor([g.numel() * g.element_size() for g in map(local, grads)], dtype=torch.int64)
         self.norm_groups = list(dict.fromkeys(map(distributed.norm_group, grads)))
         self.block_norm_group = None
         if len(self.norm_groups) > 1:  # which group each block's norm partial is reduced over
@@ -184,8 +190,19 @@ class KernelBucket:
             return False
         grad_addresses = list(map(_data_ptr, grads))
         if grad_addresses != self.table.grad_addresses:
-            self.table.refresh_grads(grad_addresses)
+            starts = torch.tensor(grad_addresses, dtype=torch.int64)
+            if self._into_written_memory(starts):
+                return False
+            self.table.refresh_grads(grad_addresses, starts)
         return True
+
+    def _into_written_memory(self, grad_starts):
+        """Whether any grad span [start, start + bytes) overlaps memory the kernel writes: the
+        written span starting last before the grad's end must end before the grad's start."""
+        grad_ends = grad_starts + self.grad_bytes
+        last = torch.searchsorted(self.written_starts, grad_ends) - 1
+        overlap = (last >= 0) & (self.written_ends[last.clamp(min=0)] > grad_starts) & (self.grad_bytes > 0)
+        return bool(overlap.any())
 
     def _state_current(self, optimizer):
         state = optimizer.state

@@ -186,14 +186,16 @@ class TensorTable:
             host_table = host_table.pin_memory()
         return host_table.to(self.device, non_blocking=True)
 
-    def refresh_grads(self, addresses):
-        """Point the grad row at new grad addresses (e.g. after zero_grad(set_to_none=True))."""
+    def refresh_grads(self, addresses, address_row=None):
+        """Point the grad row at new grad addresses (e.g. after zero_grad(set_to_none=True));
+        `address_row`, if given, holds them already as an int64 host tensor."""
         if addresses == self.grad_addresses:
             return
         self.grad_addresses = addresses
-        self._host_table[FIRST_ADDRESS_ROW + 1] = torch.tensor(addresses, dtype=torch.int64)
+        row = torch.tensor(addresses, dtype=torch.int64) if address_row is None else address_row
+        self._host_table[FIRST_ADDRESS_ROW + 1] = row
         self.tensor_table = self._upload(self._host_table)  # a new device copy on CUDA
-        self.aligned = self._other_addresses_aligned and all(a % 16 == 0 for a in addresses)
+        self.aligned = self._other_addresses_aligned and not bool((row % 16).any())
 
     def scaling_arguments(self, scaling):
         """The kernel arguments (found_inf, grad_scale, clip_coef, SCALED_GRADS) for `scaling`: the
