@@ -40,11 +40,11 @@ def _tensor_guards():
         def guard(*tensors):
             return TensorGuards(*tensors, dynamic_dims_sizes=None, dynamic_dims_strides=None)
 
-        a, b = torch.zeros(2, 3), torch.zeros(6)
-        checks = guard(a, b)
-        same = checks.check(torch.zeros(2, 3), torch.ones(6))
-        changed = [(a.t(), b), (a, b.double()), (a, b[:5]), (a, torch.nn.Parameter(b)), (a.reshape(3, 2), b),
-                   (a, torch.zeros(12)[::2]), (a, torch.zeros(6, dtype=torch.complex64).conj())]
+        a, b, c = torch.zeros(2, 3), torch.zeros(6), torch.zeros(6, dtype=torch.complex64)
+        checks = guard(a, b, c)
+        same = checks.check(torch.zeros(2, 3), torch.ones(6), torch.ones(6, dtype=torch.complex64))
+        changed = [(a.t(), b, c), (a, b.double(), c), (a, b[:5], c), (a, torch.nn.Parameter(b), c),
+                   (a.reshape(3, 2), b, c), (a, torch.zeros(12)[::2], c), (a, b, c.conj()), (a, b, b)]
         if same and not any(checks.check(*tensors) for tensors in changed):
             return guard
     except Exception:  # absent or changed in this torch: the Python comparison below
