@@ -55,6 +55,22 @@ def _tensor_guards():
 _TENSOR_GUARDS = _tensor_guards()
 
 
+def _addresses_checker():
+    """addresses_match(tensors, addresses, indices): whether each tensor's data pointer is its
+    address, in one C++ loop where this torch build has one (CUDA builds), else compared in Python."""
+    try:
+        bulk = torch._C._tensors_data_ptrs_at_indices_equal
+        a, b = torch.zeros(2), torch.zeros(3)
+        if bulk([a, b], [a.data_ptr(), b.data_ptr()], [0, 1]) and not bulk([a, b], [a.data_ptr(), a.data_ptr()], [0, 1]):
+            return bulk
+    except Exception:  # absent from CPU builds
+        pass
+    return lambda tensors, addresses, indices: list(map(_data_ptr, tensors)) == addresses
+
+
+addresses_match = _addresses_checker()
+
+
 def layout_of(tensor):
     return (type(tensor), tensor.dtype, tensor.device, tensor.shape, tensor.stride(), tensor.requires_grad,
             tensor.is_conj(), tensor.is_neg())
@@ -154,6 +170,7 @@ class KernelBucket:
         fixed_local = list(map(local, self.fixed))
         self.guard = LayoutGuard(fixed_local + list(map(local, grads)))
         self.addresses = list(map(_data_ptr, fixed_local + step_views))
+        self.address_indices = list(range(len(self.addresses)))
         # The memory the kernel writes, as sorted disjoint [start, end) byte spans: a grad that
         # moves into it (p.grad = p.detach(), a state as a grad) sends the group to be planned again.
         written = sorted(memory_span(t, True, None)[:2] for t in fixed_local if t.numel())
@@ -184,9 +201,10 @@ class KernelBucket:
             grads = distributed.local_grads(self.params, grads)
             if grads is None:
                 return False
-        if not self.guard.check(*fixed, *grads):
+        # addresses first: the layout check then finds the tensors in cache
+        if not addresses_match(addressed, self.addresses, self.address_indices):
             return False
-        if list(map(_data_ptr, addressed)) != self.addresses:
+        if not self.guard.check(*fixed, *grads):
             return False
         grad_addresses = list(map(_data_ptr, grads))
         if grad_addresses != self.table.grad_addresses:
