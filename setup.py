@@ -8,11 +8,13 @@ setup(
     long_description_content_type="text/markdown",
     packages=["fusedopt", "fusedopt.kernels", "fusedopt.schedules"],
     package_dir={"fusedopt": "fusedopt", "fusedopt.kernels": "kernels"},
+    package_data={"fusedopt": ["table_check.cpp"]},
     python_requires=">=3.9",
     install_requires=["torch>=2.6", "triton>=3.6", "numpy"],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "matplotlib", "tqdm"],
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "matplotlib", "tqdm", "ninja"],
         "plot": ["matplotlib"],
-        "bench": ["matplotlib", "tqdm", "pytest-benchmark"],
+        "bench": ["matplotlib", "tqdm", "pytest-benchmark", "ninja"],
+        "native": ["ninja"],  # python -m fusedopt.native builds the compiled table check
     },
 )

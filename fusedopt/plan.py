@@ -55,25 +55,10 @@ def _tensor_guards():
 _TENSOR_GUARDS = _tensor_guards()
 
 
-def _addresses_checker():
-    """addresses_match(tensors, addresses, indices): whether each tensor's data pointer is its
-    address, in one C++ loop where this torch build has one (CUDA builds), else compared in Python."""
-    try:
-        bulk = torch._C._tensors_data_ptrs_at_indices_equal
-        a, b = torch.zeros(2), torch.zeros(3)
-        if bulk([a, b], [a.data_ptr(), b.data_ptr()], [0, 1]) and not bulk([a, b], [a.data_ptr(), a.data_ptr()], [0, 1]):
-            return bulk
-    except Exception:  # absent from CPU builds
-        pass
-    return lambda tensors, addresses, indices: list(map(_data_ptr, tensors)) == addresses
-
-
-addresses_match = _addresses_checker()
-
-
 def layout_of(tensor):
-    return (type(tensor), tensor.dtype, tensor.device, tensor.shape, tensor.stride(), tensor.requires_grad,
-            tensor.is_conj(), tensor.is_neg())
+    strided = tensor.layout == torch.strided
+    return (type(tensor), tensor.layout, tensor.dtype, tensor.device, tensor.shape,
+            tensor.stride() if strided else None, tensor.is_conj(), tensor.is_neg())
 
 
 class LayoutGuard:
@@ -86,6 +71,39 @@ class LayoutGuard:
         else:
             layouts = list(map(layout_of, tensors))
             self.check = lambda *now: list(map(layout_of, now)) == layouts
+
+
+SAME, CHANGED, MOVED = 0, 1, 2  # what a table check finds (as table_check.cpp's)
+
+
+class PythonTableCheck:
+    """Whether tensors are still those a table was built on: `fixed` ones at the same address and
+    `grads` (which may move) with the same layout. check(fixed, grads) is SAME, MOVED (only grads
+    at new addresses) or CHANGED. The compiled TableCheck (fusedopt.native) answers alike, faster."""
+
+    def __init__(self, fixed, grads):
+        self.addresses = list(map(_data_ptr, fixed))
+        self.grad_addresses = list(map(_data_ptr, grads))
+        self.layouts = LayoutGuard(fixed + grads)
+
+    def check(self, fixed, grads):
+        # addresses first: the layout check then finds the tensors in cache
+        if (len(grads) != len(self.grad_addresses) or list(map(_data_ptr, fixed)) != self.addresses
+                or not self.layouts.check(*fixed, *grads)):
+            return CHANGED
+        grad_addresses = list(map(_data_ptr, grads))
+        if grad_addresses == self.grad_addresses:
+            return SAME
+        self.grad_addresses = grad_addresses
+        return MOVED
+
+
+def table_check(fixed, grads):
+    """The compiled table check where it has been built (python -m fusedopt.native), else Python's."""
+    from . import native
+
+    compiled = native.table_check_class()
+    return PythonTableCheck(fixed, grads) if compiled is None else compiled(fixed, grads)
 
 
 def state_values(state, params):
@@ -160,17 +178,15 @@ class KernelBucket:
         if masters:  # the fp32 master copies are the last role
             roles.append([state["master_param"] for state in states])
         # What the table names: param and each role (fixed while the table lives), the grads
-        # (re-pointed when they move) and the step views (the buffer's, checked by address).
+        # (re-pointed when they move), and the step views (the step buffer's).
         self.fixed = params + [tensor for role in roles for tensor in role]
         self.step_views = step_views
-        self.addressed = self.fixed + step_views
+        self.checked = self.fixed + step_views
         local = distributed.local_tensor
         self.table = kernels.TensorTable(list(map(local, params)), list(map(local, grads)),
                                          [list(map(local, role)) for role in roles], extra)
         fixed_local = list(map(local, self.fixed))
-        self.guard = LayoutGuard(fixed_local + list(map(local, grads)))
-        self.addresses = list(map(_data_ptr, fixed_local + step_views))
-        self.address_indices = list(range(len(self.addresses)))
+        self.tensor_check = table_check(fixed_local + step_views, list(map(local, grads)))
         # The memory the kernel writes, as sorted disjoint [start, end) byte spans: a grad that
         # moves into it (p.grad = p.detach(), a state as a grad) sends the group to be planned again.
         written = sorted(memory_span(t, True, None)[:2] for t in fixed_local if t.numel())
@@ -194,25 +210,20 @@ class KernelBucket:
         only the grads moved); False when the group must be planned again."""
         if self.keeps_state and not self._state_current(optimizer):
             return False
-        fixed, addressed = self.fixed, self.addressed
+        checked = self.checked
         if self.sharded:
-            fixed = list(map(distributed.local_tensor, fixed))
-            addressed = fixed + self.step_views
+            checked = list(map(distributed.local_tensor, self.fixed)) + self.step_views
             grads = distributed.local_grads(self.params, grads)
             if grads is None:
                 return False
-        # addresses first: the layout check then finds the tensors in cache
-        if not addresses_match(addressed, self.addresses, self.address_indices):
-            return False
-        if not self.guard.check(*fixed, *grads):
-            return False
-        grad_addresses = list(map(_data_ptr, grads))
-        if grad_addresses != self.table.grad_addresses:
+        found = self.tensor_check.check(checked, grads)
+        if found == MOVED:
+            grad_addresses = list(map(_data_ptr, grads))
             starts = torch.tensor(grad_addresses, dtype=torch.int64)
             if self._into_written_memory(starts):
                 return False
             self.table.refresh_grads(grad_addresses, starts)
-        return True
+        return found != CHANGED
 
     def _into_written_memory(self, grad_starts):
         """Whether any grad span [start, start + bytes) overlaps memory the kernel writes: the

@@ -24,6 +24,24 @@ RICH = {
 TOLERANCE = dict(rtol=1e-5, atol=1e-6)
 
 
+@pytest.fixture(autouse=True, params=["python check", "compiled check"])
+def table_check(request, monkeypatch):
+    """Every test runs with the Python table check and with the compiled one (fusedopt.native)."""
+    from fusedopt import native
+
+    if request.param == "python check":
+        monkeypatch.setattr(native, "table_check_class", lambda: None)
+        return request.param
+    compiled = native.table_check_class()
+    if compiled is None:
+        try:
+            compiled = native.build()
+        except RuntimeError as error:
+            pytest.skip(str(error))
+    monkeypatch.setattr(native, "table_check_class", lambda: compiled)
+    return request.param
+
+
 class Twins:
     """A fusedopt optimizer and its torch.optim twin on copies of the same params, driven alike."""
 
@@ -532,3 +550,45 @@ def test_unchanged_tensors_keep_their_table(backend, device, monkeypatch):
         twins.expected.step()
     assert len(builds) == 1
     twins.assert_match("adam")
+
+
+@pytest.mark.parametrize("layouts", ["TensorGuards", "Python layouts"])
+def test_the_compiled_and_the_python_table_checks_agree(table_check, layouts, monkeypatch):
+    """The same answer (SAME, MOVED, CHANGED) from both, for every kind of change; the Python check
+    with torch's C++ layout check and with its own (where TensorGuards is absent)."""
+    from fusedopt import native, plan
+
+    if layouts == "Python layouts":
+        monkeypatch.setattr(plan, "_TENSOR_GUARDS", None)
+
+    check_class = native.table_check_class()
+    if check_class is None:
+        pytest.skip("compares the compiled check with the Python one")
+    square = torch.zeros(4, 4)
+    fixed = [torch.nn.Parameter(torch.zeros(3, 4)), square, torch.zeros(2, dtype=torch.complex64), torch.zeros(())]
+    grads = [torch.zeros(3, 4), torch.zeros(4, 4)]
+
+    def variants():
+        yield "same", fixed, grads
+        yield "grads moved", fixed, [torch.ones(3, 4), grads[1]]
+        yield "grad strides", fixed, [grads[0], grads[1].t()]
+        yield "grad dtype", fixed, [grads[0].double(), grads[1]]
+        yield "grad type", fixed, [torch.nn.Parameter(grads[0].clone()), grads[1]]
+        yield "sparse grad", fixed, [grads[0].to_sparse(), grads[1]]
+        yield "param moved", [torch.nn.Parameter(torch.zeros(3, 4))] + fixed[1:], grads
+        yield "param as plain tensor", [fixed[0].detach()] + fixed[1:], grads
+        yield "state transposed", [fixed[0], square.t()] + fixed[2:], grads
+        yield "state pruned", [fixed[0], square.view(16)[:8].view(2, 4)] + fixed[2:], grads
+        yield "state conjugated", fixed[:2] + [fixed[2].conj()] + fixed[3:], grads
+        yield "state negated", fixed[:2] + [torch._neg_view(fixed[2])] + fixed[3:], grads
+        yield "step as int32", fixed[:3] + [fixed[3].view(torch.int32)], grads
+        yield "one tensor fewer", fixed[:3], grads
+        yield "one grad fewer", fixed, grads[:1]
+
+    for name, now_fixed, now_grads in variants():
+        python, compiled = plan.PythonTableCheck(fixed, grads), check_class(fixed, grads)
+        assert python.check(now_fixed, now_grads) == compiled.check(now_fixed, now_grads), name
+    python, compiled = plan.PythonTableCheck(fixed, grads), check_class(fixed, grads)
+    moved = [torch.ones(3, 4), grads[1]]
+    assert python.check(fixed, moved) == compiled.check(fixed, moved) == plan.MOVED
+    assert python.check(fixed, moved) == compiled.check(fixed, moved) == plan.SAME  # the new addresses kept
