@@ -92,8 +92,11 @@ def main(argv=None):
         ("fusedopt.Adam triton path, grads at new addresses (swap time taken out)",
          medians["moved grads"] - medians["swap"]),
     ]
+    from fusedopt import native
+
+    check = "compiled (python -m fusedopt.native)" if native.table_check_class() else "Python"
     print(f"host time per step, {args.tensors} tensors of {args.numel} elements, median of {args.steps} "
-          "interleaved rounds")
+          f"interleaved rounds; table check: {check}")
     print(f"| {'what':<72} | {'us/step':>9} | {'us/tensor':>9} | {'/ torch':>7} |")
     print(f"|{'-' * 74}|{'-' * 11}|{'-' * 11}|{'-' * 9}|")
     for name, us in rows:
