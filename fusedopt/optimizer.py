@@ -2,7 +2,6 @@
 buckets keyed by (device, dtype) -> one backend call per bucket.
 """
 import itertools
-import math
 import operator
 import os
 import sys

@@ -365,12 +365,8 @@ def params_of(model, rule, groups):
     return [{"params": params[:4]}, {"params": params[4:], "lr": OPTIONS[rule]["lr"] / 2}]
 
 
-def fsdp2_trajectory(rule, backend, groups=False):
-    """3 steps of fully_shard'ed models, fusedopt beside torch.optim; kernel launches per step()."""
-    mesh = mesh_of()
-    fused_model, torch_model = fsdp_model(mesh), fsdp_model(mesh)
-    fused = fused_optimizer(rule, params_of(fused_model, rule, groups), backend)
-    expected = torch_optimizer(rule, params_of(torch_model, rule, groups))
+def train_beside_torch(fused_model, fused, torch_model, expected):
+    """STEPS steps of both optimizers on the same batches; the kernel launches of each fused step."""
     launches = []
     for step in range(STEPS):
         loss_of(fused_model, step).backward()
@@ -381,6 +377,16 @@ def fsdp2_trajectory(rule, backend, groups=False):
         expected.step()
         fused.zero_grad()
         expected.zero_grad()
+    return launches
+
+
+def fsdp2_trajectory(rule, backend, groups=False):
+    """3 steps of fully_shard'ed models, fusedopt beside torch.optim; kernel launches per step()."""
+    mesh = mesh_of()
+    fused_model, torch_model = fsdp_model(mesh), fsdp_model(mesh)
+    fused = fused_optimizer(rule, params_of(fused_model, rule, groups), backend)
+    expected = torch_optimizer(rule, params_of(torch_model, rule, groups))
+    launches = train_beside_torch(fused_model, fused, torch_model, expected)
     return dict(mismatches=compare_runs(fused_model, fused, torch_model, expected),
                 state_layout=dtensor_state_layout(fused_model, fused), launches=launches,
                 local_numels={name: p.to_local().numel() for name, p in fused_model.named_parameters()},
@@ -434,6 +440,45 @@ def fsdp2_clip(norm_type, mesh, backend, groups=False):
         record["torch_norms"].append(full(torch_norm).item())
     record["mismatches"] = compare_runs(fused_model, fused, torch_model, expected)
     record["state_layout"] = dtensor_state_layout(fused_model, fused)
+    return record
+
+
+def tp_model(mesh, seed=0):
+    """Tensor parallel: Linear(5, 8) split by output features (weight and bias Shard(0)),
+    Linear(8, 4) by input features (weight Shard(1), bias replicated), Linear(4, 2) by output
+    features again, its output gathered (even splits: a sharded activation has no uneven shape)."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 2))
+    plan = {"0": ColwiseParallel(), "2": RowwiseParallel(), "4": ColwiseParallel(output_layouts=Replicate())}
+    return parallelize_module(model, mesh, plan)
+
+
+def tp_trajectory(rule, backend):
+    """Tensor parallel, the same whole batch on every rank, clipped by the global norm at every step."""
+    mesh = mesh_of()
+    fused_model, torch_model = tp_model(mesh), tp_model(mesh)
+    fused = fused_optimizer(rule, fused_model.parameters(), backend)
+    expected = torch_optimizer(rule, torch_model.parameters())
+    record = dict(norms=[], torch_norms=[], launches=[],
+                  placements=[placements_of(p) for p in fused_model.parameters()])
+    for step in range(STEPS):
+        generator = torch.Generator().manual_seed(1000 + step)
+        x, y = torch.randn(GLOBAL_BATCH, 5, generator=generator), torch.randn(GLOBAL_BATCH, 2, generator=generator)
+        F.mse_loss(fused_model(x), y).backward()
+        F.mse_loss(torch_model(x), y).backward()
+        before = launch_count()
+        record["norms"].append(full(fused.clip_grad_norm_(MAX_NORM)).item())
+        fused.step()
+        record["launches"].append(launch_count() - before)
+        record["torch_norms"].append(full(torch.nn.utils.clip_grad_norm_(list(torch_model.parameters()), MAX_NORM,
+                                                                         foreach=False)).item())
+        expected.step()
+        fused.zero_grad()
+        expected.zero_grad()
+    record["mismatches"] = compare_runs(fused_model, fused, torch_model, expected)
     return record
 
 
@@ -817,16 +862,7 @@ def ddp_trajectory(rule, backend):
     fused_model, torch_model = ddp_model(), ddp_model()
     fused = fused_optimizer(rule, fused_model.parameters(), backend)
     expected = torch_optimizer(rule, torch_model.parameters())
-    launches = []
-    for step in range(STEPS):
-        loss_of(fused_model, step).backward()
-        loss_of(torch_model, step).backward()
-        before = launch_count()
-        fused.step()
-        launches.append(launch_count() - before)
-        expected.step()
-        fused.zero_grad()
-        expected.zero_grad()
+    launches = train_beside_torch(fused_model, fused, torch_model, expected)
     return dict(mismatches=compare_runs(fused_model, fused, torch_model, expected), launches=launches)
 
 
@@ -887,6 +923,7 @@ def _register_all():
             register("fsdp2-trajectory", fsdp2_trajectory, rule=rule, backend=backend)
             register("fsdp2-groups", fsdp2_trajectory, rule=rule, backend=backend, unnamed=dict(groups=True))
             register("ddp", ddp_trajectory, rule=rule, backend=backend)
+            register("tp", tp_trajectory, rule=rule, backend=backend)
             for bucket_view in (False, True):
                 register("zero", zero_trajectory, rule=rule, backend=backend, bucket_view=bucket_view)
             for scaler in SCALERS:

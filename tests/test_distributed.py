@@ -437,6 +437,31 @@ def test_training_continues_after_resharding_as_torch_optim(outcome):
     assert_none(ranks, "continued")
 
 
+# ---- tensor parallel ----
+
+TP = names("tp")
+
+
+@pytest.mark.parametrize("scenario", TP)
+def test_tensor_parallel_params_and_states_match_torch_optim(outcome):
+    ranks = outcome.values()
+    assert ranks[0]["placements"] == [["Shard(dim=0)"], ["Shard(dim=0)"], ["Shard(dim=1)"], ["Replicate()"],
+                                      ["Shard(dim=0)"], ["Shard(dim=0)"]], "scenario setting: column/row splits"
+    assert_none(ranks, "mismatches")
+
+
+@pytest.mark.parametrize("scenario", TP)
+def test_tensor_parallel_norm_is_torchs_global_norm(outcome):
+    for value in outcome.values():
+        assert value["norms"] == pytest.approx(value["torch_norms"], rel=1e-5)
+
+
+@pytest.mark.parametrize("scenario", TP)
+def test_tensor_parallel_step_launches_a_reduction_and_an_update_with_triton(outcome, scenario):
+    expected = 2 if backend_of(scenario) == "triton" else 0
+    assert [value["launches"] for value in outcome.values()] == [[expected] * STEPS] * 2
+
+
 # ---- DDP and ZeroRedundancyOptimizer ----
 
 DDP = names("ddp")
