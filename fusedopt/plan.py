@@ -77,16 +77,22 @@ SAME, CHANGED, MOVED = 0, 1, 2  # what a table check finds (as table_check.cpp's
 
 
 class PythonTableCheck:
-    """Whether tensors are still those a table was built on: `fixed` ones at the same address and
-    `grads` (which may move) with the same layout. check(fixed, grads) is SAME, MOVED (only grads
-    at new addresses) or CHANGED. The compiled TableCheck (fusedopt.native) answers alike, faster."""
+    """Whether tensors are still those a table was built on: `fixed` ones at the same address, and
+    `grads` with the same layout, which may move, but not into `written` memory (sorted disjoint
+    [start, end) byte spans: what the kernel writes; p.grad = p.detach() would alias it).
+    check(fixed, grads, grad_row) is SAME, MOVED (only grads at new addresses, which it wrote into
+    `grad_row`, an int64 host tensor) or CHANGED. The compiled TableCheck (fusedopt.native)
+    answers alike, faster."""
 
-    def __init__(self, fixed, grads):
+    def __init__(self, fixed, grads, written):
         self.addresses = list(map(_data_ptr, fixed))
         self.grad_addresses = list(map(_data_ptr, grads))
+        self.grad_bytes = torch.tensor([g.numel() * g.element_size() for g in grads], dtype=torch.int64)
+        self.written_starts = torch.tensor([start for start, _ in written] or [0], dtype=torch.int64)
+        self.written_ends = torch.tensor([end for _, end in written] or [0], dtype=torch.int64)
         self.layouts = LayoutGuard(fixed + grads)
 
-    def check(self, fixed, grads):
+    def check(self, fixed, grads, grad_row):
         # addresses first: the layout check then finds the tensors in cache
         if (len(grads) != len(self.grad_addresses) or list(map(_data_ptr, fixed)) != self.addresses
                 or not self.layouts.check(*fixed, *grads)):
@@ -94,16 +100,30 @@ class PythonTableCheck:
         grad_addresses = list(map(_data_ptr, grads))
         if grad_addresses == self.grad_addresses:
             return SAME
+        starts = torch.tensor(grad_addresses, dtype=torch.int64)
+        if self._into_written_memory(starts):
+            return CHANGED
+        grad_row.copy_(starts)
         self.grad_addresses = grad_addresses
         return MOVED
 
+    def _into_written_memory(self, grad_starts):
+        """Whether a grad span [start, start + bytes) overlaps written memory: the written span
+        starting last before the grad's end must end before the grad's start."""
+        grad_ends = grad_starts + self.grad_bytes
+        last = torch.searchsorted(self.written_starts, grad_ends) - 1
+        overlap = (last >= 0) & (self.written_ends[last.clamp(min=0)] > grad_starts) & (self.grad_bytes > 0)
+        return bool(overlap.any())
 
-def table_check(fixed, grads):
+
+def table_check(fixed, grads, written):
     """The compiled table check where it has been built (python -m fusedopt.native), else Python's."""
     from . import native
 
     compiled = native.table_check_class()
-    return PythonTableCheck(fixed, grads) if compiled is None else compiled(fixed, grads)
+    if compiled is None:
+        return PythonTableCheck(fixed, grads, written)
+    return compiled(fixed, grads, [start for start, _ in written], [end for _, end in written])
 
 
 def state_values(state, params):
@@ -186,13 +206,10 @@ class KernelBucket:
         self.table = kernels.TensorTable(list(map(local, params)), list(map(local, grads)),
                                          [list(map(local, role)) for role in roles], extra)
         fixed_local = list(map(local, self.fixed))
-        self.tensor_check = table_check(fixed_local + step_views, list(map(local, grads)))
-        # The memory the kernel writes, as sorted disjoint [start, end) byte spans: a grad that
-        # moves into it (p.grad = p.detach(), a state as a grad) sends the group to be planned again.
+        # The memory the kernel writes: a grad that moves into it (p.grad = p.detach(), a state
+        # as a grad) sends the group to be planned again.
         written = sorted(memory_span(t, True, None)[:2] for t in fixed_local if t.numel())
-        self.written_starts = torch.tensor([start for start, _ in written] or [0], dtype=torch.int64)
-        self.written_ends = torch.tensor([end for _, end in written] or [0], dtype=torch.int64)
-        self.grad_bytes = torch.tensor([g.numel() * g.element_size() for g in map(local, grads)], dtype=torch.int64)
+        self.tensor_check = table_check(fixed_local + step_views, list(map(local, grads)), written)
         self.norm_groups = list(dict.fromkeys(map(distributed.norm_group, grads)))
         self.block_norm_group = None
         if len(self.norm_groups) > 1:  # which group each block's norm partial is reduced over
@@ -216,22 +233,10 @@ class KernelBucket:
             grads = distributed.local_grads(self.params, grads)
             if grads is None:
                 return False
-        found = self.tensor_check.check(checked, grads)
+        found = self.tensor_check.check(checked, grads, self.table.grad_row)
         if found == MOVED:
-            grad_addresses = list(map(_data_ptr, grads))
-            starts = torch.tensor(grad_addresses, dtype=torch.int64)
-            if self._into_written_memory(starts):
-                return False
-            self.table.refresh_grads(grad_addresses, starts)
+            self.table.grads_moved()
         return found != CHANGED
-
-    def _into_written_memory(self, grad_starts):
-        """Whether any grad span [start, start + bytes) overlaps memory the kernel writes: the
-        written span starting last before the grad's end must end before the grad's start."""
-        grad_ends = grad_starts + self.grad_bytes
-        last = torch.searchsorted(self.written_starts, grad_ends) - 1
-        overlap = (last >= 0) & (self.written_ends[last.clamp(min=0)] > grad_starts) & (self.grad_bytes > 0)
-        return bool(overlap.any())
 
     def _state_current(self, optimizer):
         state = optimizer.state

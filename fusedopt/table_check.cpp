@@ -1,7 +1,8 @@
 // The check that a tensor table is not stale, in one pass over its tensors: each is still a
 // strided tensor of the same Python type, dtype, device, shape, strides and conjugate/negative
-// bits, and (for every tensor but the grads) at the same data pointer. fusedopt/native.py builds
-// it on first use; fusedopt/plan.py has the same check in Python.
+// bits, and (for every tensor but the grads) at the same data pointer; grads that moved must not
+// overlap the memory the kernel writes. `python -m fusedopt.native` builds it; PythonTableCheck
+// in fusedopt/plan.py is the same check in Python.
 #include <torch/extension.h>
 #include <torch/csrc/autograd/python_variable.h>
 
@@ -16,6 +17,7 @@ struct Recorded {
   bool neg = false;
   std::vector<int64_t> sizes;
   std::vector<int64_t> strides;
+  int64_t bytes = 0;
 };
 
 int64_t address_of(const at::Tensor& tensor) {
@@ -34,6 +36,7 @@ void record(PyObject* object, Recorded& recorded) {
   recorded.neg = tensor.is_neg();
   recorded.sizes = tensor.sizes().vec();
   recorded.strides = tensor.strides().vec();
+  recorded.bytes = tensor.numel() * static_cast<int64_t>(tensor.element_size());
 }
 
 enum Comparison { kSame = 0, kChanged = 1, kMoved = 2 };
@@ -56,8 +59,11 @@ Comparison compare(PyObject* object, const Recorded& recorded) {
 
 class TableCheck {
  public:
-  // `fixed`: tensors that must stay where they are; `grads`: tensors that may move.
-  TableCheck(const py::list& fixed, const py::list& grads) {
+  // `fixed`: tensors that must stay where they are; `grads`: tensors that may move, but not into
+  // the written memory [written_starts[i], written_ends[i]) (sorted, disjoint).
+  TableCheck(const py::list& fixed, const py::list& grads, std::vector<int64_t> written_starts,
+             std::vector<int64_t> written_ends)
+      : written_starts_(std::move(written_starts)), written_ends_(std::move(written_ends)) {
     fixed_.resize(PyList_GET_SIZE(fixed.ptr()));
     grads_.resize(PyList_GET_SIZE(grads.ptr()));
     for (size_t i = 0; i < fixed_.size(); ++i) {
@@ -68,9 +74,9 @@ class TableCheck {
     }
   }
 
-  // 0: every tensor as recorded; 2: only grads moved (their new addresses are recorded);
-  // 1: anything else.
-  int check(const py::list& fixed, const py::list& grads) {
+  // 0: every tensor as recorded; 2: only grads moved (their new addresses are recorded and
+  // written into grad_row, an int64 host tensor); 1: anything else.
+  int check(const py::list& fixed, const py::list& grads, at::Tensor& grad_row) {
     PyObject* fixed_now = fixed.ptr();
     PyObject* grads_now = grads.ptr();
     if (static_cast<size_t>(PyList_GET_SIZE(fixed_now)) != fixed_.size() ||
@@ -90,21 +96,49 @@ class TableCheck {
       }
       moved |= comparison == kMoved;
     }
-    if (moved) {
-      for (size_t i = 0; i < grads_.size(); ++i) {
-        grads_[i].address = address_of(THPVariable_Unpack(PyList_GET_ITEM(grads_now, i)));
+    if (!moved) {
+      return kSame;
+    }
+    std::vector<int64_t> addresses(grads_.size());
+    for (size_t i = 0; i < grads_.size(); ++i) {
+      addresses[i] = address_of(THPVariable_Unpack(PyList_GET_ITEM(grads_now, i)));
+      if (into_written_memory(addresses[i], addresses[i] + grads_[i].bytes)) {
+        return kChanged;
       }
     }
-    return moved ? kMoved : kSame;
+    TORCH_CHECK(grad_row.scalar_type() == at::kLong && grad_row.is_contiguous() &&
+                    grad_row.numel() == static_cast<int64_t>(grads_.size()),
+                "TableCheck: grad_row must be a contiguous int64 tensor of one element per grad");
+    int64_t* row = grad_row.data_ptr<int64_t>();
+    for (size_t i = 0; i < grads_.size(); ++i) {
+      row[i] = addresses[i];
+      grads_[i].address = addresses[i];
+    }
+    return kMoved;
   }
 
  private:
+  // Whether [start, end) overlaps a written span: the one starting last before `end` must end
+  // before `start`.
+  bool into_written_memory(int64_t start, int64_t end) const {
+    if (end <= start) {
+      return false;
+    }
+    auto after = std::lower_bound(written_starts_.begin(), written_starts_.end(), end);
+    if (after == written_starts_.begin()) {
+      return false;
+    }
+    return written_ends_[after - written_starts_.begin() - 1] > start;
+  }
+
   std::vector<Recorded> fixed_;
   std::vector<Recorded> grads_;
+  std::vector<int64_t> written_starts_;
+  std::vector<int64_t> written_ends_;
 };
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<TableCheck>(m, "TableCheck")
-      .def(py::init<const py::list&, const py::list&>())
+      .def(py::init<const py::list&, const py::list&, std::vector<int64_t>, std::vector<int64_t>>())
       .def("check", &TableCheck::check);
 }

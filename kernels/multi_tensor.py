@@ -163,11 +163,11 @@ class TensorTable:
         rows += [[real_view(t).data_ptr() for t in role] for role in states]
         self._host_table = torch.tensor(rows, dtype=torch.int64)
         grad_row = FIRST_ADDRESS_ROW + 1
-        self.grad_addresses = rows[grad_row]
+        self.grad_row = self._host_table[grad_row]  # the grad addresses on the host, re-pointed in place
         self._other_addresses_aligned = all(
             address % 16 == 0 for row in rows[FIRST_ADDRESS_ROW:grad_row] + rows[grad_row + 1:] for address in row
         )
-        self.aligned = self._other_addresses_aligned and all(a % 16 == 0 for a in self.grad_addresses)
+        self.aligned = self._other_addresses_aligned and all(a % 16 == 0 for a in rows[grad_row])
 
         starts, owners = [], []
         for index, numel in enumerate(numels):
@@ -186,16 +186,11 @@ class TensorTable:
             host_table = host_table.pin_memory()
         return host_table.to(self.device, non_blocking=True)
 
-    def refresh_grads(self, addresses, address_row=None):
-        """Point the grad row at new grad addresses (e.g. after zero_grad(set_to_none=True));
-        `address_row`, if given, holds them already as an int64 host tensor."""
-        if addresses == self.grad_addresses:
-            return
-        self.grad_addresses = addresses
-        row = torch.tensor(addresses, dtype=torch.int64) if address_row is None else address_row
-        self._host_table[FIRST_ADDRESS_ROW + 1] = row
+    def grads_moved(self):
+        """`grad_row` was rewritten with new grad addresses (e.g. after zero_grad(set_to_none=True)):
+        upload the table again."""
         self.tensor_table = self._upload(self._host_table)  # a new device copy on CUDA
-        self.aligned = self._other_addresses_aligned and not bool((row % 16).any())
+        self.aligned = self._other_addresses_aligned and not bool((self.grad_row % 16).any())
 
     def scaling_arguments(self, scaling):
         """The kernel arguments (found_inf, grad_scale, clip_coef, SCALED_GRADS) for `scaling`: the

@@ -567,10 +567,17 @@ def test_the_compiled_and_the_python_table_checks_agree(table_check, layouts, mo
     square = torch.zeros(4, 4)
     fixed = [torch.nn.Parameter(torch.zeros(3, 4)), square, torch.zeros(2, dtype=torch.complex64), torch.zeros(())]
     grads = [torch.zeros(3, 4), torch.zeros(4, 4)]
+    written = sorted(plan.memory_span(t, True, None)[:2] for t in fixed)
+
+    def both():
+        return (plan.PythonTableCheck(fixed, grads, written),
+                check_class(fixed, grads, [start for start, _ in written], [end for _, end in written]))
 
     def variants():
         yield "same", fixed, grads
         yield "grads moved", fixed, [torch.ones(3, 4), grads[1]]
+        yield "grad moved into a param", fixed, [fixed[0].detach(), grads[1]]
+        yield "grad moved into a state", fixed, [grads[0], square.detach()]
         yield "grad strides", fixed, [grads[0], grads[1].t()]
         yield "grad dtype", fixed, [grads[0].double(), grads[1]]
         yield "grad type", fixed, [torch.nn.Parameter(grads[0].clone()), grads[1]]
@@ -586,9 +593,12 @@ def test_the_compiled_and_the_python_table_checks_agree(table_check, layouts, mo
         yield "one grad fewer", fixed, grads[:1]
 
     for name, now_fixed, now_grads in variants():
-        python, compiled = plan.PythonTableCheck(fixed, grads), check_class(fixed, grads)
-        assert python.check(now_fixed, now_grads) == compiled.check(now_fixed, now_grads), name
-    python, compiled = plan.PythonTableCheck(fixed, grads), check_class(fixed, grads)
+        rows = [torch.zeros(len(grads), dtype=torch.int64) for _ in range(2)]
+        found = [check.check(now_fixed, now_grads, row) for check, row in zip(both(), rows)]
+        assert found[0] == found[1], name
+        assert torch.equal(rows[0], rows[1]), name
+    checks, rows = both(), [torch.zeros(2, dtype=torch.int64) for _ in range(2)]
     moved = [torch.ones(3, 4), grads[1]]
-    assert python.check(fixed, moved) == compiled.check(fixed, moved) == plan.MOVED
-    assert python.check(fixed, moved) == compiled.check(fixed, moved) == plan.SAME  # the new addresses kept
+    assert [check.check(fixed, moved, row) for check, row in zip(checks, rows)] == [plan.MOVED] * 2
+    assert rows[0].tolist() == rows[1].tolist() == [moved[0].data_ptr(), grads[1].data_ptr()]
+    assert [check.check(fixed, moved, row) for check, row in zip(checks, rows)] == [plan.SAME] * 2
