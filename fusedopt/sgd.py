@@ -68,15 +68,16 @@ class SGD(FusedOptimizer):
         pass  # a missing momentum buffer is made at the next step, as in torch
 
     def prepare_fresh_buffers(self, group, params, states):
-        """Give each param without a momentum buffer an empty one; flag those, and the empty
-        ones whose first step has not run (the kernel fills them with the grad)."""
+        """Give each param without a momentum buffer a new one (zeros, so that the kernel's
+        uniform buf = 0 * buf + 1 * g takes the grad exactly); flag those, and the new ones whose
+        first step has not run."""
         if group["momentum"] == 0:
             return [False] * len(params)
         fresh = []
         for param, state in zip(params, states):
             buffer = state.get("momentum_buffer")
             if buffer is None:
-                buffer = state["momentum_buffer"] = torch.empty_like(param, memory_format=torch.preserve_format)
+                buffer = state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                 self._unstarted_buffers[id(buffer)] = buffer
             fresh.append(self._unstarted_buffers.get(id(buffer)) is buffer)
         return fresh

@@ -18,41 +18,46 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .adagrad import adagrad_kernel
-from .adam import adam_kernel
-from .multi_tensor import NUM_WARPS, block_size, kernel_dtype
-from .rmsprop import rmsprop_kernel
+from .adagrad import adagrad_arguments
+from .adam import adam_arguments
 from .grad_norm import INF_NORM, P_NORM, TWO_NORM, grad_norm_kernel
-from .sgd import sgd_kernel
+from .multi_tensor import NUM_WARPS, block_size, kernel_dtype, update_kernel
+from .rmsprop import rmsprop_arguments
+from .sgd import sgd_arguments
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 TABLE_ARGS = ("tensor_table", "block_table")
 COUNT_ARGS = ("num_tensors", "num_blocks")
 
-# Each kernel with the options that change its code (all combinations are launched).
-SCALED = (False, True)
-KERNEL_OPTIONS = {
-    "sgd": (sgd_kernel, [dict(MOMENTUM=m, FRESH_BUFFERS=f, SCALED_GRADS=s)
-                         for (m, f), s in itertools.product([(False, False), (True, False), (True, True)], SCALED)]),
-    "adam": (adam_kernel, [dict(AMSGRAD=a, SCALED_GRADS=s) for a, s in itertools.product((False, True), SCALED)]),
-    "adagrad": (adagrad_kernel, [dict(SCALED_GRADS=s) for s in SCALED]),
-    "rmsprop": (rmsprop_kernel, [dict(MOMENTUM=m, CENTERED=c, SCALED_GRADS=s)
-                                 for m, c, s in itertools.product((False, True), (False, True), SCALED)]),
-    "grad_norm": (grad_norm_kernel, [dict(NORM=kind) for kind in (TWO_NORM, INF_NORM, P_NORM)]),
+# Each rule's variants that change its code, named by their flags, with the update kernel's
+# arguments for them (the launcher's own function: the same rule, numbers, flags and states).
+ADAM = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, maximize=False)
+SGD = dict(weight_decay=0.0, dampening=0.0, nesterov=False, maximize=False)
+RMSPROP = dict(alpha=0.99, eps=1e-8, weight_decay=0.0, maximize=False)
+RULE_VARIANTS = {
+    "sgd": [(dict(MOMENTUM=m, FRESH_BUFFERS=f), sgd_arguments(**SGD, momentum=0.9 if m else 0.0, fresh_buffers=f))
+            for m, f in [(False, False), (True, False), (True, True)]],
+    "adam": [(dict(AMSGRAD=a), adam_arguments(**ADAM, amsgrad=a)) for a in (False, True)],
+    "adagrad": [({}, adagrad_arguments(lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False))],
+    "rmsprop": [(dict(MOMENTUM=m, CENTERED=c), rmsprop_arguments(**RMSPROP, momentum=0.9 if m else 0.0, centered=c))
+                for m, c in itertools.product((False, True), (False, True))],
 }
-NORM_NAMES = {TWO_NORM: "l2", INF_NORM: "linf", P_NORM: "lp"}
-# The lr read from memory (a tensor lr, a schedule's factor, both) and the bf16 param's rounding
-# (stochastic, or an fp32 master copy): more variants of each update kernel, on its richest option
-# set; the rounding variants for bf16 only.
+# The epilogue's flags: grads scaled (AMP, clipping), the lr read from memory (a tensor lr, a
+# schedule's factor, both), the bf16 param's rounding (stochastic, or an fp32 master copy), on
+# each rule's richest variant; the rounding variants for bf16 only.
 PARAM_ROUNDING = ("STOCHASTIC", "MASTER")
-for _, option_sets in KERNEL_OPTIONS.values():
-    if "SCALED_GRADS" in option_sets[0]:
-        richest = option_sets[-1]
-        for options in option_sets:
-            options.update(LR_TENSOR=False, SCHEDULED=False, STOCHASTIC=False, MASTER=False)
-        option_sets += [{**richest, "LR_TENSOR": t, "SCHEDULED": s} for t, s in ((True, False), (False, True),
-                                                                                  (True, True))]
-        option_sets += [{**richest, "SCHEDULED": True, rounding: True} for rounding in PARAM_ROUNDING]
+PLAIN = dict(SCALED_GRADS=False, LR_TENSOR=False, SCHEDULED=False, STOCHASTIC=False, MASTER=False)
+KERNEL_OPTIONS = {}
+for _rule, _variants in RULE_VARIANTS.items():
+    _sets = [({**flags, **PLAIN, "SCALED_GRADS": scaled}, arguments)
+             for flags, arguments in _variants for scaled in (False, True)]
+    _richest_flags, _richest = _sets[-1]
+    _sets += [({**_richest_flags, "LR_TENSOR": t, "SCHEDULED": s}, _richest) for t, s in ((True, False), (False, True),
+                                                                                          (True, True))]
+    _sets += [({**_richest_flags, "SCHEDULED": True, rounding: True}, _richest) for rounding in PARAM_ROUNDING]
+    KERNEL_OPTIONS[_rule] = (update_kernel, _sets)
+KERNEL_OPTIONS["grad_norm"] = (grad_norm_kernel, [(dict(NORM=kind), None) for kind in (TWO_NORM, INF_NORM, P_NORM)])
+NORM_NAMES = {TWO_NORM: "l2", INF_NORM: "linf", P_NORM: "lp"}
 # Pointer arguments other than the tables: (element type, element type for fp64 kernels).
 POINTER_ARGS = {"steps": ("fp32", "fp32"), "found_inf": ("fp32", "fp32"), "grad_scale": ("fp32", "fp32"),
                 "clip_coef": ("fp32", "fp64"), "partials": ("fp32", "fp64"), "schedule": ("fp64", "fp64"),
@@ -65,6 +70,7 @@ class Specialization:
     dtype: str
     aligned: bool
     options: dict
+    arguments: dict = None  # the update kernel's rule, scalars, options and present states
 
     @property
     def name(self):
@@ -77,17 +83,23 @@ def specializations(rules=None, dtypes=None, aligned=(True, False)):
     for rule, (_, option_sets) in KERNEL_OPTIONS.items():
         if rules and rule not in rules:
             continue
-        for options, dtype, is_aligned in itertools.product(option_sets, dtypes or DTYPES, aligned):
+        for (options, arguments), dtype, is_aligned in itertools.product(option_sets, dtypes or DTYPES, aligned):
             if dtype == "bf16" or not any(options.get(rounding) for rounding in PARAM_ROUNDING):
-                yield Specialization(rule, dtype, is_aligned, options)
+                yield Specialization(rule, dtype, is_aligned, options, arguments)
 
 
 def compile_specialization(spec, arch):
     """Compile one specialization for sm_<arch>; returns triton's compiled kernel."""
     kernel = KERNEL_OPTIONS[spec.rule][0]
     torch_dtype = DTYPES[spec.dtype]
-    constexprs = dict(spec.options, DTYPE=kernel_dtype(torch_dtype), ALIGNED=spec.aligned,
-                      BLOCK=block_size(torch_dtype))
+    constexprs = dict(DTYPE=kernel_dtype(torch_dtype), ALIGNED=spec.aligned, BLOCK=block_size(torch_dtype))
+    if spec.arguments is None:
+        constexprs.update(spec.options)
+    else:
+        rule = spec.arguments["rule"]
+        constexprs.update({name: value for name, value in spec.options.items() if name in kernel.arg_names},
+                          UPDATE=rule.update, BLOCK_SCALARS=rule.block_scalars, OPTIONS=spec.arguments["options"],
+                          STATES=spec.arguments["present"], STEPS=rule.steps, EXTRA=rule.extra)
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -98,6 +110,8 @@ def compile_specialization(spec, arch):
             signature[name] = "i32"
         elif name == "lr" and spec.options.get("LR_TENSOR"):
             signature[name] = "*" + POINTER_ARGS["clip_coef"][torch_dtype == torch.float64]
+        elif name == "scalars":  # Python floats, as the launcher passes them
+            signature[name] = tuple("fp32" for _ in spec.arguments["scalars"])
         elif name in POINTER_ARGS:
             signature[name] = "*" + POINTER_ARGS[name][torch_dtype == torch.float64]
         else:

@@ -118,6 +118,27 @@ def check_span(tensor):
         raise RuntimeError(f"fusedopt: a tensor of shape {tuple(tensor.shape)} reaches past the end of its storage")
 
 
+class UpdateRule(NamedTuple):
+    """What an update rule gives the one update kernel (`update_kernel`):
+
+    - `update`, a @triton.jit (param, grad, states, block_scalars, OPTIONS) -> (param, states):
+      the rule's arithmetic on one block of elements (fp32, fp64 for fp64 tables), `states` a
+      tuple in `state_slots` order;
+    - `block_scalars`, a @triton.jit (lr, step, extra, scalars, OPTIONS, DEVICE_LR, COMPUTE) ->
+      tuple: the numbers `update` needs, computed once per block from the lr (a number as it
+      came, or read from memory when DEVICE_LR), the tensor's step count (fp64; with `steps`),
+      its per-tensor integer (with `extra`) and the launch's `scalars`; COMPUTE is the math dtype;
+    - `state_slots`: the names of the states it can keep, in table order (a launch says which
+      are present; the fp32 master copy, if any, comes after them);
+    - `steps`: whether it reads each tensor's step count; `extra`: its per-tensor integer."""
+
+    update: object
+    block_scalars: object
+    state_slots: tuple
+    steps: bool = False
+    extra: bool = False
+
+
 class GradScaling(NamedTuple):
     """Device scalars an update kernel reads before it touches anything: the step is skipped
     where `found_inf` is nonzero (AMP's inf/NaN check); otherwise grads are multiplied by
@@ -203,6 +224,10 @@ class TensorTable:
         )
         return found_inf, grad_scale, clip_coef, True
 
+    def lr_in_memory(self, lr):
+        """Whether the kernel reads `lr` from memory: a tensor on this table's device."""
+        return torch.is_tensor(lr) and lr.device == self.device
+
     def lr_arguments(self, lr, group_step, param_rounding):
         """(lr, (schedule, group_step, schedule_length, rounding_seed), constexprs LR_TENSOR,
         SCHEDULED, STOCHASTIC, MASTER). A tensor lr on this device is read by the kernel from
@@ -210,7 +235,7 @@ class TensorTable:
         as a number. `group_step` (a GroupStep or None) brings the schedule that scales it and
         the seed of stochastic rounding; `param_rounding` is "nearest", "stochastic" or "master"
         (for bf16 tables; others always round to nearest)."""
-        lr_tensor = torch.is_tensor(lr) and lr.device == self.device
+        lr_tensor = self.lr_in_memory(lr)
         lr = lr if lr_tensor else float(lr)
         group_step = group_step or GroupStep(self.tensor_table)
         factors = group_step.factors
@@ -221,14 +246,34 @@ class TensorTable:
         return lr, arguments, dict(LR_TENSOR=lr_tensor, SCHEDULED=factors is not None,
                                    STOCHASTIC=rounding == "stochastic", MASTER=rounding == "master")
 
+    def step(self, *, rule, lr, scalars, options, present, steps=None, scaling=None, group_step=None,
+             param_rounding="nearest"):
+        """One launch of the update kernel applying `rule` (an UpdateRule) to every tensor of the
+        table: `scalars`, the rule's numbers for this launch; `options`, its constexpr flags;
+        `present`, which of its state slots the table holds (their roles follow param and grad,
+        in slot order); `steps`, each tensor's step count, already incremented (rules that read
+        steps); `scaling` (a GradScaling) skips the step or unscales and clips the grads; `lr` may
+        be a one-element tensor on the table's device; `group_step` (a GroupStep) brings a
+        schedule and a rounding seed; `param_rounding` is "nearest", "stochastic" or "master"."""
+        found_inf, grad_scale, clip_coef, scaled = self.scaling_arguments(scaling)
+        lr, schedule_arguments, lr_flags = self.lr_arguments(lr, group_step, param_rounding)
+        self.launch(
+            update_kernel,
+            self.tensor_table if steps is None else steps, found_inf, grad_scale, clip_coef, *schedule_arguments,
+            lr, tuple(float(value) for value in scalars),
+            UPDATE=rule.update, BLOCK_SCALARS=rule.block_scalars, OPTIONS=tuple(options), STATES=tuple(present),
+            STEPS=rule.steps, EXTRA=rule.extra, SCALED_GRADS=scaled, **lr_flags,
+        )
+
     def launch(self, kernel, *arguments, **constexprs):
         """One launch of `kernel` over every block of every tensor in the table."""
         if self.num_blocks == 0:
             return
         count_launch()
         # Numbers go in as floats, so an int hyperparameter (weight_decay=0) compiles no variant;
-        # tensors (step counts, grad scaling) go in as pointers.
-        arguments = [value if torch.is_tensor(value) else float(value) for value in arguments]
+        # tensors (step counts, grad scaling) go in as pointers, tuples as they are.
+        arguments = [value if torch.is_tensor(value) or isinstance(value, tuple) else float(value)
+                     for value in arguments]
         arguments = (self.tensor_table, self.block_table, self.num_tensors, self.num_blocks, *arguments)
         options = dict(constexprs, DTYPE=kernel_dtype(self.dtype), ALIGNED=self.aligned, BLOCK=self.block,
                        num_warps=NUM_WARPS)
@@ -380,3 +425,90 @@ def store_block(pointer, offsets, numel, values, FULL: tl.constexpr):
         tl.store(pointer + offsets, values)
     else:
         tl.store(pointer + offsets, values, mask=offsets < numel)
+
+
+# ---- the one update kernel ----
+
+@triton.jit
+def update_block(param_ptr, master_ptr, grad_ptr, state_ptrs, offsets, numel, block_scalars, inv_scale, clip_factor,
+                 rounding_seed, tensor, group_step, UPDATE: tl.constexpr, OPTIONS: tl.constexpr, STATES: tl.constexpr,
+                 SCALED_GRADS: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, FULL: tl.constexpr):
+    """Load one block of param, grad and the present states, apply the rule, store them back."""
+    param = load_param(param_ptr, master_ptr, offsets, numel, MASTER, FULL)
+    grad = scale_grad(load_block(grad_ptr, offsets, numel, FULL), inv_scale, clip_factor, SCALED_GRADS)
+    states = ()
+    for slot in tl.static_range(len(STATES)):
+        if STATES[slot]:
+            states = states + (load_block(state_ptrs[slot], offsets, numel, FULL),)
+        else:
+            states = states + (grad,)  # a state the launch has not: the rule does not read it
+    param, states = UPDATE(param, grad, states, block_scalars, OPTIONS)
+    store_param(param_ptr, master_ptr, offsets, numel, param, rounding_seed, tensor, group_step, MASTER, STOCHASTIC,
+                FULL)
+    for slot in tl.static_range(len(STATES)):
+        if STATES[slot]:
+            store_block(state_ptrs[slot], offsets, numel, states[slot], FULL)
+
+
+@triton.jit(do_not_specialize=["num_tensors", "num_blocks"])
+def update_kernel(
+    tensor_table,  # int64 [roles + 2, num_tensors]: sizes, extras, addresses (param, grad, states, master)
+    block_table,  # int64 [2, num_blocks]: owning tensor and first element of each block
+    num_tensors, num_blocks,
+    steps,  # [num_tensors] step counts, already incremented for this step (STEPS)
+    found_inf, grad_scale, clip_coef,  # one-element tensors, read when SCALED_GRADS
+    schedule, group_step, schedule_length,  # the lr schedule's factors (SCHEDULED), the group's step count
+    rounding_seed,  # int64 seed of stochastic rounding (STOCHASTIC)
+    lr,  # a number, or a one-element tensor (LR_TENSOR)
+    scalars,  # the rule's numbers for this launch (a tuple)
+    UPDATE: tl.constexpr,  # the rule's per-element update (UpdateRule.update)
+    BLOCK_SCALARS: tl.constexpr,  # the rule's per-block numbers (UpdateRule.block_scalars)
+    OPTIONS: tl.constexpr,  # the rule's flags (a tuple)
+    STATES: tl.constexpr,  # which of the rule's state slots the table holds (a tuple of bools)
+    STEPS: tl.constexpr,  # read each tensor's step count
+    EXTRA: tl.constexpr,  # read each tensor's integer of EXTRA_ROW
+    SCALED_GRADS: tl.constexpr,  # skip on found_inf; grads unscaled and clipped in registers
+    LR_TENSOR: tl.constexpr,  # lr points at a one-element tensor
+    SCHEDULED: tl.constexpr,  # the lr is multiplied by the schedule's factor at this step
+    STOCHASTIC: tl.constexpr,  # bf16 params are rounded stochastically
+    MASTER: tl.constexpr,  # an fp32 master copy of the param is the role after the states
+    DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    tensor, offsets, numel, full = locate_block(tensor_table, block_table, num_blocks, BLOCK, ALIGNED)
+    skip, inv_scale, clip_factor = False, 1.0, 1.0
+    if SCALED_GRADS:
+        skip, inv_scale, clip_factor = grad_scaling(found_inf, grad_scale, clip_coef)
+    if not skip:
+        param_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 0, DTYPE, ALIGNED)
+        grad_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 1, DTYPE, ALIGNED)
+        state_ptrs = ()
+        role = 2  # the present states' roles follow param and grad, in slot order
+        for slot in tl.static_range(len(STATES)):
+            if STATES[slot]:
+                state_ptrs = state_ptrs + (tensor_pointer(tensor_table, num_tensors, tensor, role, DTYPE, ALIGNED),)
+                role += 1
+            else:
+                state_ptrs = state_ptrs + (param_ptr,)  # not dereferenced
+        master_ptr = param_ptr
+        if MASTER:
+            master_ptr = tensor_pointer(tensor_table, num_tensors, tensor, role, tl.float32, ALIGNED)
+        COMPUTE: tl.constexpr = tl.float64 if DTYPE == tl.float64 else tl.float32
+        step = 0.0
+        if STEPS:
+            step = tensor_step(steps, tensor)
+        extra = 0
+        if EXTRA:
+            extra = tensor_extra(tensor_table, num_tensors, tensor)
+        if LR_TENSOR or SCHEDULED:  # read here, so that a captured graph sees the lr change
+            block_scalars = BLOCK_SCALARS(device_lr(lr, schedule, group_step, schedule_length, LR_TENSOR, SCHEDULED),
+                                          step, extra, scalars, OPTIONS, True, COMPUTE)
+        else:  # a number lr is passed on as it came: the interpreter would round a copy of it to fp32
+            block_scalars = BLOCK_SCALARS(lr, step, extra, scalars, OPTIONS, False, COMPUTE)
+        if full:
+            update_block(param_ptr, master_ptr, grad_ptr, state_ptrs, offsets, numel, block_scalars, inv_scale,
+                         clip_factor, rounding_seed, tensor, group_step, UPDATE, OPTIONS, STATES, SCALED_GRADS, MASTER,
+                         STOCHASTIC, True)
+        else:
+            update_block(param_ptr, master_ptr, grad_ptr, state_ptrs, offsets, numel, block_scalars, inv_scale,
+                         clip_factor, rounding_seed, tensor, group_step, UPDATE, OPTIONS, STATES, SCALED_GRADS, MASTER,
+                         STOCHASTIC, False)

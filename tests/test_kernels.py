@@ -80,12 +80,6 @@ def case_id(case):
     return "-".join([rule] + [f"{key}={value}" for key, value in options.items()])
 
 
-def kernel_module(rule):
-    """The module of fusedopt.kernels holding `rule`'s kernel (the package re-exports the launcher
-    functions under the module names, so `fusedopt.kernels.adam` is the function)."""
-    return importlib.import_module(f"fusedopt.kernels.{rule}")
-
-
 def fp32_tolerance(device, rule, options):
     rtol, atol = tolerance(torch.float32, device, rule, options)
     return dict(rtol=rtol, atol=atol)
@@ -493,33 +487,21 @@ def test_lr_scheduler_gives_torchs_trajectory(rule, scheduler, device):
                                 **fp32_tolerance(device, rule, options))
 
 
-# Hyperparameters that change during training (schedules, step counts, AMP and clip factors):
-# runtime kernel arguments, so that no value of theirs compiles a new kernel.
-RUNTIME_ARGUMENTS = {
-    "sgd": ["lr", "weight_decay", "momentum", "one_minus_dampening", "nesterov", "grad_sign"],
-    "adam": ["lr", "one_minus_beta1", "beta2", "one_minus_beta2", "eps", "coupled_weight_decay", "param_scale",
-             "grad_sign", "steps", "log2_beta1", "log2_beta2"],
-    "adagrad": ["lr", "lr_decay", "weight_decay", "eps", "grad_sign", "steps"],
-    "rmsprop": ["lr", "alpha", "one_minus_alpha", "eps", "weight_decay", "momentum", "grad_sign"],
-}
-for names in RUNTIME_ARGUMENTS.values():
-    names += ["found_inf", "grad_scale", "clip_coef", "schedule", "group_step", "schedule_length", "rounding_seed"]
-# Compile-time flags: structure (which states exist, which branch), whether grads are scaled and
-# the lr is a tensor or scheduled (all read from memory), how bf16 params are rounded, element
-# type, alignment, block.
-CONSTEXPR_ARGUMENTS = {
-    "sgd": {"MOMENTUM", "FRESH_BUFFERS", "SCALED_GRADS", "LR_TENSOR", "SCHEDULED", "STOCHASTIC", "MASTER", "DTYPE", "ALIGNED", "BLOCK"},
-    "adam": {"AMSGRAD", "SCALED_GRADS", "LR_TENSOR", "SCHEDULED", "STOCHASTIC", "MASTER", "DTYPE", "ALIGNED", "BLOCK"},
-    "adagrad": {"SCALED_GRADS", "LR_TENSOR", "SCHEDULED", "STOCHASTIC", "MASTER", "DTYPE", "ALIGNED", "BLOCK"},
-    "rmsprop": {"MOMENTUM", "CENTERED", "SCALED_GRADS", "LR_TENSOR", "SCHEDULED", "STOCHASTIC", "MASTER", "DTYPE", "ALIGNED", "BLOCK"},
-}
-
-
+# The one update kernel: hyperparameters that change during training (the lr, schedules, step
+# counts, AMP and clip factors, each rule's numbers) are runtime arguments, so that no value of
+# theirs compiles a new kernel; compile-time arguments are the rule itself (its update, its
+# per-block numbers, its flags, which of its states exist), whether grads are scaled and the lr
+# is a tensor or scheduled (all read from memory), how bf16 params are rounded, element type,
+# alignment, block.
+RUNTIME_ARGUMENTS = ["steps", "found_inf", "grad_scale", "clip_coef", "schedule", "group_step", "schedule_length",
+                     "rounding_seed", "lr", "scalars"]
+CONSTEXPR_ARGUMENTS = {"UPDATE", "BLOCK_SCALARS", "OPTIONS", "STATES", "STEPS", "EXTRA", "SCALED_GRADS", "LR_TENSOR",
+                       "SCHEDULED", "STOCHASTIC", "MASTER", "DTYPE", "ALIGNED", "BLOCK"}
 DEVICE_SCALARS = {"steps", "found_inf", "grad_scale", "clip_coef", "lr", "schedule", "group_step", "rounding_seed"}
 
 
-def kernel_of(rule):
-    return getattr(kernel_module(rule), f"{rule}_kernel")
+def update_kernel():
+    return importlib.import_module("fusedopt.kernels.multi_tensor").update_kernel
 
 
 def constexpr_names(kernel):
@@ -536,25 +518,21 @@ def constexpr_names(kernel):
     return names
 
 
-@pytest.mark.parametrize("rule", list(RUNTIME_ARGUMENTS))
-def test_hyperparameters_are_runtime_kernel_arguments(rule):
-    kernel = kernel_of(rule)
-    missing = [name for name in RUNTIME_ARGUMENTS[rule] if name not in kernel.arg_names]
-    assert not missing, f"{rule}_kernel has no argument {missing}"
-    constexpr = constexpr_names(kernel)
-    assert not constexpr & set(RUNTIME_ARGUMENTS[rule])
+def test_hyperparameters_are_runtime_kernel_arguments():
+    kernel = update_kernel()
+    missing = [name for name in RUNTIME_ARGUMENTS if name not in kernel.arg_names]
+    assert not missing, f"update_kernel has no argument {missing}"
+    assert not constexpr_names(kernel) & set(RUNTIME_ARGUMENTS)
 
 
-@pytest.mark.parametrize("rule", list(CONSTEXPR_ARGUMENTS))
-def test_only_flags_dtype_alignment_and_block_are_constexpr(rule):
-    assert constexpr_names(kernel_of(rule)) == CONSTEXPR_ARGUMENTS[rule]
+def test_only_the_rule_flags_dtype_alignment_and_block_are_constexpr():
+    assert constexpr_names(update_kernel()) == CONSTEXPR_ARGUMENTS
 
 
-@pytest.mark.parametrize("rule", list(RUNTIME_ARGUMENTS))
-def test_sizes_and_step_counts_are_not_specialised(rule):
+def test_sizes_and_step_counts_are_not_specialised():
     """Integer arguments that change with the bucket would compile a kernel per value class
     (== 1, multiple of 16) if Triton specialised them; step counts are read from memory."""
-    kernel = kernel_of(rule)
+    kernel = update_kernel()
     listed = getattr(kernel, "do_not_specialize", None)
     if listed is None:
         listed = kernel.kwargs.get("do_not_specialize", [])
@@ -564,16 +542,16 @@ def test_sizes_and_step_counts_are_not_specialised(rule):
 
 @pytest.mark.parametrize("rule", RULES)
 def test_hyperparameters_reach_the_kernel_as_floats(rule, device, monkeypatch):
-    """Scalars launched with the kernel are Python floats whatever the user passed (an int 0
-    weight decay), so one compiled kernel serves every value; a tensor lr on the params' device
-    goes in as a pointer, read by the kernel (no host sync)."""
-    kernel = kernel_of("adam" if rule == "adamw" else rule)
+    """The rule's numbers launched with the kernel are Python floats whatever the user passed (an
+    int 0 weight decay), so one compiled kernel serves every value; its flags are booleans; a
+    tensor lr on the params' device goes in as a pointer, read by the kernel (no host sync)."""
+    kernel = update_kernel()
     seen = []
     original = kernel.run
 
     def spy(*args, **kwargs):
-        # (tensor_table, block_table, num_tensors, num_blocks, *scalars)
-        seen.append(args[4:])
+        # (tensor_table, block_table, num_tensors, num_blocks, *runtime arguments), constexprs
+        seen.append((args[4:], kwargs))
         return original(*args, **kwargs)
 
     monkeypatch.setattr(kernel, "run", spy)
@@ -586,10 +564,13 @@ def test_hyperparameters_reach_the_kernel_as_floats(rule, device, monkeypatch):
         fused.step()
     assert seen
     names = kernel.arg_names[4:]
-    for scalars in seen:
-        kinds = {name: type(value).__name__ for name, value in zip(names, scalars)}
+    for arguments, constexprs in seen:
+        kinds = {name: type(value).__name__ for name, value in zip(names, arguments)}
+        scalars = kinds.pop("scalars")
         # device scalars (step counts, AMP and clip factors, a tensor lr) are pointers; the rest floats
         assert all(kind == ("Tensor" if name in DEVICE_SCALARS else "float") for name, kind in kinds.items()), kinds
+        assert scalars == "tuple" and all(type(value) is float for value in arguments[names.index("scalars")])
+        assert all(type(flag) is bool for flag in (*constexprs["OPTIONS"], *constexprs["STATES"]))
 
 
 # ---- closures and a model ----
