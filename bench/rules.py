@@ -1,12 +1,15 @@
-"""The update rules the benchmarks cover, their constructor options, and the bytes each must move.
+"""The update rules the benchmarks cover (fusedopt.registry's benchmark variants), their
+constructor options, and the bytes each must move.
 
-The bytes table is DESIGN.md's "memory traffic per parameter": every element of the parameter,
-its gradient and each state tensor read once, and the parameter and each state written once.
+The bytes are DESIGN.md's "memory traffic per parameter": every element of the parameter, its
+gradient and each state tensor read once, and the parameter and each state written once.
 """
 
 from dataclasses import dataclass, field
 
 import torch
+
+from fusedopt.registry import RULES as REGISTRY
 
 
 @dataclass(frozen=True)
@@ -20,17 +23,8 @@ class Rule:
         return bytes_per_param(self.class_name, dtype, **self.options)
 
 
-RULES = {
-    rule.name: rule
-    for rule in (
-        Rule("sgd", "SGD", "SGD", {"lr": 1e-3}),
-        Rule("sgd_momentum", "SGD+momentum", "SGD", {"lr": 1e-3, "momentum": 0.9}),
-        Rule("adagrad", "Adagrad", "Adagrad", {"lr": 1e-2}),
-        Rule("rmsprop", "RMSprop", "RMSprop", {"lr": 1e-3}),
-        Rule("adam", "Adam", "Adam", {"lr": 1e-3}),
-        Rule("adamw", "AdamW", "AdamW", {"lr": 1e-3, "weight_decay": 1e-2}),
-    )
-}
+RULES = {variant.name: Rule(variant.name, variant.label, info.optimizer.__name__, variant.options)
+         for info in REGISTRY.values() for variant in info.benchmarks}
 
 _ALIASES = {"momentum": "sgd_momentum", "sgdm": "sgd_momentum", "sgd+momentum": "sgd_momentum"}
 
@@ -50,23 +44,14 @@ def parse_rules(text):
 
 
 def bytes_per_param(class_name, dtype=torch.float32, **options):
-    """Bytes one optimizer step must move per parameter (reads plus writes, steady state).
+    """Bytes one optimizer step must move per parameter (reads plus writes, steady state), from
+    the rule's state keys under `options`.
 
     Parameter, gradient and state all have the parameter's dtype, so the fp32 figures scale with
     its element size: fp32 SGD 12, SGD+momentum 20, Adagrad 20, RMSprop 20 (28 with momentum,
-    36 centered with momentum), Adam/AdamW 28 (36 with amsgrad); bf16 halves each.
+    36 centered with momentum), Adam/AdamW/RAdam 28 (36 with amsgrad); bf16 halves each.
     """
-    name = class_name.lower()
-    if name == "sgd":
-        states = 1 if options.get("momentum", 0) else 0
-    elif name == "adagrad":
-        states = 1
-    elif name == "rmsprop":
-        states = 1 + bool(options.get("momentum", 0)) + bool(options.get("centered", False))
-    elif name in ("adam", "adamw"):
-        states = 2 + bool(options.get("amsgrad", False))
-    else:
+    infos = [info for info in REGISTRY.values() if info.optimizer.__name__.lower() == class_name.lower()]
+    if not infos:
         raise ValueError(f"no bytes-per-parameter entry for {class_name!r}")
-    # read p, g and every state; write p and every state
-    accesses = (2 + states) + (1 + states)
-    return accesses * torch.empty((), dtype=dtype).element_size()
+    return infos[0].bytes_per_param(dtype, **options)

@@ -2,16 +2,17 @@
 schedules. Triton is imported only when the kernels are used."""
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
+from .radam import RAdam
 from .rmsprop import RMSprop
 from .sgd import SGD
 
 __version__ = "0.1.0"
-__all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop"]
+__all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "RAdam"]
 
 
 def __getattr__(name):
     # Lazy subpackages: `fusedopt.kernels` needs triton, `fusedopt.schedules` does not.
-    if name in ("kernels", "schedules", "reference"):
+    if name in ("kernels", "schedules", "reference", "registry"):
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")

@@ -8,10 +8,12 @@ __all__ = [
     "adam_update",
     "adagrad_update",
     "rmsprop_update",
+    "radam_update",
     "sgd",
     "adam",
     "adagrad",
     "rmsprop",
+    "radam",
 ]
 
 # Parameters of these dtypes (and their states, which share the dtype) are updated with fp32 math.
@@ -258,6 +260,51 @@ def rmsprop_update(
     _write_back(stored, stored_math)
 
 
+@torch.no_grad()
+def radam_update(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps, weight_decay,
+                 decoupled_weight_decay, maximize):
+    r"""One RAdam step (Liu et al., rectified Adam) on one tensor; ``step`` is t >= 1.
+
+    .. math::
+        g &\leftarrow \pm \nabla \; (+ \lambda \theta \text{ if coupled}), \qquad
+            \theta \leftarrow (1 - \gamma \lambda) \theta \text{ if decoupled} \\
+        m &\leftarrow \beta_1 m + (1 - \beta_1) g, \qquad v \leftarrow \beta_2 v + (1 - \beta_2) g^2 \\
+        \rho_\infty &= 2 / (1 - \beta_2) - 1, \qquad
+            \rho_t = \rho_\infty - 2 t \beta_2^t / (1 - \beta_2^t) \\
+        \theta &\leftarrow \theta - \gamma \frac{m}{1 - \beta_1^t} \cdot
+            \begin{cases} r_t \sqrt{1 - \beta_2^t} / (\sqrt{v} + \epsilon) & \rho_t > 5 \\
+            1 & \text{otherwise} \end{cases}, \qquad
+            r_t = \sqrt{\frac{(\rho_t - 4)(\rho_t - 2)\rho_\infty}{(\rho_\infty - 4)(\rho_\infty - 2)\rho_t}}
+    """
+    lr = _scalar(lr)
+    stored = [param, exp_avg, exp_avg_sq]
+    p, m, v = [_math_operand(t) for t in stored]
+    g = _effective_grad(
+        _math_operand(grad), p, 0 if decoupled_weight_decay else weight_decay, maximize
+    )
+    if decoupled_weight_decay and weight_decay != 0:
+        p.mul_(1 - lr * weight_decay)
+    stored_math = [p, m, v]
+    p, g, m, v = _real_views(p, g, m, v)
+
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    bias_corrected_exp_avg = m / bias_correction1
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
+    if rho_t > 5.0:
+        rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+        adaptive_lr = bias_correction2**0.5 / v.sqrt().add_(eps)
+        p.add_(bias_corrected_exp_avg * lr * adaptive_lr * rect, alpha=-1.0)
+    else:
+        p.add_(bias_corrected_exp_avg * lr, alpha=-1.0)
+
+    _write_back(stored, stored_math)
+
+
 # List-level functions: the backend interface, one call per param group.
 
 
@@ -384,6 +431,15 @@ def rmsprop(
             centered=centered,
             maximize=maximize,
         )
+
+
+def radam(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
+          decoupled_weight_decay, maximize):
+    """Applies `radam_update` to each tensor after advancing its step count."""
+    for param, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
+        radam_update(param, grad, exp_avg, exp_avg_sq, step=_advance(step_t), lr=lr, beta1=beta1, beta2=beta2,
+                     eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+                     maximize=maximize)
 
 
 def stochastic_round_to_bfloat16(values, key):

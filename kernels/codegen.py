@@ -22,6 +22,7 @@ from .adagrad import adagrad_arguments
 from .adam import adam_arguments
 from .grad_norm import INF_NORM, P_NORM, TWO_NORM, grad_norm_kernel
 from .multi_tensor import NUM_WARPS, block_size, kernel_dtype, update_kernel
+from .radam import radam_arguments
 from .rmsprop import rmsprop_arguments
 from .sgd import sgd_arguments
 
@@ -41,6 +42,7 @@ RULE_VARIANTS = {
     "adagrad": [({}, adagrad_arguments(lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False))],
     "rmsprop": [(dict(MOMENTUM=m, CENTERED=c), rmsprop_arguments(**RMSPROP, momentum=0.9 if m else 0.0, centered=c))
                 for m, c in itertools.product((False, True), (False, True))],
+    "radam": [({}, radam_arguments(**ADAM))],
 }
 # The epilogue's flags: grads scaled (AMP, clipping), the lr read from memory (a tensor lr, a
 # schedule's factor, both), the bf16 param's rounding (stochastic, or an fp32 master copy), on

@@ -1,22 +1,23 @@
 """Shared test utilities: builders of parameter sets and gradients, runners that drive a fusedopt
 optimizer beside torch.optim or beside the float64 reference, and one verbose allclose."""
+import inspect
+
 import torch
 
-import fusedopt
-from fusedopt import reference
+from fusedopt.registry import RULES as REGISTRY
 
-# ---- the update rules under test ----
+# ---- the update rules under test (fusedopt.registry) ----
 
-OPTIMIZERS = {
-    "sgd": (fusedopt.SGD, torch.optim.SGD),
-    "adam": (fusedopt.Adam, torch.optim.Adam),
-    "adamw": (fusedopt.AdamW, torch.optim.AdamW),
-    "adagrad": (fusedopt.Adagrad, torch.optim.Adagrad),
-    "rmsprop": (fusedopt.RMSprop, torch.optim.RMSprop),
-}
-
+RULES = list(REGISTRY)
+OPTIMIZERS = {name: (info.optimizer, info.torch_optimizer) for name, info in REGISTRY.items()}
 # Learning rates large enough that 20 steps move the params well away from their start.
-DEFAULT_LR = {"sgd": 0.05, "adam": 0.02, "adamw": 0.02, "adagrad": 0.05, "rmsprop": 0.01}
+DEFAULT_LR = {name: info.default_lr for name, info in REGISTRY.items()}
+# Every rule and option, pruned to combinations that change the arithmetic.
+GRID = [(name, options) for name, info in REGISTRY.items() for options in info.option_grid]
+# Per rule the configurations with most options on: the fp64 and 16-bit runs.
+RICH = [(name, options) for name, info in REGISTRY.items() for options in info.richest]
+# Options under which every rule keeps state (SGD with momentum), for the scenario tests.
+STATEFUL = {name: info.stateful for name, info in REGISTRY.items()}
 
 
 def fused_optimizer(rule, params, **options):
@@ -206,18 +207,12 @@ def run_beside_torch(rule, params, options, *, steps, generator, check_every=5, 
     return fused, expected, fused_params, torch_params
 
 
-# The float64 reference driven with plain per-param state dicts, the way torch.optim drives it.
-
-
-def _zeros(p):
-    return torch.zeros_like(p, memory_format=torch.preserve_format)
-
-
 class ReferenceOptimizer:
-    """The float64 oracle: `fusedopt.reference`'s list-level functions run on float64 (complex128)
-    copies of the params, with torch.optim's state layout. With `storage_dtype`, params and states
-    are rounded to that dtype after each step, as a kernel that computes in higher precision and
-    stores in the param's dtype leaves them."""
+    """The float64 oracle: the rule's fusedopt optimizer on its plain-torch path
+    (`fusedopt.reference`'s functions) over float64 (complex128) copies of the params, with
+    torch.optim's state layout. With `storage_dtype`, params and states are rounded to that dtype
+    after each step, as a kernel that computes in higher precision and stores in the param's
+    dtype leaves them."""
 
     def __init__(self, rule, params, options, storage_dtype=None):
         self.rule = rule
@@ -225,70 +220,21 @@ class ReferenceOptimizer:
         self.options.setdefault("lr", DEFAULT_LR[rule])
         self.params = clone_params(params, torch.float64)
         self.storage_dtype = storage_dtype
-        self.state = {}
-        for p in self.params:
-            state = self.state[p] = {}
-            if rule in ("adam", "adamw"):
-                state.update(step=torch.tensor(0.0), exp_avg=_zeros(p), exp_avg_sq=_zeros(p))
-                if self.options.get("amsgrad"):
-                    state["max_exp_avg_sq"] = _zeros(p)
-            elif rule == "adagrad":
-                value = self.options.get("initial_accumulator_value", 0)
-                state.update(step=torch.tensor(0.0),
-                             sum=torch.full_like(p, complex(value, value) if p.is_complex() else value))
-            elif rule == "rmsprop":
-                state.update(step=torch.tensor(0.0), square_avg=_zeros(p))
-                if self.options.get("momentum", 0) > 0:
-                    state["momentum_buffer"] = _zeros(p)
-                if self.options.get("centered"):
-                    state["grad_avg"] = _zeros(p)
+        self.optimizer = OPTIMIZERS[rule][0](self.params, backend="torch", **self.options)
 
-    def _option(self, key, default):
-        return self.options.get(key, default)
+    @property
+    def state(self):
+        return self.optimizer.state
 
     @torch.no_grad()
     def step(self, grads):
         """One step of the rule on the params with a grad (grads in any dtype; None skips)."""
-        live = [(p, g.to(p.dtype)) for p, g in zip(self.params, grads) if g is not None]
-        if not live:
-            return
-        params, grads = [p for p, _ in live], [g for _, g in live]
-        states = [self.state[p] for p in params]
-        lr, wd, maximize = self.options["lr"], self._option("weight_decay", None), self._option("maximize", False)
-        if self.rule == "sgd":
-            buffers = [s.get("momentum_buffer") for s in states]
-            buffers = reference.sgd(params, grads, buffers, lr=lr, weight_decay=wd or 0,
-                                    momentum=self._option("momentum", 0), dampening=self._option("dampening", 0),
-                                    nesterov=self._option("nesterov", False), maximize=maximize)
-            if self._option("momentum", 0) != 0:
-                for s, b in zip(states, buffers):
-                    s["momentum_buffer"] = b
-        elif self.rule in ("adam", "adamw"):
-            beta1, beta2 = self._option("betas", (0.9, 0.999))
-            decoupled = self.rule == "adamw" or self._option("decoupled_weight_decay", False)
-            if wd is None:
-                wd = 1e-2 if self.rule == "adamw" else 0
-            reference.adam(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                           [s.get("max_exp_avg_sq") for s in states], [s["step"] for s in states],
-                           lr=lr, beta1=beta1, beta2=beta2, eps=self._option("eps", 1e-8), weight_decay=wd,
-                           decoupled_weight_decay=decoupled, amsgrad=self._option("amsgrad", False),
-                           maximize=maximize)
-        elif self.rule == "adagrad":
-            reference.adagrad(params, grads, [s["sum"] for s in states], [s["step"] for s in states], lr=lr,
-                              lr_decay=self._option("lr_decay", 0), weight_decay=wd or 0,
-                              eps=self._option("eps", 1e-10), maximize=maximize)
-        elif self.rule == "rmsprop":
-            reference.rmsprop(params, grads, [s["square_avg"] for s in states],
-                              [s.get("momentum_buffer") for s in states], [s.get("grad_avg") for s in states],
-                              [s["step"] for s in states], lr=lr, alpha=self._option("alpha", 0.99),
-                              eps=self._option("eps", 1e-8), weight_decay=wd or 0,
-                              momentum=self._option("momentum", 0), centered=self._option("centered", False),
-                              maximize=maximize)
-        else:
-            raise ValueError(self.rule)
+        for p, g in zip(self.params, grads):
+            p.grad = None if g is None else g.to(p.dtype)
+        self.optimizer.step()
         if self.storage_dtype is not None:
-            for p, s in zip(params, states):
-                for t in [p, *(v for k, v in s.items() if k != "step")]:
+            for p in (p for p, g in zip(self.params, grads) if g is not None):
+                for t in [p, *(v for k, v in self.state[p].items() if k != "step")]:
                     t.copy_(round_to(t, self.storage_dtype))
 
 
@@ -303,14 +249,9 @@ def round_to(tensor, dtype):
 def hyperparameter_rounding(rule, options):
     """Relative error that rounding beta-like hyperparameters to fp32 puts into (1 - beta): the
     GPU kernels take them as fp32 arguments. At least 2^-24 (the rounding of lr itself)."""
-    if rule in ("adam", "adamw"):
-        betas = options.get("betas", (0.9, 0.999))
-    elif rule == "rmsprop":
-        betas = (options.get("alpha", 0.99), options.get("momentum", 0))
-    elif rule == "sgd":
-        betas = (options.get("momentum", 0), options.get("dampening", 0))
-    else:
-        betas = ()
+    signature = inspect.signature(OPTIMIZERS[rule][0].__init__).parameters
+    values = {**{name: parameter.default for name, parameter in signature.items()}, **options}
+    betas = [*values.get("betas", ()), *(values.get(name, 0) for name in ("alpha", "momentum", "dampening"))]
     return 2.0**-24 * max([1.0] + [1 / (1 - beta) for beta in betas])
 
 

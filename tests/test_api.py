@@ -14,13 +14,15 @@ from torch.optim import lr_scheduler
 from torch.testing import assert_close
 
 import fusedopt
+from fusedopt.registry import RULES
 
-NAMES = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop"]
+NAMES = [info.optimizer.__name__ for info in RULES.values()]
 TOL = dict(rtol=1e-5, atol=1e-6)
 SHAPES = [(4, 3), (5,), ()]
 
-# One option set per class that uses every state tensor of the rule.
-OPTIONS = {
+# One option set per class that uses every state tensor of the rule (for a rule not listed, the
+# registry's stateful options).
+OPTIONS = {info.optimizer.__name__: dict(lr=info.default_lr, **info.stateful) for info in RULES.values()} | {
     "SGD": dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01),
     "Adam": dict(lr=0.05, betas=(0.8, 0.95), weight_decay=0.1, amsgrad=True),
     "AdamW": dict(lr=0.05, weight_decay=0.1),
@@ -193,6 +195,7 @@ SECOND_GROUP = {
     "AdamW": dict(lr=0.01, weight_decay=0.5, amsgrad=True),
     "Adagrad": dict(lr=0.3, lr_decay=0.0, weight_decay=0.1, eps=1e-6),
     "RMSprop": dict(lr=0.02, momentum=0.0, centered=False, alpha=0.9),
+    "RAdam": dict(lr=0.01, betas=(0.9, 0.99), weight_decay=0.1, decoupled_weight_decay=True),
 }
 
 
@@ -251,6 +254,7 @@ CHANGED_BY_HAND = {
     "AdamW": [dict(betas=(0.5, 0.9)), dict(weight_decay=0.3), dict(eps=1e-2)],
     "Adagrad": [dict(lr_decay=0.5), dict(weight_decay=0.2), dict(eps=1e-2, maximize=True)],
     "RMSprop": [dict(alpha=0.5), dict(momentum=0.9, eps=1e-3), dict(weight_decay=0.0, maximize=True)],
+    "RAdam": [dict(betas=(0.5, 0.9)), dict(weight_decay=0.3, decoupled_weight_decay=True), dict(eps=1e-2, maximize=True)],
 }
 
 

@@ -12,11 +12,12 @@ import torch
 from torch.testing import assert_close
 
 import fusedopt
+from fusedopt.registry import RULES
 
 # torch.optim.Adagrad builds sparse tensors without invariant checks; its warning says nothing here.
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks")
 
-NAMES = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop"]
+NAMES = [info.optimizer.__name__ for info in RULES.values()]
 TOL = dict(rtol=1e-5, atol=1e-6)
 
 
@@ -102,6 +103,17 @@ INVALID = {
 }
 INVALID["AdamW"] = [options for options in INVALID["Adam"] if "momentum" not in options] + [
     dict(decoupled_weight_decay=False),
+]
+INVALID["RAdam"] = SHARED_INVALID + [
+    dict(eps=-1e-8),
+    dict(lr=float("nan")),
+    dict(betas=(-0.1, 0.999)),
+    dict(betas=(1.0, 0.999)),
+    dict(betas=(0.9, 1.0)),
+    dict(betas=(0.9,)),
+    dict(betas=0.9),
+    dict(fused=True),
+    dict(amsgrad=True),
 ]
 
 
@@ -344,7 +356,7 @@ STEP_EACH_CLASS_ON_CPU = """
     import torch
     import fusedopt
 
-    for name in ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop"]:
+    for name in %r:
         p = torch.randn(5, generator=torch.Generator().manual_seed(0)).requires_grad_()
         before = p.detach().clone()
         p.grad = torch.randn(5, generator=torch.Generator().manual_seed(1))
@@ -357,7 +369,7 @@ STEP_EACH_CLASS_ON_CPU = """
             print(name, "RuntimeError", str(error).replace(chr(10), " "))
         else:
             print(name, "stepped")
-"""
+""" % (NAMES,)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the kernels are compiled, not interpreted")

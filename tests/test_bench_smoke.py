@@ -118,7 +118,7 @@ def test_plots_and_markdown_are_written(quick_run):
 
 def test_bytes_per_param_follow_the_design_table():
     fp32 = {r.name: r.bytes_per_param() for r in RULES.values()}
-    assert fp32 == {"sgd": 12, "sgd_momentum": 20, "adagrad": 20, "rmsprop": 20, "adam": 28, "adamw": 28}
+    assert fp32 == {"sgd": 12, "sgd_momentum": 20, "adagrad": 20, "rmsprop": 20, "adam": 28, "adamw": 28, "radam": 28}
     assert RULES["adam"].bytes_per_param(torch.bfloat16) == 14
     assert bytes_per_param("RMSprop", momentum=0.9) == 28
     assert bytes_per_param("RMSprop", momentum=0.9, centered=True) == 36

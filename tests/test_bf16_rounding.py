@@ -5,15 +5,12 @@ import pytest
 import torch
 
 import fusedopt
+from fusedopt.registry import RULES as REGISTRY
 from helpers import assign_grads, make_grads, make_params
 
 from conftest import kernels_runnable
 
-RULES = {"sgd": (fusedopt.SGD, dict(momentum=0.9)),
-         "adam": (fusedopt.Adam, dict(amsgrad=True)),
-         "adamw": (fusedopt.AdamW, {}),
-         "adagrad": (fusedopt.Adagrad, {}),
-         "rmsprop": (fusedopt.RMSprop, dict(centered=True))}
+RULES = {name: (info.optimizer, info.stateful) for name, info in REGISTRY.items()}
 ULP_AT_ONE = 2.0**-7  # bf16 spacing in [1, 2)
 
 

@@ -2,23 +2,22 @@
 by the kernel, nothing read back on the host, and (where CUDA exists) a captured CUDA graph that
 replays a run, lr changes included, exactly as eager steps do."""
 import copy
+import inspect
 
 import pytest
 import torch
 
-import fusedopt
+from fusedopt.registry import RULES as REGISTRY
 from helpers import (assert_optimizers_match, assign_grads, capture_cuda_graph, fill_static_grads, make_grads,
                      make_params, tolerance)
 
 from conftest import kernels_runnable
 
-CAPTURABLE = {"adam": fusedopt.Adam, "adamw": fusedopt.AdamW, "rmsprop": fusedopt.RMSprop}
-TORCH = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}
-ALL_RULES = {"sgd": (fusedopt.SGD, torch.optim.SGD, dict(momentum=0.9)),
-             "adam": (fusedopt.Adam, torch.optim.Adam, dict(amsgrad=True)),
-             "adamw": (fusedopt.AdamW, torch.optim.AdamW, {}),
-             "adagrad": (fusedopt.Adagrad, torch.optim.Adagrad, dict(lr_decay=0.01)),
-             "rmsprop": (fusedopt.RMSprop, torch.optim.RMSprop, dict(momentum=0.5, centered=True))}
+# The rules whose torch.optim class takes capturable=True.
+CAPTURABLE = {name: info.optimizer for name, info in REGISTRY.items()
+              if "capturable" in inspect.signature(info.torch_optimizer.__init__).parameters}
+TORCH = {name: REGISTRY[name].torch_optimizer for name in CAPTURABLE}
+ALL_RULES = {name: (info.optimizer, info.torch_optimizer, info.stateful) for name, info in REGISTRY.items()}
 SHAPES = [(7,), (33, 17), (4097,)]
 
 

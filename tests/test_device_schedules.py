@@ -10,15 +10,12 @@ import torch
 import fusedopt
 from fusedopt import schedules
 from fusedopt.kernels import launch_count
+from fusedopt.registry import RULES as REGISTRY
 from helpers import assign_grads, capture_cuda_graph, fill_static_grads, make_grads, make_params
 
 from conftest import kernels_runnable
 
-RULES = {"sgd": (fusedopt.SGD, dict(momentum=0.9, dampening=0.2)),
-         "adam": (fusedopt.Adam, dict(amsgrad=True, weight_decay=0.1)),
-         "adamw": (fusedopt.AdamW, {}),
-         "adagrad": (fusedopt.Adagrad, dict(lr_decay=0.01)),
-         "rmsprop": (fusedopt.RMSprop, dict(centered=True, momentum=0.5))}
+RULES = {name: (info.optimizer, info.richest[0]) for name, info in REGISTRY.items()}
 SHAPES = [(7,), (33, 17), (4097,)]
 # 3 warmup steps, then a cosine to 10% over 6 steps, held after: 12 steps see every part.
 WARMUP_COSINE = schedules.join([schedules.linear_warmup(3), schedules.cosine_decay(6, floor=0.1)], [3])

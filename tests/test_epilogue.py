@@ -21,6 +21,8 @@ import fusedopt
 from helpers import (
     DEFAULT_LR,
     OPTIMIZERS,
+    RULES,
+    STATEFUL,
     ReferenceOptimizer,
     assert_close,
     assert_matches_reference,
@@ -35,10 +37,8 @@ from helpers import (
 )
 from test_kernels import fp32_tolerance, launches_during
 
-RULES = ["sgd", "adam", "adamw", "adagrad", "rmsprop"]
-# Options under which every rule keeps state that the grads feed.
-STATEFUL = {"sgd": {"momentum": 0.9, "dampening": 0.3}, "adam": {"amsgrad": True}, "adamw": {},
-            "adagrad": {"lr_decay": 0.01}, "rmsprop": {"momentum": 0.5, "centered": True}}
+# Options under which every rule keeps state that the grads feed (SGD: with dampening too).
+STATEFUL = {**STATEFUL, "sgd": {"momentum": 0.9, "dampening": 0.3}}
 # A scale that is not a power of two: 1/scale is rounded to fp32 as GradScaler.unscale_ rounds it.
 INIT_SCALE = 3.0 * 2**10
 # Three clean iterations in a row double the scale; an inf or NaN halves it.

@@ -16,6 +16,10 @@ from torch import nn
 
 import fusedopt
 from helpers import (
+    GRID,
+    RICH,
+    RULES,
+    STATEFUL,
     ReferenceOptimizer,
     assert_close,
     assert_matches_reference,
@@ -33,47 +37,6 @@ from helpers import (
 )
 
 STEPS = 20
-
-# Every rule and option, pruned to combinations that change the arithmetic.
-GRID = [
-    ("sgd", {}),
-    ("sgd", {"weight_decay": 0.1, "maximize": True}),
-    ("sgd", {"momentum": 0.9}),
-    ("sgd", {"momentum": 0.9, "dampening": 0.3, "weight_decay": 0.1}),
-    ("sgd", {"momentum": 0.9, "nesterov": True}),
-    ("sgd", {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1, "maximize": True}),
-    ("adam", {}),
-    ("adam", {"amsgrad": True}),
-    ("adam", {"weight_decay": 0.1}),
-    ("adam", {"weight_decay": 0.1, "decoupled_weight_decay": True}),
-    ("adam", {"amsgrad": True, "weight_decay": 0.1, "maximize": True, "betas": (0.8, 0.99), "eps": 1e-6}),
-    ("adamw", {}),
-    ("adamw", {"amsgrad": True, "maximize": True, "weight_decay": 0.1}),
-    ("adagrad", {}),
-    ("adagrad", {"lr_decay": 0.05, "weight_decay": 0.1}),
-    ("adagrad", {"initial_accumulator_value": 0.5, "eps": 1e-6, "maximize": True}),
-    ("rmsprop", {}),
-    ("rmsprop", {"momentum": 0.9}),
-    ("rmsprop", {"centered": True}),
-    ("rmsprop", {"centered": True, "momentum": 0.9, "weight_decay": 0.1, "maximize": True}),
-    ("rmsprop", {"alpha": 0.9, "eps": 1e-6}),
-]
-
-# One configuration per rule with most options on: the fp64 and 16-bit runs.
-RICH = [
-    ("sgd", {"momentum": 0.9, "dampening": 0.3, "weight_decay": 0.1, "maximize": True}),
-    ("sgd", {"momentum": 0.9, "nesterov": True}),
-    ("adam", {"amsgrad": True, "weight_decay": 0.1}),
-    ("adamw", {"amsgrad": True, "maximize": True}),
-    ("adagrad", {"lr_decay": 0.05, "weight_decay": 0.1, "initial_accumulator_value": 0.1}),
-    ("rmsprop", {"centered": True, "momentum": 0.9, "weight_decay": 0.1}),
-]
-
-RULES = ["sgd", "adam", "adamw", "adagrad", "rmsprop"]
-# Options under which every rule keeps state (SGD with momentum) for the scenario tests.
-STATEFUL = {"sgd": {"momentum": 0.9}, "adam": {"amsgrad": True}, "adamw": {}, "adagrad": {"lr_decay": 0.01},
-            "rmsprop": {"momentum": 0.5, "centered": True}}
-
 
 def case_id(case):
     rule, options = case
@@ -202,13 +165,14 @@ def test_each_param_group_takes_one_launch_per_step(rule, device):
     its own hyperparameters (torch's trajectory)."""
     generator = torch.Generator().manual_seed(5)
     base = STATEFUL[rule]
+    # the rule's own hyperparameters where listed; lr, weight decay and maximize for every rule
     variants = {
         "sgd": [{"lr": 0.1}, {"lr": 0.01, "weight_decay": 0.2}, {"momentum": 0.5, "dampening": 0.1}],
         "adam": [{"lr": 0.1}, {"betas": (0.5, 0.9), "weight_decay": 0.2}, {"eps": 1e-3, "maximize": True}],
         "adamw": [{"lr": 0.1}, {"betas": (0.5, 0.9), "weight_decay": 0.2}, {"eps": 1e-3, "maximize": True}],
         "adagrad": [{"lr": 0.1}, {"lr_decay": 0.3, "weight_decay": 0.2}, {"eps": 1e-3, "maximize": True}],
         "rmsprop": [{"lr": 0.1}, {"alpha": 0.5, "weight_decay": 0.2}, {"eps": 1e-3, "maximize": True}],
-    }[rule]
+    }.get(rule, [{"lr": 0.1}, {"lr": 0.01, "weight_decay": 0.2}, {"maximize": True}])
     params = [make_params(torch.float32, device, generator, shapes=[(7,), (3, 5)], odd_layouts=False,
                           complex_params=False) for _ in variants]
     fused_lists = [clone_params(group) for group in params]

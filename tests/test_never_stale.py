@@ -10,17 +10,11 @@ import torch
 import fusedopt
 from fusedopt.kernels import multi_tensor
 
-from helpers import OPTIMIZERS, assert_close, assert_optimizers_match, randn
+from fusedopt.registry import RULES as REGISTRY
+from helpers import DEFAULT_LR, OPTIMIZERS, RULES, assert_close, assert_optimizers_match, randn
 
-RULES = ["sgd", "adam", "adamw", "adagrad", "rmsprop"]
 # Options under which each rule keeps every state it can have.
-RICH = {
-    "sgd": dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01),
-    "adam": dict(lr=0.02, weight_decay=0.01, amsgrad=True),
-    "adamw": dict(lr=0.02, amsgrad=True),
-    "adagrad": dict(lr=0.05, lr_decay=0.01, initial_accumulator_value=0.1),
-    "rmsprop": dict(lr=0.01, momentum=0.5, centered=True, weight_decay=0.01),
-}
+RICH = {rule: dict(lr=DEFAULT_LR[rule], **REGISTRY[rule].richest[0]) for rule in RULES}
 TOLERANCE = dict(rtol=1e-5, atol=1e-6)
 
 
@@ -218,7 +212,7 @@ def test_square_state_transposed_in_place_is_read_transposed(rule, backend, devi
     twins.assert_match(rule)
 
 
-@pytest.mark.parametrize("rule", ["adam", "adamw", "adagrad", "rmsprop"])
+@pytest.mark.parametrize("rule", [rule for rule in RULES if OPTIMIZERS[rule][0].has_step])
 def test_state_step_set_to_a_number_raises_runtime_error_like_torch(rule, backend, device):
     twins = Twins(rule, backend, [(5,)], device=device)
     twins.step(1)

@@ -60,12 +60,20 @@ def rmsprop_options(draw):
                 centered=draw(st.booleans()), maximize=draw(st.booleans()))
 
 
+@st.composite
+def radam_options(draw):
+    return dict(lr=draw(rates(1e-4, 0.1)), betas=(draw(rates(0.0, 0.99)), draw(rates(0.9, 0.9999))),
+                eps=draw(st.sampled_from([1e-8, 1e-6, 1e-3])), weight_decay=draw(zero_or(rates(0.0, 0.5))),
+                decoupled_weight_decay=draw(st.booleans()), maximize=draw(st.booleans()))
+
+
 cases = st.one_of(
     st.tuples(st.just("sgd"), sgd_options()),
     st.tuples(st.just("adam"), adam_options()),
     st.tuples(st.just("adamw"), adam_options(decoupled=True)),
     st.tuples(st.just("adagrad"), adagrad_options()),
     st.tuples(st.just("rmsprop"), rmsprop_options()),
+    st.tuples(st.just("radam"), radam_options()),
 )
 
 # 0-dim, 1-D of 1 to 300 elements, or 2-D of at most 300.

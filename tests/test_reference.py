@@ -116,6 +116,25 @@ def _rmsprop_step(params, grads, states, options):
     )
 
 
+def _radam_state(p, options):
+    return {"step": torch.tensor(0.0), "exp_avg": _zeros(p), "exp_avg_sq": _zeros(p)}
+
+
+def _radam_step(params, grads, states, options):
+    beta1, beta2 = options["betas"]
+    options = {k: v for k, v in options.items() if k != "betas"}
+    reference.radam(
+        params,
+        grads,
+        [state["exp_avg"] for state in states],
+        [state["exp_avg_sq"] for state in states],
+        [state["step"] for state in states],
+        beta1=beta1,
+        beta2=beta2,
+        **options,
+    )
+
+
 RULES = {
     # name: (torch.optim class, reference state init, reference step)
     "sgd": (torch.optim.SGD, _sgd_state, _sgd_step),
@@ -123,6 +142,7 @@ RULES = {
     "adamw": (torch.optim.AdamW, _adam_state, _adamw_step),
     "adagrad": (torch.optim.Adagrad, _adagrad_state, _adagrad_step),
     "rmsprop": (torch.optim.RMSprop, _rmsprop_state, _rmsprop_step),
+    "radam": (torch.optim.RAdam, _radam_state, _radam_step),
 }
 
 # Every option set names all of torch's hyperparameters, so both sides read the same values.
@@ -155,6 +175,9 @@ FULL_OPTIONS = {
     ),
     "rmsprop": dict(
         lr=0.01, alpha=0.9, eps=1e-8, weight_decay=0.125, momentum=0.9, centered=True, maximize=True
+    ),
+    "radam": dict(
+        lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.125, decoupled_weight_decay=False, maximize=True
     ),
 }
 

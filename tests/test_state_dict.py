@@ -12,11 +12,14 @@ from torch.testing import assert_close
 
 import fusedopt
 from fusedopt.optimizer import FusedOptimizer
+from fusedopt.registry import RULES
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 SHAPES = [(4, 3), (5,), ()]
+NAMES = [info.optimizer.__name__ for info in RULES.values()]
 
-# Option sets per class: the plain rule and the options that add or change state tensors.
+# Option sets per class: the plain rule and the options that add or change state tensors; for a
+# rule not listed, its option grid (fusedopt.registry).
 OPTIONS = [
     ("SGD", dict(lr=0.1)),
     ("SGD", dict(lr=0.1, momentum=0.9, dampening=0.25, weight_decay=0.01)),
@@ -33,6 +36,8 @@ OPTIONS = [
     ("RMSprop", dict(lr=0.01, centered=True)),
     ("RMSprop", dict(lr=0.01, alpha=0.9, momentum=0.5, centered=True, maximize=True)),
 ]
+OPTIONS += [(info.optimizer.__name__, dict(lr=info.default_lr, **options)) for info in RULES.values()
+            if info.optimizer.__name__ not in {name for name, _ in OPTIONS} for options in info.option_grid]
 
 
 def _case_id(name, options):
@@ -41,8 +46,8 @@ def _case_id(name, options):
 
 
 CASES = [pytest.param(name, options, id=_case_id(name, options)) for name, options in OPTIONS]
-# The option set of each class with the most state tensors.
-RICHEST_CASES = [CASES[1], CASES[4], CASES[7], CASES[9], CASES[13]]
+# The option set of each class with the most state tensors (the last of its cases).
+RICHEST_CASES = [[case for case in CASES if case.values[0] == name][-1] for name in NAMES]
 # torch supports fused=True on CPU for these.
 FUSED_CASES = [case for case in CASES if case.values[0] in ("SGD", "Adam", "AdamW", "Adagrad")]
 
@@ -434,7 +439,7 @@ def test_pickled_optimizer_trains_independently_on_torch_trajectory(name, option
     _copy_keeps_training(name, options, backend, device, lambda optimizer: pickle.loads(pickle.dumps(optimizer)))
 
 
-@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop"])
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize(
     "make_copy", [copy.deepcopy, lambda o: pickle.loads(pickle.dumps(o))], ids=["deepcopy", "pickle"])
 def test_copy_of_optimizer_keeps_its_backend(name, make_copy, backend, device):
