@@ -46,21 +46,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import fusedopt
+from fusedopt.registry import RULES as REGISTRY
 
 # ---- the scenarios' setting ----
 
 BACKENDS = ("torch", "triton")
-RULES = ("sgd", "adam", "adamw", "adagrad", "rmsprop")
-CLASSES = {
-    "sgd": (fusedopt.SGD, torch.optim.SGD),
-    "adam": (fusedopt.Adam, torch.optim.Adam),
-    "adamw": (fusedopt.AdamW, torch.optim.AdamW),
-    "adagrad": (fusedopt.Adagrad, torch.optim.Adagrad),
-    "rmsprop": (fusedopt.RMSprop, torch.optim.RMSprop),
-}
-# Options that give each rule's every state tensor something to do.
-OPTIONS = {
+RULES = tuple(REGISTRY)
+CLASSES = {name: (info.optimizer, info.torch_optimizer) for name, info in REGISTRY.items()}
+# Options that give each rule's every state tensor something to do (a rule not listed: its
+# registry's richest options).
+OPTIONS = {name: dict(lr=info.default_lr, **info.richest[0]) for name, info in REGISTRY.items()} | {
     "sgd": dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
     "adam": dict(lr=0.02, weight_decay=0.01, amsgrad=True),
     "adamw": dict(lr=0.02, weight_decay=0.1),
