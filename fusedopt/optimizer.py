@@ -250,6 +250,15 @@ class FusedOptimizer(Optimizer):
     def kernel_step(self, group, table, **step_info):
         raise NotImplementedError
 
+    def prepare_fresh_buffers(self, group, params, states):
+        """For a rule without step counts: make the state its kernel needs and flag each param
+        whose state starts at this step (the table's per-tensor integer). SGD's momentum buffers
+        start from the grad; by default nothing is made and nothing flagged."""
+        return [False] * len(params)
+
+    def buffers_started(self, states, skipped):
+        """After a launch that had fresh buffers: it ran on them, or (skipped by AMP) it did not."""
+
     def check_grad(self, grad):
         if grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
