@@ -5,12 +5,10 @@ from . import reference
 from .optimizer import FusedOptimizer, as_float, reference_states
 
 
-def check_adam_arguments(lr, betas, eps, weight_decay, foreach, capturable):
-    if torch.is_tensor(lr):
-        if foreach and not capturable:
-            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
-        if lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
+def check_moments_arguments(lr, betas, eps, weight_decay):
+    """torch.optim's checks, and messages, shared by Adam, AdamW and RAdam."""
+    if torch.is_tensor(lr) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
     if not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: {lr}")
     if not 0.0 <= eps:
@@ -21,6 +19,12 @@ def check_adam_arguments(lr, betas, eps, weight_decay, foreach, capturable):
         raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
     if not 0.0 <= weight_decay:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+def check_adam_arguments(lr, betas, eps, weight_decay, foreach, capturable):
+    if torch.is_tensor(lr) and foreach and not capturable:
+        raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+    check_moments_arguments(lr, betas, eps, weight_decay)
     if not (all(isinstance(beta, float) for beta in betas) or all(torch.is_tensor(beta) for beta in betas)):
         raise ValueError("betas must be either both floats or both Tensors")
     for index, beta in enumerate(betas):
