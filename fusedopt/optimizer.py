@@ -3,36 +3,14 @@ buckets keyed by (device, dtype) -> one backend call per bucket.
 """
 import itertools
 import operator
-import os
-import sys
 
 import torch
 from torch.optim import Optimizer
 
 from . import distributed, epilogue, reference
-from .plan import GroupPlan, load_kernels
+from .backends import load_kernels, resolve_backend, runs_on_kernels
+from .plan import GroupPlan
 from .state import counted, plain
-
-BACKENDS = ("auto", "triton", "torch")
-
-
-def resolve_backend(backend):
-    """The constructor argument wins; else FUSEDOPT_BACKEND; else "auto"."""
-    if backend is None:
-        backend = os.environ.get("FUSEDOPT_BACKEND", "auto") or "auto"
-    if backend not in BACKENDS:
-        raise ValueError(f"Invalid backend: {backend!r} (expected one of {', '.join(BACKENDS)})")
-    return backend
-
-
-def kernels_run_on_cpu():
-    """Whether the kernels can take CPU tensors: they were defined under the Triton interpreter.
-    Without CUDA, asking for them on the CPU turns the interpreter on (unless TRITON_INTERPRET
-    says otherwise), since compiled kernels could not run there anyway."""
-    if "fusedopt.kernels" not in sys.modules and not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    return load_kernels().multi_tensor.INTERPRETED
-
 
 def check_implementation_flags(defaults):
     """torch's implementation switches: accepted, but those we cannot honour raise clearly."""
@@ -299,19 +277,8 @@ class FusedOptimizer(Optimizer):
 
     # ---- the shared step ----
     def runs_on_kernels(self, param):
-        """Whether the Triton kernels update `param` (else the reference does)."""
-        if self.backend == "torch":
-            return False
-        if param.is_cuda:
-            return True
-        if self.backend == "auto":
-            return False
-        if not kernels_run_on_cpu():
-            raise RuntimeError(
-                "backend='triton' runs CPU tensors only through the Triton interpreter, which must be on "
-                "(TRITON_INTERPRET=1) when fusedopt.kernels is first imported; these params are on the CPU"
-            )
-        return True
+        """Whether the kernels update `param` (else the reference does)."""
+        return runs_on_kernels(self.backend, param.device)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -16,20 +16,10 @@ import operator
 import torch
 
 from . import distributed
+from .backends import load_kernels
 from .state import is_counted, state_changes
 
 _data_ptr = torch.Tensor.data_ptr
-
-
-def load_kernels():
-    try:
-        from . import kernels
-    except ImportError as error:
-        raise RuntimeError(
-            "fusedopt's triton backend needs the `triton` package (pip install triton); "
-            "use backend='torch' for the plain PyTorch implementation"
-        ) from error
-    return kernels
 
 
 def _tensor_guards():
