@@ -9,8 +9,12 @@ from torch.optim import Optimizer
 
 from . import distributed, epilogue, reference
 from .backends import load_kernels, resolve_backend, runs_on_kernels
+from .device_schedule import DeviceSchedule, advance_group_step
 from .plan import GroupPlan
+from .rounding import check_rounding_seed, keeps_master, param_rounding, rounded_reference_step
 from .state import counted, plain
+from .steps import STEP_NOT_A_TENSOR, as_float, as_step_tensor, scalar_step_tensor
+
 
 def check_implementation_flags(defaults):
     """torch's implementation switches: accepted, but those we cannot honour raise clearly."""
@@ -24,40 +28,6 @@ def check_implementation_flags(defaults):
 
 _grad_of = operator.attrgetter("grad")
 
-# torch.optim's error for a state["step"] that is not a tensor
-STEP_NOT_A_TENSOR = "API has changed, `state_steps` argument must contain a list of singleton tensors"
-
-
-def as_float(value):
-    return value.item() if torch.is_tensor(value) else float(value)
-
-
-def as_step_tensor(step):
-    """A loaded step in torch.optim's default layout: legacy numbers, and the device steps of
-    fused or capturable checkpoints, become 0-dim CPU tensors (loading may synchronise)."""
-    if not torch.is_tensor(step):
-        return torch.tensor(float(step), dtype=scalar_step_tensor().dtype)
-    if step.device.type != "cpu" or step.dim() != 0:
-        return step.detach().to("cpu").reshape(())
-    return step
-
-
-def scalar_step_tensor(device=None):
-    """torch.optim's layout of state['step']: a 0-dim tensor, on the CPU unless capturable (then
-    float32 on the param's device)."""
-    if device is not None:
-        return torch.zeros((), dtype=torch.float32, device=device)
-    dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-    return torch.tensor(0.0, dtype=dtype)
-
-
-def param_rounding(stochastic_rounding, master_weights):
-    """How updated bf16 params are stored: "nearest", "stochastic" or "master" (fp32 copies)."""
-    if stochastic_rounding and master_weights:
-        raise ValueError("stochastic_rounding and master_weights are alternatives: with an fp32 master copy the "
-                         "bf16 param is rounded to nearest from it")
-    return "stochastic" if stochastic_rounding else "master" if master_weights else "nearest"
-
 
 class FusedOptimizer(Optimizer):
     """Base of fusedopt's optimizers. A subclass gives its defaults and state layout, and the two
@@ -69,9 +39,7 @@ class FusedOptimizer(Optimizer):
                  stochastic_rounding=False, master_weights=False, rounding_seed=0):
         check_implementation_flags(defaults)
         self.param_rounding = param_rounding(stochastic_rounding, master_weights)
-        if isinstance(rounding_seed, bool) or not isinstance(rounding_seed, int) or not 0 <= rounding_seed < 2**63:
-            raise ValueError(f"Invalid rounding_seed: {rounding_seed!r} (expected an int in [0, 2**63))")
-        self.rounding_seed = rounding_seed
+        self.rounding_seed = check_rounding_seed(rounding_seed)
         self.backend = resolve_backend(backend)
         self.max_grad_norm = None if max_grad_norm is None else epilogue.check_max_grad_norm(max_grad_norm)
         self.last_grad_norm = None  # the total grad norm of the last step that clipped by max_grad_norm
@@ -106,40 +74,16 @@ class FusedOptimizer(Optimizer):
         would. The factors are tabulated once, up to the schedule's end, where the last one is held;
         a schedule without an end (inverse sqrt, exponential decay) needs ``schedule_steps``, the
         number of steps to tabulate. None removes the schedule."""
-        from .schedules import Schedule
-
-        if schedule is None:
-            self.schedule = None
-            self._device_scalars = {}
-            return
-        if not isinstance(schedule, Schedule):
-            raise TypeError(f"schedule must be a fusedopt.schedules.Schedule, got {type(schedule).__name__}")
-        length = schedule.length
-        if schedule_steps is not None:
-            if isinstance(schedule_steps, bool) or not isinstance(schedule_steps, int) or schedule_steps < 1:
-                raise ValueError(f"Invalid schedule_steps: {schedule_steps!r} (expected an int >= 1)")
-            length = max(length or 0, schedule_steps)
-        elif length is None:
-            raise ValueError(f"{type(schedule).__name__} has no end: pass schedule_steps, the number of steps "
-                             "whose factors the kernels should read (the last one is held after them)")
-        for group in self.param_groups:
-            if torch.is_tensor(group["lr"]):
-                raise ValueError("schedule= scales a number lr (the base lr); this group's lr is a tensor")
+        device_schedule = None if schedule is None else DeviceSchedule(schedule, schedule_steps, self.param_groups)
         self.schedule = schedule
-        self._schedule_factors = schedule.values(length)  # steps 0..length
+        self._device_schedule = device_schedule
         self._device_scalars = {}
 
     def _advance_group_step(self, group, devices):
-        """Count this step() in the group's device counter (``group["group_step"]``, saved in
-        state_dict), which the kernels read for the schedule and for stochastic rounding; the
-        GroupStep of each of `devices` (the devices of the group's kernel buckets)."""
-        count = group.get("group_step")
-        if count is None:
-            count = torch.zeros((), dtype=torch.float32)
-        if devices and count.device != devices[0]:
-            count = count.to(devices[0])
-        group["group_step"] = count
-        count += 1
+        """Count this step() in the group's counter; the GroupStep (what the kernels read at the
+        count: the schedule's factors, the rounding seed) for each of `devices`, the devices of the
+        group's kernel buckets."""
+        count = advance_group_step(group, devices[0] if devices else None)
         if not devices:
             return {}
         from .kernels import GroupStep
@@ -147,20 +91,16 @@ class FusedOptimizer(Optimizer):
         steps = {}
         for device in devices:
             if device not in self._device_scalars:
-                factors = None if self.schedule is None else torch.tensor(self._schedule_factors,
-                                                                        dtype=torch.float64, device=device)
-                seed = torch.tensor(self.rounding_seed, dtype=torch.int64, device=device)
-                self._device_scalars[device] = factors, seed
+                factors = None if self.schedule is None else self._device_schedule.on_device(device)
+                self._device_scalars[device] = factors, torch.tensor(self.rounding_seed, dtype=torch.int64,
+                                                                     device=device)
             factors, seed = self._device_scalars[device]
             steps[device] = GroupStep(count.to(device).reshape(1), factors, seed)
         return steps
 
     def scheduled_factor(self, group):
         """The schedule's factor at the group's current step, on the host (the plain-torch path)."""
-        if self.schedule is None:
-            return 1.0
-        count = int(as_float(group["group_step"]))
-        return self._schedule_factors[max(0, min(count, len(self._schedule_factors)) - 1)]
+        return 1.0 if self.schedule is None else self._device_schedule.factor(group)
 
     def current_lr(self, group_index=0):
         """The lr the last step used in a group, as a tensor: base lr times the schedule's factor
@@ -168,10 +108,7 @@ class FusedOptimizer(Optimizer):
         group = self.param_groups[group_index]
         if self.schedule is None or "group_step" not in group:
             return torch.as_tensor(group["lr"])
-        count = group["group_step"]
-        table = torch.tensor(self._schedule_factors, dtype=torch.float64, device=count.device)
-        index = count.long().clamp(1, table.numel()) - 1
-        return group["lr"] * table[index]
+        return self._device_schedule.current_lr(group)
 
     # ---- what each rule provides ----
     def structure(self, group):
@@ -204,26 +141,8 @@ class FusedOptimizer(Optimizer):
         raise NotImplementedError
 
     def rounded_reference_step(self, group, params, grads):
-        """reference_step, with bf16 params updated through fp32 (their master copies, or copies
-        rounded back stochastically) when param_rounding asks for it."""
-        rounded = [p.dtype == torch.bfloat16 and self.param_rounding != "nearest" for p in params]
-        if not any(rounded):
-            return self.reference_step(group, params, grads)
-        state = self.state
-        targets = [state[p]["master_param"] if flag and self.param_rounding == "master" else
-                   p.detach().float() if flag else p for p, flag in zip(params, rounded)]
-        self.reference_step(group, params, grads, targets)
-        count = int(as_float(group["group_step"])) if "group_step" in group else 0
-        with torch.no_grad():
-            for index, (p, target, flag) in enumerate(zip(params, targets, rounded)):
-                if not flag:
-                    continue
-                if self.param_rounding == "master":
-                    p.copy_(target)
-                else:  # on the local shards of DTensors: the random bits are drawn per shard
-                    rounded = reference.stochastic_round_to_bfloat16(distributed.local_tensor(target),
-                                                                     (self.rounding_seed, count, index))
-                    distributed.local_tensor(p).copy_(rounded)
+        """reference_step, with bf16 params updated through fp32 where param_rounding asks for it."""
+        rounded_reference_step(self, group, params, grads)
 
     def kernel_step(self, group, table, **step_info):
         raise NotImplementedError
@@ -273,7 +192,7 @@ class FusedOptimizer(Optimizer):
 
     def keeps_master(self, param):
         """Whether `param` (bf16 under master_weights=True) has an fp32 master copy in its state."""
-        return self.param_rounding == "master" and param.dtype == torch.bfloat16
+        return keeps_master(self.param_rounding, param)
 
     # ---- the shared step ----
     def runs_on_kernels(self, param):
@@ -427,7 +346,7 @@ class FusedOptimizer(Optimizer):
                  "schedule": self.schedule, "param_rounding": self.param_rounding,
                  "rounding_seed": self.rounding_seed}
         if self.schedule is not None:
-            state["_schedule_factors"] = self._schedule_factors
+            state["_device_schedule"] = self._device_schedule
         return state
 
     def __setstate__(self, state):
@@ -440,6 +359,7 @@ class FusedOptimizer(Optimizer):
         self.__dict__.setdefault("max_grad_norm", None)
         self.__dict__.setdefault("last_grad_norm", None)
         self.__dict__.setdefault("schedule", None)
+        self.__dict__.setdefault("_device_schedule", None)
         self.__dict__.setdefault("param_rounding", "nearest")
         self.__dict__.setdefault("rounding_seed", 0)
         self._device_scalars = {}
