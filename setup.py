@@ -6,11 +6,11 @@ setup(
     description="Fused multi-tensor Triton optimizers and learning-rate schedules, drop-in for torch.optim",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=["fusedopt", "fusedopt.kernels", "fusedopt.schedules"],
+    packages=["fusedopt", "fusedopt.kernels", "fusedopt.schedules", "fusedopt.cpu"],
     package_dir={"fusedopt": "fusedopt", "fusedopt.kernels": "kernels"},
     package_data={"fusedopt": ["table_check.cpp"]},
     python_requires=">=3.9",
-    install_requires=["torch>=2.6", "triton>=3.6", "numpy"],
+    install_requires=["torch>=2.6", "triton>=3.6", "numpy", "numba>=0.59"],
     extras_require={
         "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "matplotlib", "tqdm", "ninja"],
         "plot": ["matplotlib"],

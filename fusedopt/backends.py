@@ -1,14 +1,16 @@
-"""Which implementation updates a param: the Triton kernels, or the plain-torch reference.
+"""Which implementation updates a param: the Triton kernels, the numba CPU kernels, or the
+plain-torch reference.
 
 The constructor's `backend=` wins; without it the FUSEDOPT_BACKEND environment variable decides;
-without that, "auto".
+without that, "auto": the Triton kernels for CUDA tensors, the numba kernels for CPU tensors.
 """
 import os
 import sys
+import warnings
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch", "numba")
 
 
 def resolve_backend(backend):
@@ -41,14 +43,37 @@ def kernels_run_on_cpu():
     return load_kernels().multi_tensor.INTERPRETED
 
 
+def cpu_kernels_take(backend, device):
+    """Whether, under `backend`, the numba CPU kernels update params on `device`: CPU tensors under
+    "auto" and "numba", where numba is installed and compiles (else a one-line warning, once, and
+    the reference)."""
+    if device.type != "cpu" or backend not in ("auto", "numba"):
+        return False
+    try:
+        from . import cpu
+    except ImportError as error:  # fusedopt.kernels (the tables) needs triton
+        global _cpu_import_error
+        if _cpu_import_error is None:
+            _cpu_import_error = error
+            warnings.warn(f"fusedopt: the numba CPU kernels are unavailable ({error}); CPU params use the "
+                          "plain-torch reference", RuntimeWarning, stacklevel=3)
+        return False
+    return cpu.available()
+
+
+_cpu_import_error = None
+
+
 def runs_on_kernels(backend, device):
-    """Whether, under `backend`, the kernels update a param on `device` (else the reference does)."""
+    """Whether, under `backend`, the kernels update a param on `device` (else the reference does):
+    the Triton kernels on CUDA, the numba kernels (auto, numba) or the interpreted Triton kernels
+    (triton) on the CPU."""
     if backend == "torch":
         return False
     if device.type == "cuda":
         return True
-    if backend == "auto":
-        return False
+    if backend in ("auto", "numba"):
+        return cpu_kernels_take(backend, device)
     if not kernels_run_on_cpu():
         raise RuntimeError(
             "backend='triton' runs CPU tensors only through the Triton interpreter, which must be on "
@@ -58,5 +83,9 @@ def runs_on_kernels(backend, device):
 
 
 def backend_name(backend, device):
-    """What updates plain params on `device` under `backend`: "triton" or "torch" (for reports)."""
-    return "triton" if runs_on_kernels(backend, torch.device(device)) else "torch"
+    """What updates plain params on `device` under `backend`: "triton", "numba" or "torch" (for
+    reports)."""
+    device = torch.device(device)
+    if cpu_kernels_take(backend, device):
+        return "numba"
+    return "triton" if runs_on_kernels(backend, device) else "torch"

@@ -16,7 +16,8 @@ import operator
 import torch
 
 from . import distributed
-from .backends import load_kernels
+from . import epilogue
+from .backends import cpu_kernels_take, load_kernels
 from .state import is_counted, state_changes
 
 _data_ptr = torch.Tensor.data_ptr
@@ -158,9 +159,12 @@ class KernelBucket:
     DTensor params take part through their local shards: the table names the shards of param,
     grad, states and master, and the shards are looked up again at every step."""
 
-    def __init__(self, optimizer, group, params, grads, indices, kernels):
+    def __init__(self, optimizer, group, params, grads, indices, kernels, table_class=None):
         self.params = params
         self.device = distributed.local_tensor(params[0]).device
+        # the numba CPU kernels' table (fusedopt.cpu), else the Triton kernels'
+        table_class = table_class or kernels.TensorTable
+        self.on_cpu_kernels = table_class is not kernels.TensorTable
         self.indices = indices  # positions in the group's list of params with grads; None: all
         self.complex = any(p.is_complex() for p in params)
         self.sharded = any(map(distributed.is_dtensor, params))
@@ -193,7 +197,7 @@ class KernelBucket:
         self.step_views = step_views
         self.checked = self.fixed + step_views
         local = distributed.local_tensor
-        self.table = kernels.TensorTable(list(map(local, params)), list(map(local, grads)),
+        self.table = table_class(list(map(local, params)), list(map(local, grads)),
                                          [list(map(local, role)) for role in roles], extra)
         fixed_local = list(map(local, self.fixed))
         # The memory the kernel writes: a grad that moves into it (p.grad = p.detach(), a state
@@ -257,7 +261,10 @@ class KernelBucket:
 
     def grad_norm_partials(self, kernels, norm_type, grad_scale):
         """[(partial, non-finite count, norm group)] of this bucket's grads: one reduction launch,
-        the block partials summed (maxed) per norm group."""
+        the block partials summed (maxed) per norm group. On the numba CPU kernels' buckets: torch's
+        per-tensor norms over the grads, the very numbers the reference path's composition gives."""
+        if self.on_cpu_kernels:
+            return epilogue.torch_norm_partials([p.grad for p in self.params], norm_type, grad_scale)
         if self.table.num_blocks == 0:  # only empty shards here
             zero = torch.zeros((), dtype=torch.float64 if self.table.dtype == torch.float64 else torch.float32,
                                device=self.device)
@@ -303,15 +310,30 @@ class GroupPlan:
             local = distributed.local_tensor(params[index])
             dtype = torch.view_as_real(local).dtype if local.is_complex() else local.dtype
             by_bucket.setdefault((local.device, dtype), []).append(index)
-        on_bucket = set(candidates)
+        table_classes = {key: self._table_class(optimizer, group, *key, kernels) for key in by_bucket}
+        # a rule whose CPU kernel did not compile for a dtype: the reference takes those params
+        by_bucket = {key: indices for key, indices in by_bucket.items() if table_classes[key] is not None}
+        on_bucket = {index for indices in by_bucket.values() for index in indices}
         self.reference_params = [p for index, p in enumerate(params) if index not in on_bucket]
-        for indices in by_bucket.values():
+        for key, indices in by_bucket.items():
             members = [params[i] for i in indices]
             if len(indices) == len(params):
                 indices = None  # the common case: one bucket takes the group's grads as they are
-            bucket = KernelBucket(optimizer, group, members, [p.grad for p in members], indices, kernels)
+            bucket = KernelBucket(optimizer, group, members, [p.grad for p in members], indices, kernels,
+                                  table_classes[key])
             self.rebuild_next_step |= bool(bucket.fresh_states)
             self.buckets.append(bucket)
+
+    @staticmethod
+    def _table_class(optimizer, group, device, dtype, kernels):
+        """The tensor table of a (device, dtype) bucket: the numba CPU kernels' (fusedopt.cpu) for
+        CPU tensors under "auto" and "numba", once the rule's kernel compiles for the dtype (None
+        where it does not), else the Triton kernels'."""
+        if not cpu_kernels_take(optimizer.backend, device):
+            return kernels.TensorTable
+        from . import cpu
+
+        return cpu.CpuTensorTable if cpu.kernel_ready(optimizer, group, dtype) else None
 
     @staticmethod
     def _state_tensors(optimizer, group, param):
@@ -329,8 +351,9 @@ class GroupPlan:
         if not all(distributed.same_sharding(param, t) for t in others):
             return False
         local = distributed.local_tensor
+        on_cpu_kernels = cpu_kernels_take(optimizer.backend, local(param).device) or None
         return kernels.fits_kernel(local(param), local(grad), list(map(local, states)),
-                                   None if master is None else local(master))
+                                   None if master is None else local(master), cpu_kernels=on_cpu_kernels)
 
     def _without_shared_memory(self, optimizer, group, params, grads, candidates):
         spans = []

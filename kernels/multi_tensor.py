@@ -79,22 +79,24 @@ def same_layout(reference, other, dtype=None):
     )
 
 
-def holds_its_values(tensor):
+def holds_its_values(tensor, cpu_kernels=None):
     """A tensor whose own memory holds its values as they read: not a wrapper subclass (a DTensor,
     a FakeTensor: its data pointer names no memory of its own, and its size may not be its
-    shard's), nor a lazily conjugated or negated view, nor on a device the kernels cannot reach."""
+    shard's), nor a lazily conjugated or negated view, nor on a device the kernels cannot reach
+    (the CPU: with `cpu_kernels`, the numba kernels; by default, the Triton interpreter)."""
+    on_cpu = INTERPRETED if cpu_kernels is None else cpu_kernels
     return (
         type(tensor).__torch_dispatch__ is torch._C._disabled_torch_dispatch_impl
-        and (tensor.device.type == "cuda" or (tensor.device.type == "cpu" and INTERPRETED))
+        and (tensor.device.type == "cuda" or (tensor.device.type == "cpu" and on_cpu))
         and not tensor.is_conj()
         and not tensor.is_neg()
     )
 
 
-def fits_kernel(param, grad, states, master=None):
+def fits_kernel(param, grad, states, master=None, *, cpu_kernels=None):
     """Whether (param, grad, states and an fp32 master copy) can go through a kernel: plain tensors
-    holding their values, one dense span each, laid out alike."""
-    if not all(holds_its_values(t) for t in (param, grad, *states, *([] if master is None else [master]))):
+    holding their values, one dense span each, laid out alike (`cpu_kernels`: see holds_its_values)."""
+    if not all(holds_its_values(t, cpu_kernels) for t in (param, grad, *states, *([] if master is None else [master]))):
         return False
     param = real_view(param)
     if param.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
@@ -106,11 +108,11 @@ def fits_kernel(param, grad, states, master=None):
     return all(same_layout(param, real_view(t)) for t in (grad, *states))
 
 
-def check_span(tensor):
+def check_span(tensor, cpu_kernels=None):
     """Raise unless `tensor` holds its values and the dense span a kernel walks from its data
     pointer (numel elements) lies inside its own storage: the last line of defence against a
     kernel reading or writing memory that is not the tensor's."""
-    if not holds_its_values(tensor) or not is_dense(tensor):
+    if not holds_its_values(tensor, cpu_kernels) or not is_dense(tensor):
         raise RuntimeError(f"fusedopt: a {type(tensor).__name__} of shape {tuple(tensor.shape)} and strides "
                            f"{tensor.stride()} cannot be walked by a kernel as one span of its own memory")
     if tensor.numel() and tensor.untyped_storage().nbytes() < (
@@ -168,15 +170,21 @@ class TensorTable:
     the grad row is refreshed (one more copy) when a grad is re-allocated.
     """
 
+    cpu_kernels = None  # whether CPU tensors are walked by the numba kernels (see holds_its_values)
+
+    def block_size(self, dtype):
+        """Elements per block (one program of the launch)."""
+        return block_size(dtype)
+
     def __init__(self, params, grads, states, extra=None):
         """params, grads: lists of tensors; states: list of per-role lists (one per state
         tensor kind, each aligned with params); extra: optional per-tensor integers."""
         for tensor in (*params, *grads, *(t for role in states for t in role)):
-            check_span(real_view(tensor))
+            check_span(real_view(tensor), self.cpu_kernels)
         params = [real_view(p) for p in params]
         self.device = params[0].device
         self.dtype = params[0].dtype
-        self.block = block_size(self.dtype)
+        self.block = self.block_size(self.dtype)
         self.num_tensors = len(params)
         numels = [p.numel() for p in params]
         rows = [numels, list(extra) if extra is not None else [0] * len(params)]

@@ -1,0 +1,184 @@
+"""The numba CPU backend: a TensorTable whose step() runs the rule's numba kernel (one parallel
+pass over every block of every tensor of a bucket) instead of a Triton launch.
+
+Imported when a CPU bucket is first planned, not by `import fusedopt`; numba itself is imported
+by `available()`. Where numba is missing or cannot compile, one warning and the reference path.
+"""
+import os
+import warnings
+
+import numpy as np
+import torch
+
+from ..kernels import adagrad, adam, multi_tensor, radam, rmsprop, sgd
+
+# Elements per block: a prange task. Blocks of 4096 give two threads enough tasks on a 4K tensor
+# set and keep per-block overhead (table reads, fp64 bias corrections) under 1% of the work.
+CPU_BLOCK = 4096
+
+# The numba array dtype each param dtype is walked as: 16-bit floats as integers (numba has no
+# float16 type), widened and rounded by bit operations.
+STORAGE = {torch.float32: np.float32, torch.float64: np.float64, torch.bfloat16: np.uint16, torch.float16: np.int16}
+LIKE = {dtype: np.empty(0, storage) for dtype, storage in STORAGE.items()}
+MASTER_LIKE = np.empty(0, np.float32)
+NO_STEPS = np.zeros(1)
+
+# The numba kernel of each rule, by the rule's Triton update (the host computes the same scalars).
+KERNEL_NAMES = {sgd.SGD.update: "sgd_kernel", adam.ADAM.update: "adam_kernel", adagrad.ADAGRAD.update: "adagrad_kernel",
+                rmsprop.RMSPROP.update: "rmsprop_kernel", radam.RADAM.update: "radam_kernel"}
+ROUNDING_CODES = {"nearest": 0, "stochastic": 1, "master": 2}
+
+_kernels = None  # fusedopt.cpu.kernels once imported; False where numba is unusable
+_checked = {}  # (rule, dtype): whether its kernel compiled
+
+
+def _warn(reason):
+    warnings.warn(f"fusedopt: the numba CPU kernels are unavailable ({reason}); CPU params use the plain-torch "
+                  "reference", RuntimeWarning, stacklevel=4)
+
+
+def _choose_threading_layer(numba):
+    """OpenMP first: torch's CPU ops run on OpenMP, and numba's omp layer shares its runtime, so
+    neither pool slows the other (bench/cpu_threads.py measures it). A layer the user chose
+    (NUMBA_THREADING_LAYER) stays."""
+    if "NUMBA_THREADING_LAYER" in os.environ or numba.config.THREADING_LAYER != "default":
+        return
+    numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
+
+
+def kernel_module():
+    """fusedopt.cpu.kernels, or None (with one warning) where numba cannot be imported."""
+    global _kernels
+    if _kernels is None:
+        try:
+            import numba
+
+            _choose_threading_layer(numba)
+            from . import kernels
+            _kernels = kernels
+        except Exception as error:  # ImportError, or a numba that fails on import
+            _warn(f"{type(error).__name__}: {error}")
+            _kernels = False
+    return _kernels or None
+
+
+def available():
+    return kernel_module() is not None
+
+
+def use_torch_threads():
+    """At most torch's thread count for numba's parallel loops."""
+    import numba
+
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    if numba.get_num_threads() != threads:
+        numba.set_num_threads(threads)
+
+
+class CpuTensorTable(multi_tensor.TensorTable):
+    """The tensor table of a CPU bucket: the same rows of sizes and addresses and the same block
+    map as the Triton kernels', walked by the numba kernels through numpy views of its host
+    tables (the grad row, re-pointed in place, is seen at once)."""
+
+    cpu_kernels = True
+
+    def block_size(self, dtype):
+        return CPU_BLOCK
+
+    def __init__(self, params, grads, states, extra=None):
+        super().__init__(params, grads, states, extra)
+        self.table_array = self._host_table.numpy()
+        self.block_array = self.host_block_table.numpy()
+        self.like = LIKE[self.dtype]
+
+    def step(self, *, rule, lr, scalars, options, present, steps=None, scaling=None, group_step=None,
+             param_rounding="nearest"):
+        """TensorTable.step's contract, on the CPU: the launch's numbers are read on the host (the
+        tensors are in host memory; there is nothing to synchronise) and the rule's numba kernel
+        makes one parallel pass over the table's blocks."""
+        if self.num_blocks == 0:
+            return
+        kernel = getattr(kernel_module(), KERNEL_NAMES[rule.update])
+        multi_tensor.count_launch()
+        use_torch_threads()
+        kernel(self.table_array, self.block_array, self.block, self.like, MASTER_LIKE,
+               NO_STEPS if steps is None else steps.numpy().astype(np.float64),
+               launch_numbers(self, lr, scaling, group_step),
+               np.array([float(value) for value in scalars], dtype=np.float64),
+               launch_flags(self, rule, present, param_rounding, group_step))
+
+
+def launch_numbers(table, lr, scaling, group_step):
+    """[skip, 1/scale, clip factor, lr, lr read from memory] as the kernels read them: 1/scale
+    rounded to fp32 from a double reciprocal (GradScaler.unscale_), a tensor lr's value, times a
+    schedule's factor at the group's count (the last one held)."""
+    skip, inv_scale, clip = 0.0, 1.0, 1.0
+    if scaling is not None:
+        found_inf, grad_scale, clip_coef = scaling
+        skip = 0.0 if found_inf is None else float(found_inf)
+        inv_scale = 1.0 if grad_scale is None else float(np.float32(1.0 / float(grad_scale)))
+        clip = 1.0 if clip_coef is None else float(clip_coef)
+    from_memory = table.lr_in_memory(lr)
+    lr = float(lr)
+    factors = None if group_step is None else group_step.factors
+    if factors is not None:
+        length = factors.numel()
+        index = int(max(min(float(group_step.count), length) - 1, 0))
+        lr = lr * float(factors[index])
+    return np.array([skip, inv_scale, clip, lr, float(from_memory or factors is not None)], dtype=np.float64)
+
+
+def launch_flags(table, rule, present, param_rounding, group_step):
+    """[state slots present (3), param rounding, reads steps, reads per-tensor integers, rounding
+    seed, group step count]."""
+    present = (tuple(present) + (False, False, False))[:3]
+    rounding = param_rounding if table.dtype == torch.bfloat16 else "nearest"
+    seed = count = 0
+    if rounding == "stochastic":
+        seed, count = int(group_step.rounding_seed), int(float(group_step.count))
+    return np.array([*map(int, present), ROUNDING_CODES[rounding], int(rule.steps), int(rule.extra), seed, count],
+                    dtype=np.int64)
+
+
+class ProbeTable:
+    """Stands for a bucket's table in a kernel_step call made only to compile (or load from numba's
+    cache) the kernel the rule will run on `dtype`: step() runs it over no blocks."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+        self.device = torch.device("cpu")
+
+    def lr_in_memory(self, lr):
+        return torch.is_tensor(lr) and lr.device == self.device
+
+    def step(self, *, rule, present, param_rounding="nearest", **unused):
+        kernel = getattr(kernel_module(), KERNEL_NAMES[rule.update])
+        table = np.zeros((multi_tensor.FIRST_ADDRESS_ROW + 2 + len(present) + 1, 1), dtype=np.int64)
+        kernel(table, np.zeros((2, 0), dtype=np.int64), CPU_BLOCK, LIKE[self.dtype], MASTER_LIKE, NO_STEPS,
+               np.zeros(5), np.zeros(11), np.zeros(8, dtype=np.int64))
+
+
+def kernel_ready(optimizer, group, dtype):
+    """Whether the numba kernel of `optimizer`'s rule runs on `dtype` tables: compiled (or loaded
+    from the cache) now, before any state is touched; one warning and False where it fails."""
+    if kernel_module() is None:
+        return False
+    key = (type(optimizer).kernel_step, optimizer.param_rounding, dtype)
+    if key in _checked:
+        return _checked[key]
+    launch = dict(scaling=None, group_step=None, param_rounding=optimizer.param_rounding)
+    try:
+        if optimizer.has_step:
+            optimizer.kernel_step(group, ProbeTable(dtype), steps=None, **launch)
+        else:
+            optimizer.kernel_step(group, ProbeTable(dtype), fresh_buffers=False, **launch)
+    except Exception as error:  # a numba typing or lowering error: this rule and dtype use the reference
+        _checked[key] = False
+        _warn(f"{type(optimizer).__name__} on {dtype} did not compile: {type(error).__name__}: "
+              f"{str(error).splitlines()[0] if str(error) else ''}")
+        return False
+    _checked[key] = True
+    return True
+
+
+__all__ = ["CpuTensorTable", "available", "kernel_ready", "kernel_module", "CPU_BLOCK"]
