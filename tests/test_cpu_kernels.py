@@ -1,0 +1,434 @@
+"""Specification of the numba CPU backend (fusedopt.cpu): each rule's multi-tensor CPU kernel follows
+torch.optim's trajectory and the float64 reference for every option set of the registry, on
+awkward tensor sets and every param dtype, with the fused epilogue equal to its unfused
+composition, tables that are never stale, and results that do not depend on the thread count.
+
+Each kernel is compiled once per (rule, dtype) with options as runtime numbers; numba's on-disk
+cache makes later runs load them in well under a second.
+"""
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import fusedopt
+from fusedopt import backends, schedules
+from helpers import (
+    GRID,
+    RICH,
+    RULES,
+    STATEFUL,
+    ReferenceOptimizer,
+    assert_matches_reference,
+    assert_optimizers_match,
+    assign_grads,
+    clone_params,
+    make_grads,
+    make_params,
+    randn,
+    tolerance,
+    torch_optimizer,
+    DEFAULT_LR,
+    OPTIMIZERS,
+)
+
+pytest.importorskip("numba")
+
+STEPS = 10
+
+
+def case_id(case):
+    rule, options = case
+    return "-".join([rule] + [f"{key}={value}" for key, value in options.items()])
+
+
+def cpu_optimizer(rule, params, **options):
+    """A fusedopt optimizer of `rule` on the numba CPU kernels."""
+    options.setdefault("lr", DEFAULT_LR[rule])
+    return OPTIMIZERS[rule][0](params, backend="numba", **options)
+
+
+def on_cpu_kernels(optimizer):
+    """Every param of the optimizer is in a numba CPU bucket (none left to the reference)."""
+    plans = list(optimizer._plans.values())
+    return plans and all(not plan.reference_params and all(b.on_cpu_kernels for b in plan.buckets) for plan in plans)
+
+
+def run_beside(rule, params, options, expected_factory, *, steps=STEPS, generator, rtol, atol, before_step=None):
+    fused_params, expected_params = clone_params(params), clone_params(params)
+    fused = cpu_optimizer(rule, fused_params, **options)
+    expected = expected_factory(expected_params)
+    for step in range(1, steps + 1):
+        grads = make_grads(params, generator)
+        assign_grads(fused_params, grads)
+        assign_grads(expected_params, grads)
+        if before_step is not None:
+            before_step(step, fused, expected, fused_params, expected_params)
+        fused.step()
+        expected.step()
+    assert_optimizers_match(fused, expected, fused_params, expected_params, rtol=rtol, atol=atol,
+                            where=f"{rule} {options}")
+    return fused, expected, fused_params, expected_params
+
+
+def launches_during(fn):
+    before = fusedopt.kernels.launch_count()
+    fn()
+    return fusedopt.kernels.launch_count() - before
+
+
+# ---- trajectories ----
+
+
+@pytest.mark.parametrize("case", GRID, ids=case_id)
+def test_fp32_trajectory_matches_torch_optim(case):
+    """0-dim, odd sizes, 2-D, transposed, unaligned and complex64 params in one group."""
+    rule, options = case
+    generator = torch.Generator().manual_seed(0)
+    params = make_params(torch.float32, "cpu", generator)
+    rtol, atol = tolerance(torch.float32, "cpu", rule, options)
+    fused, _, _, _ = run_beside(rule, params, options, lambda ps: torch_optimizer(rule, ps, **options),
+                                generator=generator, rtol=rtol, atol=atol)
+    assert on_cpu_kernels(fused)
+
+
+@pytest.mark.parametrize("case", RICH, ids=case_id)
+def test_fp64_trajectory_matches_torch_optim(case):
+    rule, options = case
+    generator = torch.Generator().manual_seed(1)
+    params = make_params(torch.float64, "cpu", generator)
+    rtol, atol = tolerance(torch.float64, "cpu", rule, options)
+    fused, _, _, _ = run_beside(rule, params, options, lambda ps: torch_optimizer(rule, ps, **options),
+                                generator=generator, rtol=rtol, atol=atol)
+    assert on_cpu_kernels(fused)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", RICH, ids=case_id)
+def test_low_precision_trajectory_matches_rounded_float64_reference(case, dtype):
+    """fp32 math, each result rounded to nearest in the param's dtype."""
+    rule, options = case
+    generator = torch.Generator().manual_seed(2)
+    params = make_params(dtype, "cpu", generator)
+    fused_params = clone_params(params)
+    fused = cpu_optimizer(rule, fused_params, **options)
+    oracle = ReferenceOptimizer(rule, params, options, storage_dtype=dtype)
+    rtol, atol = tolerance(dtype, "cpu", rule, options)
+    for step in range(1, STEPS + 1):
+        grads = make_grads(params, generator)
+        assign_grads(fused_params, grads)
+        fused.step()
+        oracle.step(grads)
+    assert on_cpu_kernels(fused)
+    assert_matches_reference(fused, oracle, fused_params, rtol=rtol, atol=atol, where=f"{case_id(case)} {dtype}")
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_fp32_trajectory_matches_float64_reference(rule):
+    options = dict(RICH[[r for r, _ in RICH].index(rule)][1])
+    generator = torch.Generator().manual_seed(3)
+    params = make_params(torch.float32, "cpu", generator)
+    fused_params = clone_params(params)
+    fused = cpu_optimizer(rule, fused_params, **options)
+    oracle = ReferenceOptimizer(rule, params, options, storage_dtype=torch.float32)
+    rtol, atol = tolerance(torch.float32, "cpu", rule, options)
+    for _ in range(STEPS):
+        grads = make_grads(params, generator)
+        assign_grads(fused_params, grads)
+        fused.step()
+        oracle.step(grads)
+    assert_matches_reference(fused, oracle, fused_params, rtol=rtol, atol=atol, where=rule)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_many_tensors_with_empty_ones_take_one_launch_per_step(rule):
+    """300 tensors of 0 to 9000 elements, every tenth empty: one launch per step, torch's values."""
+    options = STATEFUL[rule]
+    generator = torch.Generator().manual_seed(4)
+    shapes = [(0,) if i % 10 == 0 else ((i * 37) % 9000 + 1,) for i in range(300)]
+    params = [randn(shape, torch.float32, "cpu", generator).requires_grad_() for shape in shapes]
+    rtol, atol = tolerance(torch.float32, "cpu", rule, options)
+    counts = []
+
+    def count(step, fused, expected, fused_params, expected_params):
+        counts.append(fusedopt.kernels.launch_count())
+
+    fused, _, _, _ = run_beside(rule, params, options, lambda ps: torch_optimizer(rule, ps, **options), steps=3,
+                                generator=generator, rtol=rtol, atol=atol, before_step=count)
+    assert counts[2] - counts[1] == 1
+    assert on_cpu_kernels(fused)
+
+
+def test_auto_runs_the_cpu_kernels_and_names_them():
+    assert backends.backend_name("auto", "cpu") == "numba"
+    assert backends.backend_name("torch", "cpu") == "torch"
+    params = [torch.randn(5, requires_grad=True)]
+    params[0].grad = torch.randn(5)
+    optimizer = fusedopt.Adam(params, backend="auto")
+    assert launches_during(optimizer.step) == 1
+    assert on_cpu_kernels(optimizer)
+
+
+# ---- 16-bit storage: the conversions are torch's, bit for bit ----
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_16_bit_loads_and_stores_round_as_torch(dtype):
+    """SGD with lr 1: p - g in fp32 (every 16-bit value, against neighbours, subnormals, overflow,
+    infinities and NaN), rounded to nearest even: torch's (p.float() - g.float()).to(dtype)."""
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    generator = torch.Generator().manual_seed(5)
+    other = every[torch.randperm(every.numel(), generator=generator)]
+    p = every.clone().requires_grad_()
+    p.grad = other.clone()
+    fusedopt.SGD([p], lr=1.0, backend="numba").step()
+    expected = (every.float() - other.float()).to(dtype)
+    same = (p.detach().view(torch.int16) == expected.view(torch.int16)) | (p.detach().isnan() & expected.isnan())
+    assert bool(same.all()), f"{int((~same).sum())} of {same.numel()} elements differ"
+
+
+# ---- the epilogue against its unfused composition ----
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_grad_scaler_sequence_equals_unscale_then_step(rule):
+    """Scaled grads, one with an inf at step 3 (skipped: nothing changes, the step does not count)."""
+    options = STATEFUL[rule]
+    generator = torch.Generator().manual_seed(6)
+    # (torch's unscale_ takes no complex grads)
+    params = make_params(torch.float32, "cpu", generator, odd_layouts=False, complex_params=False)
+    fused_params, torch_params = clone_params(params), clone_params(params)
+    fused = cpu_optimizer(rule, fused_params, **options)
+    expected = torch_optimizer(rule, torch_params, **options)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=1024.0) for _ in range(2)]
+    for step in range(1, 6):
+        grads = [g * 1024.0 for g in make_grads(params, generator)]
+        if step == 3:
+            grads[1].view(-1)[0] = float("inf")
+        assign_grads(fused_params, grads)
+        assign_grads(torch_params, grads)
+        for scaler in scalers:
+            scaler.scale(torch.ones(()))  # as scaler.scale(loss) would: the scale tensor exists
+        scalers[0].step(fused)
+        scalers[1].unscale_(expected)
+        scalers[1].step(expected)
+        for scaler in scalers:
+            scaler.update()
+    rtol, atol = tolerance(torch.float32, "cpu", rule, options)
+    assert_optimizers_match(fused, expected, fused_params, torch_params, rtol=rtol, atol=atol, where=rule)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, float("inf"), 1.5])
+def test_clip_grad_norm_equals_torch_clip_then_step(norm_type):
+    generator = torch.Generator().manual_seed(7)
+    params = make_params(torch.float32, "cpu", generator, odd_layouts=False, complex_params=False)
+    fused_params, torch_params = clone_params(params), clone_params(params)
+    fused = fusedopt.AdamW(fused_params, lr=0.02, backend="numba")
+    expected = torch.optim.AdamW(torch_params, lr=0.02, foreach=False)
+    for _ in range(4):
+        grads = make_grads(params, generator, scale=10.0)
+        assign_grads(fused_params, grads)
+        assign_grads(torch_params, grads)
+        norm = fused.clip_grad_norm_(1.0, norm_type)
+        expected_norm = torch.nn.utils.clip_grad_norm_(torch_params, 1.0, norm_type, foreach=False)
+        torch.testing.assert_close(norm, expected_norm, rtol=1e-6, atol=0)
+        fused.step()
+        expected.step()
+    assert_optimizers_match(fused, expected, fused_params, torch_params, rtol=1e-5, atol=1e-6, where="clip")
+
+
+def test_cpu_bucket_norm_is_the_reference_composition():
+    """The norm of a CPU bucket's grads: the same numbers as on the plain-torch path."""
+    generator = torch.Generator().manual_seed(8)
+    params = make_params(torch.float32, "cpu", generator, odd_layouts=False)
+    grads = make_grads(params, generator, scale=3.0)
+    norms = []
+    for backend in ("numba", "torch"):
+        copies = clone_params(params)
+        assign_grads(copies, grads)
+        norms.append(fusedopt.Adam(copies, backend=backend).clip_grad_norm_(1.0))
+    assert torch.equal(norms[0], norms[1])
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_tensor_lr_changed_in_place_is_read_at_each_step(rule):
+    generator = torch.Generator().manual_seed(9)
+    params = make_params(torch.float32, "cpu", generator, odd_layouts=False)
+    options = dict(STATEFUL[rule], weight_decay=0.1)
+    if rule in ("adam", "radam"):
+        options["decoupled_weight_decay"] = True
+    lr = torch.tensor(DEFAULT_LR[rule])
+    lr_values = [DEFAULT_LR[rule] * factor for factor in (1.0, 0.5, 0.25, 2.0)]
+
+    def change_lr(step, fused, expected, fused_params, expected_params):
+        lr.fill_(lr_values[step - 1])
+        for group in expected.param_groups:
+            group["lr"] = lr_values[step - 1]
+
+    rtol, atol = tolerance(torch.float32, "cpu", rule, options)
+    run_beside(rule, params, dict(options, lr=lr), lambda ps: torch_optimizer(rule, ps, **options), steps=4,
+               generator=generator, rtol=rtol, atol=atol, before_step=change_lr)
+
+
+@pytest.mark.parametrize("rule", ["adamw", "sgd"])
+def test_device_schedule_equals_host_schedule(rule):
+    generator = torch.Generator().manual_seed(10)
+    params = make_params(torch.float32, "cpu", generator, odd_layouts=False)
+    schedule = schedules.join([schedules.linear_warmup(3), schedules.cosine_decay(5, floor=0.1)], boundaries=[3])
+    fused_params, host_params = clone_params(params), clone_params(params)
+    options = dict(STATEFUL[rule], lr=0.05)
+    fused = OPTIMIZERS[rule][0](fused_params, backend="numba", schedule=schedule, schedule_steps=10, **options)
+    host = OPTIMIZERS[rule][0](host_params, backend="torch", **options)
+    scheduler = schedules.ScheduledLR(host, schedule)
+    for _ in range(10):
+        grads = make_grads(params, generator)
+        assign_grads(fused_params, grads)
+        assign_grads(host_params, grads)
+        fused.step()
+        host.step()
+        scheduler.step()
+    assert on_cpu_kernels(fused)
+    assert_optimizers_match(fused, host, fused_params, host_params, rtol=1e-5, atol=1e-6, where="schedule")
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_master_weights_equal_the_plain_torch_path(rule):
+    """bf16 params with fp32 masters (the update on the master, the param its rounding to nearest,
+    states in bf16): what the plain-torch path computes."""
+    generator = torch.Generator().manual_seed(11)
+    params = make_params(torch.bfloat16, "cpu", generator, odd_layouts=False)
+    options = dict(STATEFUL[rule], lr=DEFAULT_LR[rule], master_weights=True)
+    rtol, atol = tolerance(torch.bfloat16, "cpu", rule, options)
+    fused, _, fused_params, _ = run_beside(
+        rule, params, options, lambda ps: OPTIMIZERS[rule][0](ps, backend="torch", **options), steps=5,
+        generator=generator, rtol=rtol, atol=atol)
+    assert on_cpu_kernels(fused)
+    for p in fused_params:
+        assert torch.equal(p.detach(), fused.state[p]["master_param"].bfloat16())
+
+
+def stochastic_run(seed, threads=None):
+    p = torch.ones(100_003, dtype=torch.bfloat16, requires_grad=True)
+    optimizer = fusedopt.SGD([p], lr=1e-3, backend="numba", stochastic_rounding=True, rounding_seed=seed)
+    results = []
+    for _ in range(3):
+        p.grad = torch.ones_like(p)
+        optimizer.step()
+        results.append(p.detach().clone())
+    return results
+
+
+def test_stochastic_rounding_is_unbiased_and_reproducible():
+    """1 - 1e-3 lies between the bf16 neighbours 0.99609375 and 1: rounded to nearest, every element
+    would stay at 1; stochastically, the mean is 0.999. The same seed gives the same bits, another
+    seed others, and every step draws fresh ones."""
+    first, again, other = stochastic_run(0), stochastic_run(0), stochastic_run(1)
+    assert abs(first[0].double().mean().item() - 0.999) < 1e-4
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], other[0])
+    changes = [(b != a).float().mean().item() for a, b in zip(first, first[1:])]
+    assert all(change > 0.1 for change in changes)
+
+
+# ---- never stale ----
+
+
+def test_replaced_grads_params_and_state_stay_correct():
+    generator = torch.Generator().manual_seed(12)
+    params = make_params(torch.float32, "cpu", generator, odd_layouts=False)
+    options = {"amsgrad": True, "weight_decay": 0.1}
+
+    def change(step, fused, expected, fused_params, expected_params):
+        if step == 3:  # new storage for a param
+            for ps in (fused_params, expected_params):
+                ps[2].data = ps[2].data.clone() * 0.5
+        if step == 5:  # a state replaced by a new tensor
+            for optimizer, ps in ((fused, fused_params), (expected, expected_params)):
+                optimizer.state[ps[1]]["exp_avg"] = optimizer.state[ps[1]]["exp_avg"].clone() * 2
+        if step == 7:  # a state's storage swapped in place
+            for optimizer, ps in ((fused, fused_params), (expected, expected_params)):
+                state = optimizer.state[ps[3]]["exp_avg_sq"]
+                state.set_(state.clone())
+
+    rtol, atol = tolerance(torch.float32, "cpu", "adam", options)
+    fused, _, _, _ = run_beside("adam", params, options, lambda ps: torch_optimizer("adam", ps, **options),
+                                generator=generator, rtol=rtol, atol=atol, before_step=change)
+    assert on_cpu_kernels(fused)
+
+
+def test_strided_param_goes_to_the_reference():
+    base = torch.randn(10, 10)
+    strided = base[:, ::2].clone().t()[::2].requires_grad_()  # not one dense span
+    dense = torch.randn(7, requires_grad=True)
+    strided.grad, dense.grad = torch.randn_like(strided), torch.randn_like(dense)
+    copies = [strided.detach().clone().requires_grad_(), dense.detach().clone().requires_grad_()]
+    copies[0].grad, copies[1].grad = strided.grad.clone(), dense.grad.clone()
+    fused = fusedopt.Adam([strided, dense], lr=0.1, backend="numba")
+    expected = torch.optim.Adam(copies, lr=0.1, foreach=False)
+    fused.step()
+    expected.step()
+    plan = fused._plans[0]
+    assert plan.reference_params == [strided]
+    assert plan.buckets and plan.buckets[0].params == [dense]
+    torch.testing.assert_close(strided, copies[0])
+    torch.testing.assert_close(dense, copies[1])
+
+
+# ---- threads ----
+
+
+THREADS_SCRIPT = r"""
+import sys, torch, fusedopt
+torch.set_num_threads(int(sys.argv[1]))
+generator = torch.Generator().manual_seed(13)
+params = [torch.randn(n, generator=generator, dtype=dtype).requires_grad_()
+          for n in (5, 4096 * 5 + 3, 100_000) for dtype in (torch.float32, torch.bfloat16)]
+optimizers = [fusedopt.AdamW(params[:2], lr=0.01, backend="numba", stochastic_rounding=True),
+              fusedopt.RMSprop(params[2:4], lr=0.01, centered=True, momentum=0.9, backend="numba"),
+              fusedopt.SGD(params[4:], lr=0.01, momentum=0.9, nesterov=True, backend="numba",
+                           stochastic_rounding=True)]
+for _ in range(3):
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator).to(p.dtype)
+    for optimizer in optimizers:
+        optimizer.step()
+torch.save([p.detach() for p in params], sys.argv[2])
+"""
+
+
+def test_results_are_bitwise_the_same_at_1_and_2_threads(tmp_path):
+    results = []
+    for threads in (1, 2):
+        out = tmp_path / f"{threads}.pt"
+        subprocess.run([sys.executable, "-c", THREADS_SCRIPT, str(threads), str(out)], check=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        results.append(torch.load(out))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+# ---- without numba ----
+
+
+def test_missing_numba_warns_once_and_uses_the_reference(monkeypatch):
+    from fusedopt import cpu
+
+    monkeypatch.setattr(cpu, "_kernels", None)
+    monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` raises ImportError
+    params = [torch.randn(6, requires_grad=True)]
+    copies = [params[0].detach().clone().requires_grad_()]
+    params[0].grad, copies[0].grad = torch.ones(6), torch.ones(6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fused = fusedopt.Adam(params, lr=0.1)
+        fused.step()
+        fused.step()
+    messages = [str(w.message) for w in caught if "numba" in str(w.message)]
+    assert len(messages) == 1 and "reference" in messages[0]
+    assert not fused._plans[0].buckets
+    expected = torch.optim.Adam(copies, lr=0.1, foreach=False)
+    expected.step()
+    expected.step()
+    torch.testing.assert_close(params[0], copies[0])
