@@ -29,3 +29,36 @@ def backend(request, device):
     if request.param == "triton" and not kernels_runnable(device):
         pytest.skip("the triton backend needs CUDA or TRITON_INTERPRET=1 for CPU tensors")
     return request.param
+
+
+def _patch_the_language_once_per_launch():
+    """The Triton interpreter re-patches triton.language (every member, by inspect.getmembers) at
+    each call of a @triton.jit helper inside a kernel: over half the tests' run time, for nothing,
+    since the launch has patched the same module objects already. Inside a launch, skip it."""
+    try:
+        from triton.runtime import interpreter
+
+        patch_lang, scope_type = interpreter._patch_lang, interpreter._LangPatchScope
+    except (ImportError, AttributeError):  # another Triton: leave it as it is
+        return
+    launch = {"active": False}
+
+    def patched_once(fn):
+        if launch["active"]:
+            return scope_type()
+        scope = patch_lang(fn)
+        restore = scope.restore
+
+        def restore_at_the_end_of_the_launch():
+            launch["active"] = False
+            restore()
+
+        scope.restore = restore_at_the_end_of_the_launch
+        launch["active"] = True
+        return scope
+
+    interpreter._patch_lang = patched_once
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _patch_the_language_once_per_launch()
