@@ -38,25 +38,26 @@ def _patch_the_language_once_per_launch():
     try:
         from triton.runtime import interpreter
 
-        patch_lang, scope_type = interpreter._patch_lang, interpreter._LangPatchScope
+        patch_lang, scope_type, grid_call = (interpreter._patch_lang, interpreter._LangPatchScope,
+                                             interpreter.GridExecutor.__call__)
     except (ImportError, AttributeError):  # another Triton: leave it as it is
         return
-    launch = {"active": False}
+    launch = {"running": False, "patched": False}
+
+    def run_launch(self, *args, **kwargs):
+        launch["running"], launch["patched"] = True, False
+        try:
+            return grid_call(self, *args, **kwargs)
+        finally:
+            launch["running"], launch["patched"] = False, False
 
     def patched_once(fn):
-        if launch["active"]:
+        if launch["running"] and launch["patched"]:
             return scope_type()
-        scope = patch_lang(fn)
-        restore = scope.restore
+        launch["patched"] = launch["running"]
+        return patch_lang(fn)
 
-        def restore_at_the_end_of_the_launch():
-            launch["active"] = False
-            restore()
-
-        scope.restore = restore_at_the_end_of_the_launch
-        launch["active"] = True
-        return scope
-
+    interpreter.GridExecutor.__call__ = run_launch
     interpreter._patch_lang = patched_once
 
 
