@@ -108,6 +108,7 @@ def describe(device):
         "platform": platform.platform(),
         "cpu": cpu_name(),
         "cpu_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "cache_bytes": cache_bytes(device),
         "load_average": load_average(),
         "git_commit": _git("rev-parse", "HEAD"),

@@ -4,7 +4,7 @@ and the step's share of the iteration against batch size (log axes)."""
 import math
 import os
 
-from .impls import IMPLS, LABELS
+from .cases import IMPLS
 
 COLORS = {"fusedopt": "#d62728", "torch-forloop": "#7f7f7f", "torch-foreach": "#1f77b4",
           "torch-fused": "#2ca02c", "torch-compiled": "#9467bd"}
@@ -47,7 +47,7 @@ def plot_step(result, out_dir):
                     if row is not None and row.get(key) is not None:
                         xs.append(i + (j - (len(impls) - 1) / 2) * width)
                         ys.append(row[key] * (100 if kind == "bandwidth" else 1))
-                ax.bar(xs, ys, width, label=LABELS[impl], color=COLORS[impl])
+                ax.bar(xs, ys, width, label=next(r["impl_label"] for r in rows if r["impl"] == impl), color=COLORS[impl])
             ax.set_xticks(range(len(rules)), [labels.get(r, r) for r in rules], fontsize=8)
             ax.set_title(next(p["description"] for p in result["param_sets"] if p["name"] == pset), fontsize=9)
             ax.set_ylabel(ylabel, fontsize=8)
@@ -86,7 +86,7 @@ def plot_batch(result, out_dir):
                 if not series:
                     continue
                 bs = [r["batch_size"] for r in series]
-                name = f"{series[0]['rule_label']} {'fusedopt' if role == 'fusedopt' else LABELS[series[0]['impl']]}"
+                name = f"{series[0]['rule_label']} {series[0]['impl_label']}"
                 for ax, key, scale in ((axes[0], "samples_per_s", 1), (axes[1], "epoch_s", 1),
                                        (axes[2], "step_share", 100)):
                     ax.plot(bs, [r[key] * scale for r in series], style, marker=".", color=cmap(k % 10),
