@@ -169,8 +169,7 @@ def main(argv=None):
                                       "window_s": window_s, "host_repeats": step_cfg.host_repeats},
                            "copy": copy, "param_sets": [s.summary() for s in sets], "rows": step_rows, "notes": {}}
         step_cfg.deadline = deadline(0.5 if do["batch"] else (0.7 if do["epilogue"] else 0.8))
-        step_mod.run(step_cfg, step_rows, phase="main", copy_bps=copy["bytes_per_s"], progress=progress,
-                     on_progress=saver("step"))
+        step_mod.run(step_cfg, step_rows, phase="main", progress=progress, on_progress=saver("step"))
         # once more after the rows: the yardstick is the better of the two (clocks, neighbours)
         again = copy_bandwidth(device, copy["buffer_bytes"], repeats=repeats, window_s=window_s)
         measured = [copy["bytes_per_s"], again["bytes_per_s"]]
@@ -188,9 +187,8 @@ def main(argv=None):
                        "grad_scale": epilogue_mod.GRAD_SCALE, "window_s": window_s},
             "copy": copy, "param_sets": [s.summary() for s in sets], "rows": epilogue_rows}
         epilogue_cfg.deadline = deadline(0.6 if do["batch"] else 0.95)
-        epilogue_mod.run(epilogue_cfg, epilogue_rows, copy_bps=copy["bytes_per_s"], progress=progress,
-                         on_progress=saver("epilogue"))
-        epilogue_mod.set_copy_fractions(epilogue_rows, copy["bytes_per_s"])
+        epilogue_mod.run(epilogue_cfg, epilogue_rows, progress=progress, on_progress=saver("epilogue"))
+        step_mod.set_copy_fractions(epilogue_rows, copy["bytes_per_s"], key="bytes_per_iter")
         results["epilogue"].update(targets=report.epilogue_targets(results["epilogue"]), complete=True)
 
     # ---- batch sweep
@@ -226,7 +224,8 @@ def main(argv=None):
             except Exception as exc:
                 results["step"]["notes"]["torch.compile start-up failed"] = step_mod.short(exc)
             step_cfg.deadline = deadline(0.97)
-            step_mod.run(step_cfg, step_rows, phase="compiled", copy_bps=copy["bytes_per_s"], progress=progress)
+            step_mod.run(step_cfg, step_rows, phase="compiled", progress=progress)
+            step_mod.set_copy_fractions(step_rows, copy["bytes_per_s"])
         step_mod.add_speedups(step_rows)
         results["step"].update(targets=report.step_targets(results["step"]), complete=True)
     progress.close()
@@ -239,10 +238,8 @@ def main(argv=None):
         try:
             from . import plots as plots_mod
 
-            if do["step"]:
-                plots += plots_mod.plot_step(results["step"], args.out)
-            if do["batch"]:
-                plots += plots_mod.plot_batch(results["batch"], args.out)
+            plots += plots_mod.plot_step(results["step"], args.out) if do["step"] else []
+            plots += plots_mod.plot_batch(results["batch"], args.out) if do["batch"] else []
         except ImportError as exc:
             plot_error = f"{exc}; pip install matplotlib"
         except Exception as exc:  # the tables and JSON are written already: report, don't lose them
@@ -250,32 +247,26 @@ def main(argv=None):
 
             traceback.print_exc()
             plot_error = f"plotting failed: {step_mod.short(exc)}"
-    sections, targets = [], []
+    sections = {}  # benchmark -> (title, markdown sections)
     if do["step"]:
         summary = report.summary_markdown(results["step"])
-        if summary:
-            sections.append("## Summary: fusedopt against the fastest torch implementation\n\n" + summary)
-        sections.append("## Optimizer step time\n\n" + report.step_markdown(results["step"]))
+        sections["step"] = ("optimizer step time", (
+            ["## Summary: fusedopt against the fastest torch implementation\n\n" + summary] if summary else [])
+            + ["## Optimizer step time\n\n" + report.step_markdown(results["step"])])
     if do["epilogue"]:
-        sections.append("## Optimizer epilogue: AMP unscale + grad-norm clip + AdamW\n\n"
-                        + report.epilogue_markdown(results["epilogue"]))
+        sections["epilogue"] = ("optimizer epilogue", ["## Optimizer epilogue: AMP unscale + grad-norm clip + AdamW"
+                                                       "\n\n" + report.epilogue_markdown(results["epilogue"])])
     if do["batch"]:
-        sections.append("## Batch-size throughput\n\n" + report.batch_markdown(results["batch"]))
-    for name in ("step", "epilogue", "batch"):
-        if name in results:
-            paths[f"{name}.md"] = os.path.join(args.out, f"{name}.md")
-            targets += results[name].get("targets", [])
-    if targets:
-        sections.append(report.targets_markdown(targets))
+        sections["batch"] = ("batch-size throughput",
+                             ["## Batch-size throughput\n\n" + report.batch_markdown(results["batch"])])
+    for name, (title, body) in sections.items():
+        paths[f"{name}.md"] = os.path.join(args.out, f"{name}.md")
+        write_text(paths[f"{name}.md"], report.header(env, f"fusedopt: {title}") + "\n\n" + "\n\n".join(body))
+    targets = [t for result in results.values() for t in result.get("targets", [])]
     paths["report.md"] = os.path.join(args.out, "report.md")
-    sections.append(report.files_markdown(args.out, list(paths.values()) + plots, plot_error))
-    for name, title, first, last in (("step", "optimizer step time", "## Summary", "## Optimizer step"),
-                                     ("epilogue", "optimizer epilogue", "## Optimizer epilogue", None),
-                                     ("batch", "batch-size throughput", "## Batch-size", None)):
-        if name in results:
-            body = [s for s in sections if s.startswith(first) or (last and s.startswith(last))]
-            write_text(paths[f"{name}.md"], report.header(env, f"fusedopt: {title}") + "\n\n" + "\n\n".join(body))
-    full = report.header(env, "fusedopt benchmarks") + "\n\n" + "\n\n".join(sections)
+    full = "\n\n".join([report.header(env, "fusedopt benchmarks")] + [s for _, body in sections.values() for s in body]
+                        + ([report.targets_markdown(targets)] if targets else [])
+                        + [report.files_markdown(args.out, list(paths.values()) + plots, plot_error)])
     write_text(paths["report.md"], full)
     print(full)
     print(f"\nwrote {args.out} in {time.monotonic() - started:.0f} s", file=sys.stderr)

@@ -72,7 +72,7 @@ def build_all(rows, rule, values, grads, cfg):
     return steps
 
 
-def run_rule(rows, rule, values, grads, cfg, copy_bps, launch_counter):
+def run_rule(rows, rule, values, grads, cfg, launch_counter):
     built = build_all(rows, rule, values, grads, cfg)
     if not built:
         return
@@ -86,8 +86,6 @@ def run_rule(rows, rule, values, grads, cfg, copy_bps, launch_counter):
             optimizer, step = built[row["impl"]]
             timing = timings[row["impl"]]
             row.update(status="ok", **timing.as_ms(), gbs=row["bytes_per_step"] / timing.median_s / 1e9)
-            if copy_bps:
-                row["copy_fraction"] = row["bytes_per_step"] / timing.median_s / copy_bps
             if "second_call_s" in row:
                 row["compile_s"] = max(0.0, row["first_call_s"] + row["second_call_s"] - 2 * timing.median_s)
             if device.type == "cuda":  # on the CPU the step runs synchronously: host time is step time
@@ -102,8 +100,8 @@ def run_rule(rows, rule, values, grads, cfg, copy_bps, launch_counter):
                     if row["launches_per_step"] is None:
                         row["launches_per_step"] = row["triton_launches_per_step"]
             resident, temp = cases.resident_bytes(optimizer), temporary_bytes(step, device)
-            if cfg.cache_bytes:
-                row["cache_resident"] = resident <= cfg.cache_bytes
+            if cfg.cache_bytes and resident <= cfg.cache_bytes:
+                row.update(cache_resident=True, note="fits in L2")
             row["resident_mib"] = resident / 2**20
             if temp is not None:
                 row.update(temp_mib=temp / 2**20, peak_mib=(resident + temp) / 2**20)
@@ -113,10 +111,11 @@ def run_rule(rows, rule, values, grads, cfg, copy_bps, launch_counter):
                 row.update(status="failed", reason=short(exc))
 
 
-def set_copy_fractions(rows, copy_bps):
+def set_copy_fractions(rows, copy_bps, key="bytes_per_step"):
+    """Each row's bandwidth as a fraction of the copy's (the yardstick is final after the rows)."""
     for row in rows:
         if row["status"] == "ok":
-            row["copy_fraction"] = row["bytes_per_step"] / (row["median_ms"] / 1e3) / copy_bps
+            row["copy_fraction"] = row[key] / (row["median_ms"] / 1e3) / copy_bps
 
 
 def add_speedups(rows):
@@ -130,7 +129,7 @@ def add_speedups(rows):
                 row["fusedopt_speedup"] = ref["speedup_vs"][row["impl"]] = row["median_ms"] / ref["median_ms"]
 
 
-def run(cfg, rows, *, phase, copy_bps, progress, on_progress=None):
+def run(cfg, rows, *, phase, progress, on_progress=None):
     """Measure the pending rows of `phase` ("main": all but compiled; "compiled": those)."""
     launch_counter = None
     if cfg.device.type == "cuda" and "fusedopt" in cfg.impls:
@@ -153,7 +152,7 @@ def run(cfg, rows, *, phase, copy_bps, progress, on_progress=None):
                 t0 = time.monotonic()
                 if values is None:
                     values, grads = pset.make(cfg.device)
-                run_rule(group, cases.RULES[rule], values, grads, cfg, copy_bps, launch_counter)
+                run_rule(group, cases.RULES[rule], values, grads, cfg, launch_counter)
                 last_s = time.monotonic() - t0
                 for row in group:
                     row["bench_wall_s"] = last_s / len(group)
