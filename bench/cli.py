@@ -32,8 +32,8 @@ def build_parser():
                         "step, fusedopt against torch's composition; batch: batch-size sweep; all: the three "
                         "(default)")
     p.add_argument("--quick", action="store_true",
-                   help="small sizes, few repeats, no torch.compile rows: all three in under a minute on a "
-                        "2-core CPU")
+                   help="small sizes, few repeats, no torch.compile rows, the fp32 parameter sets: all three "
+                        "benchmarks in under a minute on a 2-core CPU")
     p.add_argument("--size", default="auto",
                    help="tiny, small, medium, full or a fraction of full size (default: full on CUDA, small on "
                         "CPU; with --quick medium on CUDA, tiny on CPU)")
@@ -41,7 +41,9 @@ def build_parser():
     p.add_argument("--device", default="auto", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--rules", default="all", help=f"comma list of {','.join(cases.RULES)} (default: all)")
     p.add_argument("--impls", default="all", help=f"comma list of {','.join(cases.IMPLS)}")
-    p.add_argument("--sets", default="all", help="step and epilogue parameter sets: large,gpt2,many-small,gpt2-bf16")
+    p.add_argument("--sets", default="auto", help="step and epilogue parameter sets: comma list of large,gpt2,"
+                   "many-small,gpt2-bf16, or all (default: all; with --quick all but gpt2-bf16, whose CPU kernels "
+                   "take the longest to compile on a first run)")
     p.add_argument("--compile-sets", default="auto",
                    help="parameter sets that get torch.compile rows: comma list, all or none (default: gpt2 on "
                         "CUDA, large on CPU; none with --quick)")
@@ -119,7 +121,8 @@ def main(argv=None):
         return None if args.time_budget is None else started + args.time_budget * fraction
 
     # ---- plan
-    sets = cases.choose(args.sets, cases.param_sets(scale), "parameter set")
+    sets = cases.choose("large,gpt2,many-small" if args.sets == "auto" and args.quick else args.sets.replace(
+        "auto", "all"), cases.param_sets(scale), "parameter set")
     step_cfg = step_rows = epilogue_cfg = epilogue_rows = batch_cfg = None
     if do["step"]:
         names = {s.name for s in sets}

@@ -58,11 +58,13 @@ def over_copy(row):
     return row.get("status") == "ok" and (row.get("copy_fraction") or 0) > 1.0
 
 
-def unreliable_note(copy):
+def unreliable_note(copy, env):
+    cache = f" ({env['cache_bytes'] / 2**20:,.0f} MiB here)" if env.get("cache_bytes") else ""
     return (f"{UNRELIABLE} unreliable: the row's bandwidth exceeds the device-to-device copy measured beside it "
-            f"in this run ({copy['bytes_per_s'] / 1e9:,.1f} GB/s, bytes read + written). A pass that reads and "
-            "writes every element once cannot beat that copy from memory, so its tensors were served from a "
-            "cache or the timing is off: its GB/s and ratios do not compare with the other rows.")
+            f"in this run ({copy['bytes_per_s'] / 1e9:,.1f} GB/s, bytes read + written, through a "
+            f"{copy['buffer_bytes'] / 2**20:,.0f} MiB buffer). A pass that reads and writes every element once "
+            f"cannot beat that copy from memory, so its tensors were served from a cache{cache} or the timing is "
+            "off: its GB/s and ratios do not compare with the other rows.")
 
 
 # ---------------------------------------------------------------- step benchmark
@@ -102,7 +104,7 @@ def summary_markdown(result):
            + "; ".join(f"{s['name']}: {s['description']} ({s['dtype']})" for s in sets) + ".", "",
            table(columns, list(labels))]
     if flagged:
-        out += ["", unreliable_note(result["copy"])]
+        out += ["", unreliable_note(result["copy"], result["env"])]
     return "\n".join(out)
 
 
@@ -139,11 +141,11 @@ def details(rows, first, per):
         ("compile s", value("compile_s", ".1f")), ("note", lambda r: r.get("note"))], rows)
 
 
-def footnotes(rows, copy, per):
+def footnotes(rows, copy, env, per):
     out = ["", f"*fusedopt speed-up*: the row's time / fusedopt's (above 1.00x fusedopt is faster). *first step s*: "
                f"fusedopt's first {per} (state creation, any kernel compilation), not in the median."]
     if any(over_copy(r) for r in rows):
-        out += ["", unreliable_note(copy)]
+        out += ["", unreliable_note(copy, env)]
     missing = not_measured(rows)
     return out + (["", "Not measured:"] + missing if missing else [])
 
@@ -159,7 +161,7 @@ def step_markdown(result):
         ran = [r for r in rows if r["param_set"] == pset["name"] and r["status"] == "ok"]
         out += ["", f"### {pset['name']}: {pset['description']} ({pset['dtype']})", "",
                 details(ran, ("rule", "rule_label"), "step") if ran else "(no row ran)"]
-    return "\n".join(out + footnotes(rows, copy, "step"))
+    return "\n".join(out + footnotes(rows, copy, result["env"], "step"))
 
 
 def explain_step(row, copy_bps, with_bytes=True):
@@ -254,7 +256,7 @@ def epilogue_markdown(result):
            "over the time", ""]
     ran = [r for r in rows if r["status"] == "ok"]
     out.append(details(ran, ("set", "param_set"), "iter") if ran else "(no row ran)")
-    return "\n".join(out + footnotes(rows, copy, "iteration"))
+    return "\n".join(out + footnotes(rows, copy, result["env"], "iteration"))
 
 
 EPILOGUE_TARGET = "epilogue faster than torch's composition on CUDA"

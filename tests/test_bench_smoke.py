@@ -41,7 +41,7 @@ def run(tmp_path_factory):
     stdout = io.StringIO()
     try:
         with contextlib.redirect_stdout(stdout):
-            status = main(["all", "--quick", "--device", "cpu", "--size", "0.0002", "--repeats", "1",
+            status = main(["all", "--quick", "--device", "cpu", "--size", "0.0002", "--repeats", "1", "--sets", "all",
                            "--rules", ",".join(RUN_RULES), "--batch-sizes", "1,4", "--epoch-samples", "1000",
                            "--fusedopt-backend", "torch",  # the harness is tested here, the CPU kernels elsewhere
                            "--no-progress", "--out", str(out)])
@@ -232,7 +232,7 @@ def _result(rows, device="cuda"):
 
     step.add_speedups(rows)
     sets = list(dict.fromkeys(r["param_set"] for r in rows))
-    return {"rows": rows, "env": {"device": device}, "copy": {"bytes_per_s": 3e12},
+    return {"rows": rows, "env": {"device": device}, "copy": {"bytes_per_s": 3e12, "buffer_bytes": 2**29},
             "config": {"size": "full", "rules": list(dict.fromkeys(r["rule"] for r in rows))},
             "param_sets": [{"name": s, "description": s, "dtype": "float32"} for s in sets]}
 
@@ -241,8 +241,7 @@ def test_rows_faster_than_the_copy_beside_them_are_flagged_unreliable():
     """Made-up rows (nothing here is a measurement): 1.0 ms moves 3.48 GB = 116% of the copy."""
     result = _result([_step_row("gpt2", "adam", "fusedopt", 1.0), _step_row("gpt2", "adam", "torch-fused", 1.5),
                       _step_row("gpt2", "sgd", "fusedopt", 2.0), _step_row("gpt2", "sgd", "torch-fused", 1.0)])
-    details = report.step_markdown({**result, "config": {**result["config"], "repeats": 1},
-                                    "copy": {"bytes_per_s": 3e12, "buffer_bytes": 2**29}})
+    details = report.step_markdown({**result, "config": {**result["config"], "repeats": 1}})
     flagged = [line for line in details.splitlines() if "†" in line and line.startswith("|")]
     assert [line.split("|")[1:3] for line in flagged] == [[" Adam ", " fusedopt "]]
     assert "† unreliable: the row's bandwidth exceeds the device-to-device copy" in details
