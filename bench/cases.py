@@ -166,13 +166,19 @@ def param_sets(scale=1.0):
     return {s.name: s for s in sets}
 
 
-def step_cases(sets, rules, impls):
-    """The step benchmark's rows, in table order: every parameter set x rule x implementation."""
-    return [{"param_set": s.name, "rule": r.name, "rule_label": r.label, "impl": i, "impl_label": LABELS[i],
-             "dtype": str(s.dtype)[6:], "n_params": s.n_params, "n_tensors": len(s.shapes),
-             "bytes_per_param": r.bytes_per_param(s.dtype), "bytes_per_step": r.bytes_per_param(s.dtype) * s.n_params,
-             "status": "pending", "reason": None}
-            for s in sets for r in rules for i in impls]
+def step_cases(sets, rules, impls, bytes_per_param=None):
+    """The rows of a benchmark, in table order: every parameter set x rule x implementation, with
+    the bytes each must move (`bytes_per_param(impl, dtype)`; default the rule's update)."""
+    rows = []
+    for s in sets:
+        for r in rules:
+            for i in impls:
+                bpp = bytes_per_param(i, s.dtype) if bytes_per_param else r.bytes_per_param(s.dtype)
+                rows.append({"param_set": s.name, "rule": r.name, "rule_label": r.label, "impl": i,
+                             "impl_label": LABELS.get(i, i), "dtype": str(s.dtype)[6:], "n_params": s.n_params,
+                             "n_tensors": len(s.shapes), "bytes_per_param": bpp, "bytes_per_step": bpp * s.n_params,
+                             "status": "pending", "reason": None})
+    return rows
 
 
 def fusedopt_info(backend, device):

@@ -191,7 +191,7 @@ def main(argv=None):
             "copy": copy, "param_sets": [s.summary() for s in sets], "rows": epilogue_rows}
         epilogue_cfg.deadline = deadline(0.6 if do["batch"] else 0.95)
         epilogue_mod.run(epilogue_cfg, epilogue_rows, progress=progress, on_progress=saver("epilogue"))
-        step_mod.set_copy_fractions(epilogue_rows, copy["bytes_per_s"], key="bytes_per_iter")
+        step_mod.set_copy_fractions(epilogue_rows, copy["bytes_per_s"])
         results["epilogue"].update(targets=report.epilogue_targets(results["epilogue"]), complete=True)
 
     # ---- batch sweep

@@ -1,22 +1,14 @@
-"""Epilogue benchmark: everything a mixed-precision training step does between backward() and
-the next forward, for AdamW: AMP's unscale and inf/NaN check, clipping by the global grad 2-norm,
-and the update.
+"""Epilogue benchmark: what a mixed-precision AdamW step does between backward() and the next
+forward (AMP's unscale and inf check, clipping to the global grad 2-norm, the update), two ways:
 
-Two implementations run side by side on the same parameter sets, device and values:
+- ``torch-composition``: ``scaler.unscale_(opt)``, ``clip_grad_norm_(params, 1.0, foreach=True)``,
+  ``scaler.step(opt)`` with ``AdamW(fused=True)`` (foreach where there is no fused kernel),
+  ``scaler.update()``: each pass rewrites the grads in place;
+- ``fusedopt``: ``opt.clip_grad_norm_(1.0, grad_scaler=scaler)`` (one reduction, which also does
+  the inf check), ``scaler.step(opt)`` (the update unscales and clips in registers), ``update()``.
 
-- ``torch-composition``, torch's best composition: ``scaler.unscale_(opt)`` (one foreach pass
-  that unscales the grads in place and checks them for inf/NaN),
-  ``torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)`` (a norm pass, then a pass
-  scaling the grads in place), ``scaler.step(opt)`` with ``torch.optim.AdamW(fused=True)``
-  (``foreach=True`` where torch has no fused kernel for the device or dtype), ``scaler.update()``;
-- ``fusedopt``: ``opt.clip_grad_norm_(1.0, grad_scaler=scaler)`` (one reduction launch per bucket
-  that also does the scaler's inf check), ``scaler.step(opt)`` (the update kernel unscales and
-  clips in registers), ``scaler.update()``.
-
-Each iteration starts with ``scaler.scale(loss)`` (a 0-dim stand-in for the loss) so that the
-scaler holds a scale, as after a real backward. Per row: median time per iteration, the bytes each
-implementation must move (``bytes_per_param``), the bandwidth that implies, as a fraction of a
-device-to-device copy, and device launches per iteration (CUDA).
+Each iteration starts with ``scaler.scale(loss)`` so that the scaler holds a scale, as after a
+real backward. The two are checked against each other after one iteration, then timed interleaved.
 """
 
 import time
@@ -26,7 +18,7 @@ import torch
 
 from . import cases
 from .env import synchronize
-from .step import short
+from .step import run_groups, short
 from .timing import count_device_launches, time_interleaved
 
 IMPLS = ("torch-composition", "fusedopt")
@@ -68,18 +60,13 @@ class EpilogueConfig:
 
 
 def planned_rows(cfg):
-    """One row per (parameter set, implementation), in table order."""
-    rows = []
-    for pset in cfg.sets:
-        for impl in IMPLS:
-            bpp = bytes_per_param(impl, pset.dtype)
-            rows.append({"param_set": pset.name, "rule": RULE.name, "rule_label": RULE.label, "impl": impl,
-                         "impl_label": LABELS[impl], "dtype": str(pset.dtype)[6:], "n_params": pset.n_params,
-                         "n_tensors": len(pset.shapes), "bytes_per_param": bpp, "bytes_per_iter": bpp * pset.n_params,
-                         "max_norm": MAX_NORM, "grad_scale": GRAD_SCALE, "status": "pending", "reason": None})
-            if impl == "fusedopt":
-                info = cases.fusedopt_info(cfg.fusedopt_backend, cfg.device)
-                rows[-1].update(info)
+    """One row per (parameter set, implementation), in table order (cases.step_cases with the
+    epilogue's implementations and bytes)."""
+    rows = cases.step_cases(cfg.sets, [RULE], IMPLS, bytes_per_param)
+    for row in rows:
+        row.update(impl_label=LABELS[row["impl"]], max_norm=MAX_NORM, grad_scale=GRAD_SCALE)
+        if row["impl"] == "fusedopt":
+            row.update(cases.fusedopt_info(cfg.fusedopt_backend, cfg.device))
     return rows
 
 
@@ -169,9 +156,9 @@ def run_set(pset, rows, cfg):
                                    setup=lambda impl: built[impl].refill(scaled), max_calls=cfg.max_calls_per_window)
         for impl, case in built.items():
             row, timing = by_impl[impl], timings[impl]
-            row.update(status="ok", **timing.as_ms(), gbs=row["bytes_per_iter"] / timing.median_s / 1e9)
+            row.update(status="ok", **timing.as_ms(), gbs=row["bytes_per_step"] / timing.median_s / 1e9)
             case.refill(scaled)
-            row["launches_per_iter"] = count_device_launches(case.iteration, device)
+            row["launches_per_step"] = count_device_launches(case.iteration, device)
     except Exception as exc:
         for impl in built:
             by_impl[impl].update(status="failed", reason=short(exc))
@@ -191,19 +178,9 @@ def add_ratios(rows):
 
 def run(cfg, rows, *, progress, on_progress=None):
     """Measure every pending row, one parameter set at a time."""
-    for pset in cfg.sets:
-        todo = [r for r in rows if r["param_set"] == pset.name and r["status"] == "pending"]
-        progress.set_postfix_str(f"epilogue {pset.name}", refresh=False)
-        if cfg.deadline is not None and time.monotonic() > cfg.deadline:
-            for row in todo:
-                row.update(status="skipped", reason="time budget (--time-budget) used up")
-        elif todo:
-            t0 = time.monotonic()
-            run_set(pset, todo, cfg)
-            cases.release(cfg.device)
-            for row in todo:
-                row["bench_wall_s"] = time.monotonic() - t0
-        progress.update(len(todo))
-        if on_progress is not None:
-            on_progress()
+    groups = [(f"epilogue {pset.name}", [r for r in rows if r["param_set"] == pset.name and r["status"] == "pending"])
+              for pset in cfg.sets]
+    sets = {s.name: s for s in cfg.sets}
+    run_groups([g for g in groups if g[1]], lambda group: run_set(sets[group[0]["param_set"]], group, cfg), cfg,
+               progress, on_progress)
     add_ratios(rows)

@@ -134,7 +134,7 @@ def details(rows, first, per):
         ("B/param", lambda r: r["bytes_per_param"]), ("GB/s", value("gbs", ",.1f")),
         ("% copy", lambda r: f"{100 * r['copy_fraction']:.0f}" + (f" {UNRELIABLE}" if over_copy(r) else "")
          if r.get("copy_fraction") else None),
-        (f"launches/{per}", value(f"launches_per_{per}", ",.0f")), ("host ms/step", lambda r: _ms(r.get("host_ms"))),
+        (f"launches/{per}", value("launches_per_step", ",.0f")), ("host ms/step", lambda r: _ms(r.get("host_ms"))),
         ("fusedopt speed-up", lambda r: _x(r.get("fusedopt_speedup"))), ("peak MiB", value("peak_mib", ",.1f")),
         ("temp MiB", value("temp_mib", ",.1f")),
         ("first step s", lambda r: _fmt(r.get("first_call_s"), ".2f") if r["impl"] == "fusedopt" else None),
@@ -283,7 +283,7 @@ def epilogue_targets(result):
             why = "; ".join(
                 f"{r['impl']} {_ms(r['median_ms'])} ms (q20-q80 {_ms(r['q20_ms'])}-{_ms(r['q80_ms'])}), "
                 f"{r['bytes_per_param']} B/param = {r['gbs']:,.1f} GB/s{_pct(r.get('copy_fraction'))}"
-                + (f", {r['launches_per_iter']:,.0f} launches" if r.get("launches_per_iter") is not None else "")
+                + (f", {r['launches_per_step']:,.0f} launches" if r.get("launches_per_step") is not None else "")
                 for r in (t, f)) + size_note
         targets.append({"target": f"{EPILOGUE_TARGET}: {pset['name']} ({pset['dtype']})", "required": "> 1.00x",
                         "measured": _x(ratio) or "–", "met": None if ratio is None else ratio > 1.0, "why": why})

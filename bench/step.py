@@ -111,11 +111,11 @@ def run_rule(rows, rule, values, grads, cfg, launch_counter):
                 row.update(status="failed", reason=short(exc))
 
 
-def set_copy_fractions(rows, copy_bps, key="bytes_per_step"):
+def set_copy_fractions(rows, copy_bps):
     """Each row's bandwidth as a fraction of the copy's (the yardstick is final after the rows)."""
     for row in rows:
         if row["status"] == "ok":
-            row["copy_fraction"] = row[key] / (row["median_ms"] / 1e3) / copy_bps
+            row["copy_fraction"] = row["bytes_per_step"] / (row["median_ms"] / 1e3) / copy_bps
 
 
 def add_speedups(rows):
@@ -129,35 +129,45 @@ def add_speedups(rows):
                 row["fusedopt_speedup"] = ref["speedup_vs"][row["impl"]] = row["median_ms"] / ref["median_ms"]
 
 
+def run_groups(groups, measure, cfg, progress, on_progress=None, guess_s=0.0):
+    """`measure(rows)` for each (label, rows) group, except groups that would start after
+    cfg.deadline, judged by the time the one before took (`guess_s` for the first)."""
+    last_s = guess_s
+    for label, group in groups:
+        progress.set_postfix_str(label, refresh=False)
+        if cfg.deadline is not None and time.monotonic() + last_s > cfg.deadline:
+            for row in group:
+                row.update(status="skipped", reason="time budget (--time-budget) used up")
+        else:
+            t0 = time.monotonic()
+            measure(group)
+            cases.release(cfg.device)
+            last_s = time.monotonic() - t0
+            for row in group:
+                row["bench_wall_s"] = last_s / len(group)
+        progress.update(len(group))
+        if on_progress is not None:
+            on_progress()
+
+
 def run(cfg, rows, *, phase, progress, on_progress=None):
-    """Measure the pending rows of `phase` ("main": all but compiled; "compiled": those)."""
+    """Measure the pending rows of `phase` ("main": all but compiled; "compiled": those), one
+    (set, rule) at a time."""
     launch_counter = None
     if cfg.device.type == "cuda" and "fusedopt" in cfg.impls:
         from fusedopt.kernels import launch_count as launch_counter
-    for pset in cfg.sets:
-        todo = [r for r in rows if r["param_set"] == pset.name and r["status"] == "pending"
-                and (r["impl"] == "torch-compiled") == (phase == "compiled")]
-        if phase == "compiled":  # under a time budget, the headline rule first
-            todo.sort(key=lambda r: r["rule"] != "adam")
-        values = grads = None
-        # a compile can take a minute: without a case to judge by, assume half that
-        last_s = 30.0 if phase == "compiled" and cfg.device.type == "cuda" else 0.0
-        for rule in dict.fromkeys(r["rule"] for r in todo):
-            group = [r for r in todo if r["rule"] == rule]
-            progress.set_postfix_str(f"{pset.name} {rule}", refresh=False)
-            if cfg.deadline is not None and time.monotonic() + last_s > cfg.deadline:
-                for row in group:
-                    row.update(status="skipped", reason="time budget (--time-budget) used up")
-            else:
-                t0 = time.monotonic()
-                if values is None:
-                    values, grads = pset.make(cfg.device)
-                run_rule(group, cases.RULES[rule], values, grads, cfg, launch_counter)
-                last_s = time.monotonic() - t0
-                for row in group:
-                    row["bench_wall_s"] = last_s / len(group)
-            progress.update(len(group))
-        del values, grads
-        cases.release(cfg.device)
-        if on_progress is not None:
-            on_progress()
+    todo = [r for r in rows if r["status"] == "pending" and (r["impl"] == "torch-compiled") == (phase == "compiled")]
+    if phase == "compiled":  # under a time budget, the headline rule first
+        todo.sort(key=lambda r: r["rule"] != "adam")
+    sets = {s.name: s for s in cfg.sets}
+    groups = {}
+    for row in todo:
+        groups.setdefault((row["param_set"], row["rule"]), []).append(row)
+
+    def measure(group):
+        run_rule(group, cases.RULES[group[0]["rule"]], *sets[group[0]["param_set"]].make(cfg.device), cfg,
+                 launch_counter)
+
+    # a compile can take a minute: without a case to judge by, assume half that
+    run_groups([(" ".join(key), group) for key, group in groups.items()], measure, cfg, progress, on_progress,
+               guess_s=30.0 if phase == "compiled" and cfg.device.type == "cuda" else 0.0)

@@ -301,7 +301,7 @@ def test_epilogue_cuda_target_is_judged_from_the_rows():
         bpp = epilogue.bytes_per_param(impl)
         return {"param_set": name, "impl": impl, "status": "ok", "reason": None, "median_ms": ms, "q20_ms": ms,
                 "q80_ms": ms, "bytes_per_param": bpp, "gbs": bpp * 10**8 / ms / 1e6, "copy_fraction": 0.5,
-                "launches_per_iter": 3.0}
+                "launches_per_step": 3.0}
 
     rows = [row("gpt2", "torch-composition", 3.0), row("gpt2", "fusedopt", 2.0),
             row("large", "torch-composition", 1.0), row("large", "fusedopt", 1.25)]
