@@ -30,7 +30,9 @@ SKIP, INV_SCALE, CLIP, LR, DEVICE_LR = range(5)
 PRESENT0, PRESENT1, PRESENT2, ROUNDING, READS_STEPS, READS_EXTRA, SEED, COUNT = range(8)
 NEAREST, STOCHASTIC, MASTER = 0, 1, 2
 
-KERNEL_OPTIONS = dict(parallel=True, cache=True, fastmath=False, nogil=True)
+# error_model="numpy": IEEE division (x / 0 is inf or NaN, as in torch), no ZeroDivisionError branch in
+# the loops, which would keep them from vectorizing
+KERNEL_OPTIONS = dict(parallel=True, cache=True, fastmath=False, nogil=True, error_model="numpy")
 
 
 # ---- memory: raw addresses as arrays, 16-bit floats as integers ----
@@ -46,7 +48,7 @@ def address_as_pointer(typingctx, address, like):
     return pointer_type(address, like), codegen
 
 
-@njit
+@njit(error_model="numpy")
 def tensor_array(address, numel, like):
     """The `numel` elements at `address`, typed as `like`'s."""
     return numba.carray(address_as_pointer(address, like), numel)
@@ -77,12 +79,12 @@ def bits_float32(typingctx, bits):
     return types.float32(types.uint32), codegen
 
 
-@njit
+@njit(error_model="numpy")
 def bfloat16_to_float32(stored):
     return bits_float32(np.uint32(np.int64(stored) << 16))
 
 
-@njit
+@njit(error_model="numpy")
 def float32_to_bfloat16(value):
     """Round to nearest even (torch's conversion); NaN stays NaN (the carry could flip it)."""
     bits = np.int64(float32_bits(value))
@@ -90,7 +92,7 @@ def float32_to_bfloat16(value):
     return np.uint16(0x7FC0 if value != value else rounded)
 
 
-@njit
+@njit(error_model="numpy")
 def float32_to_bfloat16_stochastic(value, random_bits):
     """Round up in magnitude with probability (dropped bits) / 2^16: unbiased."""
     bits = np.int64(float32_bits(value))
@@ -98,7 +100,7 @@ def float32_to_bfloat16_stochastic(value, random_bits):
     return np.uint16(0x7FC0 if value != value else rounded)
 
 
-@njit
+@njit(error_model="numpy")
 def float16_to_float32(stored):
     """IEEE half (held as int16) to float32, exactly: normals and infinities by moving the fields,
     subnormals as mantissa * 2^-24."""
@@ -113,7 +115,7 @@ def float16_to_float32(stored):
     return subnormal if exponent == 0 else bits_float32(np.uint32(bits))
 
 
-@njit
+@njit(error_model="numpy")
 def float32_to_float16(value):
     """float32 to IEEE half (as int16), rounded to nearest even as torch rounds: overflow to inf,
     NaN to the quiet NaN 0x7E00, subnormals rounded by a float addition that aligns them."""
@@ -198,7 +200,7 @@ MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 MIX2 = np.uint64(0x94D049BB133111EB)
 
 
-@njit
+@njit(error_model="numpy")
 def mix64(z):
     """splitmix64's finalizer: every input bit flips each output bit with probability 1/2."""
     z = (z ^ (z >> np.uint64(30))) * MIX1
@@ -206,13 +208,13 @@ def mix64(z):
     return z ^ (z >> np.uint64(31))
 
 
-@njit
+@njit(error_model="numpy")
 def rounding_stream(seed, count, tensor):
     """The start of a tensor's random sequence at a group step: a function of these alone."""
     return mix64(np.uint64(seed) ^ mix64(np.uint64(count) * GOLDEN + np.uint64(tensor)))
 
 
-@njit
+@njit(error_model="numpy")
 def random_bits16(stream, element):
     """16 random bits for an element: splitmix64's output at position `element` of the stream,
     the same whichever thread computes it."""
@@ -221,7 +223,7 @@ def random_bits16(stream, element):
 
 # ---- small pieces of arithmetic, as torch's CPU kernels write them ----
 
-@njit
+@njit(error_model="numpy")
 def lerp(start, end, weight):
     """torch's lerp: start + weight (end - start), fused, from the nearer end."""
     if abs(weight) < 0.5:
@@ -229,7 +231,7 @@ def lerp(start, end, weight):
     return fused_multiply_add(weight - type(weight)(1), end - start, end)
 
 
-@njit
+@njit(error_model="numpy")
 def nan_maximum(a, b):
     """max(a, b), NaN where either is NaN (torch.maximum)."""
     return a if (a != a or a > b) else b
@@ -237,7 +239,7 @@ def nan_maximum(a, b):
 
 # ---- the shared walks ----
 
-@njit(inline="always")
+@njit(inline="always", error_model="numpy")
 def walk_block(element, coefs, param, master, grad, states, start, count, inv_scale, clip, stream,
                P0, P1, P2, ROUNDING_MODE):
     """Load param, grad and the present states of the `count` elements of a block (arrays from
@@ -268,7 +270,7 @@ def walk_block(element, coefs, param, master, grad, states, start, count, inv_sc
             store_nearest(state2, index, s2)
 
 
-@njit(inline="always")
+@njit(inline="always", error_model="numpy")
 def walk_rounded(element, coefs, param, master, grad, states, start, count, inv_scale, clip, stream, rounding,
                  P0, P1, P2):
     """walk_block with the param rounding as a constant."""
@@ -283,7 +285,7 @@ def walk_rounded(element, coefs, param, master, grad, states, start, count, inv_
                    NEAREST)
 
 
-@njit(inline="always")  # the prange must sit in the parallel kernel itself
+@njit(inline="always", error_model="numpy")  # the prange must sit in the parallel kernel itself
 def run_blocks(walk, element, block_scalars, table, blocks, block, like, master_like, steps, numbers, scalars, flags):
     """One parallel pass over the blocks (owner, start) of `blocks`: per block, the tensor's
     arrays from the table, the rule's numbers, and the walk over its elements."""
@@ -327,7 +329,7 @@ def run_blocks(walk, element, block_scalars, table, blocks, block, like, master_
 
 # ---- SGD ----
 
-@njit
+@njit(error_model="numpy")
 def sgd_block_scalars(lr, step, extra, scalars, device_lr, like):
     """The lr, and buf = decay * buf + share * g: mu and 1 - dampening, or 0 and 1 for a buffer
     that starts at this step (it holds zeros, so it takes the grad exactly)."""
@@ -339,7 +341,7 @@ def sgd_block_scalars(lr, step, extra, scalars, device_lr, like):
             c(buffer_decay, like), c(grad_share, like))
 
 
-@njit
+@njit(error_model="numpy")
 def sgd_element(p, g, buf, unused1, unused2, coefs, MOMENTUM, P1, P2):
     """buf = g on the first step, else mu buf + (1 - dampening) g; d = g + mu buf (Nesterov) or
     buf; p -= lr d (without momentum: p -= lr g)."""
@@ -353,7 +355,7 @@ def sgd_element(p, g, buf, unused1, unused2, coefs, MOMENTUM, P1, P2):
     return p - lr * g, buf, unused1, unused2
 
 
-@njit(inline="always")
+@njit(inline="always", error_model="numpy")
 def sgd_walk(element, coefs, param, master, grad, states, start, count, inv_scale, clip, stream, rounding,
              present0, present1, present2):
     """State presence: the momentum buffer, with momentum."""
@@ -373,7 +375,7 @@ def sgd_kernel(table, blocks, block, like, master_like, steps, numbers, scalars,
 
 # ---- Adam / AdamW ----
 
-@njit
+@njit(error_model="numpy")
 def adam_block_scalars(lr, step, extra, scalars, device_lr, like):
     """The bias corrections lr / (1 - b1^step) and sqrt(1 - b2^step) in fp64; AdamW's 1 - lr * wd
     from the lr read from memory (else the host's)."""
@@ -390,7 +392,7 @@ def adam_block_scalars(lr, step, extra, scalars, device_lr, like):
             c(bias_correction2_sqrt, like))
 
 
-@njit
+@njit(error_model="numpy")
 def adam_element(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, coefs, P0, P1, AMSGRAD):
     """m = lerp(m, g, 1-b1);  v = b2 v + (1-b2) g^2;  p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps),
     in the order of torch's CPU fused Adam."""
@@ -411,7 +413,7 @@ def adam_element(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, coefs, P0, P1, AMSGR
     return p - step_size * exp_avg / denom, exp_avg, exp_avg_sq, max_exp_avg_sq
 
 
-@njit(inline="always")
+@njit(inline="always", error_model="numpy")
 def adam_walk(element, coefs, param, master, grad, states, start, count, inv_scale, clip, stream, rounding,
               present0, present1, present2):
     """State presence: max_exp_avg_sq with amsgrad."""
@@ -431,7 +433,7 @@ def adam_kernel(table, blocks, block, like, master_like, steps, numbers, scalars
 
 # ---- Adagrad ----
 
-@njit
+@njit(error_model="numpy")
 def adagrad_block_scalars(lr, step, extra, scalars, device_lr, like):
     """The decayed lr, lr / (1 + (step - 1) lr_decay), in fp64."""
     lr_decay, weight_decay, eps, grad_sign = scalars[0], scalars[1], scalars[2], scalars[3]
@@ -439,7 +441,7 @@ def adagrad_block_scalars(lr, step, extra, scalars, device_lr, like):
     return c(lr / (1 + (step - 1) * lr_decay), like), c(weight_decay, like), c(eps, like), c(grad_sign, like)
 
 
-@njit
+@njit(error_model="numpy")
 def adagrad_element(p, g, state_sum, unused1, unused2, coefs, P0, P1, P2):
     """sum += g^2;  p -= clr * g / (sqrt(sum) + eps)."""
     clr, weight_decay, eps, grad_sign = coefs
@@ -450,7 +452,7 @@ def adagrad_element(p, g, state_sum, unused1, unused2, coefs, P0, P1, P2):
     return p - clr * (g / (np.sqrt(state_sum) + eps)), state_sum, unused1, unused2
 
 
-@njit(inline="always")
+@njit(inline="always", error_model="numpy")
 def adagrad_walk(element, coefs, param, master, grad, states, start, count, inv_scale, clip, stream, rounding,
                  present0, present1, present2):
     walk_rounded(element, coefs, param, master, grad, states, start, count, inv_scale, clip, stream, rounding,
@@ -465,7 +467,7 @@ def adagrad_kernel(table, blocks, block, like, master_like, steps, numbers, scal
 
 # ---- RMSprop ----
 
-@njit
+@njit(error_model="numpy")
 def rmsprop_block_scalars(lr, step, extra, scalars, device_lr, like):
     alpha, one_minus_alpha, eps, weight_decay, momentum, grad_sign = (scalars[0], scalars[1], scalars[2],
                                                                      scalars[3], scalars[4], scalars[5])
@@ -474,7 +476,7 @@ def rmsprop_block_scalars(lr, step, extra, scalars, device_lr, like):
             c(momentum, like), c(grad_sign, like))
 
 
-@njit
+@njit(error_model="numpy")
 def rmsprop_element(p, g, square_avg, momentum_buffer, grad_avg, coefs, P0, MOMENTUM, CENTERED):
     """sq = a sq + (1-a) g^2;  avg = sqrt(sq - gavg^2 if centered else sq) + eps;
     buf = mu buf + g / avg, p -= lr buf  (without momentum: p -= lr g / avg)."""
@@ -496,7 +498,7 @@ def rmsprop_element(p, g, square_avg, momentum_buffer, grad_avg, coefs, P0, MOME
     return p, square_avg, momentum_buffer, grad_avg
 
 
-@njit(inline="always")
+@njit(inline="always", error_model="numpy")
 def rmsprop_walk(element, coefs, param, master, grad, states, start, count, inv_scale, clip, stream, rounding,
                  present0, present1, present2):
     """State presence: momentum_buffer with momentum, grad_avg when centered."""
@@ -522,7 +524,7 @@ def rmsprop_kernel(table, blocks, block, like, master_like, steps, numbers, scal
 
 # ---- RAdam ----
 
-@njit
+@njit(error_model="numpy")
 def radam_block_scalars(lr, step, extra, scalars, device_lr, like):
     """In fp64: rho_t = rho_inf - 2 t b2^t / (1 - b2^t), and the step size lr / (1 - b1^t), times
     the rectification r_t sqrt(1 - b2^t) where rho_t > 5; the decoupled 1 - lr * wd from the lr
@@ -546,7 +548,7 @@ def radam_block_scalars(lr, step, extra, scalars, device_lr, like):
             c(coupled_weight_decay, like), c(param_scale, like), c(grad_sign, like), c(step_size, like), rectified)
 
 
-@njit
+@njit(error_model="numpy")
 def radam_element(p, g, exp_avg, exp_avg_sq, unused, coefs, P0, P1, P2):
     """m = lerp(m, g, 1-b1);  v = b2 v + (1-b2) g^2;  p -= step_size * m / (sqrt(v) + eps) where
     the variance is tractable, else p -= step_size * m."""
@@ -566,7 +568,7 @@ def radam_element(p, g, exp_avg, exp_avg_sq, unused, coefs, P0, P1, P2):
     return p, exp_avg, exp_avg_sq, unused
 
 
-@njit(inline="always")
+@njit(inline="always", error_model="numpy")
 def radam_walk(element, coefs, param, master, grad, states, start, count, inv_scale, clip, stream, rounding,
                present0, present1, present2):
     walk_rounded(element, coefs, param, master, grad, states, start, count, inv_scale, clip, stream, rounding,
