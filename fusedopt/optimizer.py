@@ -132,8 +132,10 @@ class FusedOptimizer(Optimizer):
         raise NotImplementedError
 
     def reference_hyperparameters(self, group):
-        """The same for the reference, with the lr as a number (scheduled, if a schedule is set)."""
-        return {**self.hyperparameters(group), "lr": as_float(group["lr"]) * self.scheduled_factor(group)}
+        """The same for the reference: a tensor lr stays a tensor, as torch.optim computes with it;
+        a scheduled lr is the base lr times the schedule's factor, as a number."""
+        lr = group["lr"] if self.schedule is None else as_float(group["lr"]) * self.scheduled_factor(group)
+        return {**self.hyperparameters(group), "lr": lr}
 
     def reference_step(self, group, params, grads, targets=None):
         """Update `targets` (default: the params themselves) with the rule, from the state of

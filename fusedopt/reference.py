@@ -279,13 +279,12 @@ def radam_update(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, ep
     lr = _scalar(lr)
     stored = [param, exp_avg, exp_avg_sq]
     p, m, v = [_math_operand(t) for t in stored]
-    g = _effective_grad(
-        _math_operand(grad), p, 0 if decoupled_weight_decay else weight_decay, maximize
-    )
+    stored_math = [p, m, v]
+    # torch's RAdam adds the weight decay on the real views (Adam, on the complex tensors)
+    p, g, m, v = _real_views(p, _math_operand(grad), m, v)
+    g = _effective_grad(g, p, 0 if decoupled_weight_decay else weight_decay, maximize)
     if decoupled_weight_decay and weight_decay != 0:
         p.mul_(1 - lr * weight_decay)
-    stored_math = [p, m, v]
-    p, g, m, v = _real_views(p, g, m, v)
 
     m.lerp_(g, 1 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)

@@ -27,6 +27,9 @@ import os
 if __name__ == "__main__":  # a rank: the Triton interpreter must be on before triton is imported
     os.environ["TRITON_INTERPRET"] = "1"
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    import interpreter_speedup
+
+    interpreter_speedup.patch_the_language_once_per_launch()
 
 import argparse
 import contextlib

@@ -3,7 +3,9 @@ optimizer beside torch.optim or beside the float64 reference, and one verbose al
 import inspect
 
 import torch
+from torch.testing import assert_close as torch_assert_close
 
+import fusedopt
 from fusedopt.registry import RULES as REGISTRY
 
 # ---- the update rules under test (fusedopt.registry) ----
@@ -24,6 +26,12 @@ def fused_optimizer(rule, params, **options):
     """A fusedopt optimizer of `rule` that runs the Triton kernels (interpreted on CPU tensors)."""
     options.setdefault("lr", DEFAULT_LR[rule])
     return OPTIMIZERS[rule][0](params, backend="triton", **options)
+
+
+def reference_optimizer(rule, params, **options):
+    """A fusedopt optimizer of `rule` on its plain-torch path (fusedopt.reference)."""
+    options.setdefault("lr", DEFAULT_LR[rule])
+    return OPTIMIZERS[rule][0](params, backend="torch", **options)
 
 
 def torch_optimizer(rule, params, **options):
@@ -331,3 +339,54 @@ def capture_cuda_graph(warm_up_step, step):
     with torch.cuda.graph(graph):
         step()
     return graph
+
+
+# ---- side-by-side runs with torch.optim on a few small params (API and checkpoint tests) ----
+
+NAMES = [info.optimizer.__name__ for info in REGISTRY.values()]  # the classes, by name
+TOL = dict(rtol=1e-5, atol=1e-6)
+SMALL_SHAPES = [(4, 3), (5,), ()]
+
+
+def make_values(seed, device="cpu", shapes=SMALL_SHAPES, dtypes=(torch.float32,)):
+    """Seeded initial values of small params, the dtypes taken in turn."""
+    generator = torch.Generator().manual_seed(seed)
+    values = [torch.randn(shape, generator=generator, dtype=dtypes[i % len(dtypes)]) for i, shape in enumerate(shapes)]
+    return [v.to(device) for v in values]
+
+
+def as_params(values):
+    return [v.clone().requires_grad_() for v in values]
+
+
+def set_grads(params, step, seed, frozen=()):
+    """The gradient of step `step`: fresh noise plus a term in the param, so that a different
+    trajectory also gives different gradients. Params whose index is in `frozen` get none."""
+    generator = torch.Generator().manual_seed(seed * 1000 + step)
+    for index, p in enumerate(params):
+        noise = torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device)
+        p.grad = None if index in frozen else noise + 0.5 * p.detach()
+
+
+def build(library, name, params, backend=None, **options):
+    """`library`'s (fusedopt or torch.optim) optimizer class `name`; fusedopt's on `backend`."""
+    if library is fusedopt:
+        return getattr(fusedopt, name)(params, backend=backend, **options)
+    return getattr(torch.optim, name)(params, **options)
+
+
+def assert_states_match(actual, expected, **tolerance):
+    """Two state_dict()["state"] mappings: same params, keys, shapes, step values and tensors."""
+    tolerance = tolerance or TOL
+    assert actual.keys() == expected.keys()
+    for index, want_state in expected.items():
+        got_state = actual[index]
+        assert got_state.keys() == want_state.keys(), f"param {index}"
+        for key, want in want_state.items():
+            got = got_state[key]
+            if key == "step":
+                assert torch.is_tensor(got), f"param {index}: step is {type(got)}"
+                assert float(got) == float(want), f"param {index}: step {float(got)} != {float(want)}"
+            else:
+                assert got.shape == want.shape, f"param {index} {key!r}"
+                torch_assert_close(got, want, **tolerance, msg=lambda m: f"param {index} {key!r}: {m}")

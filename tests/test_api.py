@@ -15,10 +15,8 @@ from torch.testing import assert_close
 
 import fusedopt
 from fusedopt.registry import RULES
+from helpers import SMALL_SHAPES, NAMES, TOL, as_params, assert_states_match, build, make_values, set_grads
 
-NAMES = [info.optimizer.__name__ for info in RULES.values()]
-TOL = dict(rtol=1e-5, atol=1e-6)
-SHAPES = [(4, 3), (5,), ()]
 
 # One option set per class that uses every state tensor of the rule (for a rule not listed, the
 # registry's stateful options).
@@ -34,27 +32,12 @@ OPTIONS = {info.optimizer.__name__: dict(lr=info.default_lr, **info.stateful) fo
 # ---- inputs and side-by-side runs ----
 
 
-def make_values(seed, device="cpu", shapes=SHAPES, dtype=torch.float32):
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=generator, dtype=dtype).to(device) for shape in shapes]
 
 
-def as_params(values):
-    return [v.clone().requires_grad_() for v in values]
 
 
-def set_grads(params, step, seed, frozen=()):
-    """Fresh noise plus a term in the param; params whose index is in `frozen` get no grad."""
-    generator = torch.Generator().manual_seed(seed * 1000 + step)
-    for index, p in enumerate(params):
-        noise = torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device)
-        p.grad = None if index in frozen else noise + 0.5 * p.detach()
 
 
-def build(library, name, params, backend=None, **options):
-    if library is fusedopt:
-        return getattr(fusedopt, name)(params, backend=backend, **options)
-    return getattr(torch.optim, name)(params, **options)
 
 
 def kernel_launches():
@@ -94,16 +77,6 @@ class Twins:
         assert ours_groups == theirs_groups
 
 
-def assert_states_match(actual, expected):
-    assert actual.keys() == expected.keys()
-    for index, want_state in expected.items():
-        assert actual[index].keys() == want_state.keys(), f"param {index}"
-        for key, want in want_state.items():
-            got = actual[index][key]
-            if key == "step":
-                assert float(got) == float(want), f"param {index}: step {float(got)} != {float(want)}"
-            else:
-                assert_close(got, want, **TOL, msg=lambda m: f"param {index} {key!r}: {m}")
 
 
 # ---- step() ----
@@ -112,7 +85,7 @@ def assert_states_match(actual, expected):
 @pytest.mark.parametrize("name", NAMES)
 def test_step_returns_the_closure_loss(name, backend, device):
     generator = torch.Generator().manual_seed(1)
-    targets = [torch.randn(shape, generator=generator).to(device) for shape in SHAPES]
+    targets = [torch.randn(shape, generator=generator).to(device) for shape in SMALL_SHAPES]
     twins = Twins(name, backend, make_values(1, device), **OPTIONS[name])
     for optimizer, params in twins.each():
         for _ in range(3):
@@ -334,14 +307,14 @@ def test_lr_scheduler_matches_torch(name, scheduler_name, backend, device):
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
 def test_complex_params_match_torch(name, dtype, backend, device):
-    twins = Twins(name, backend, make_values(13, device, dtype=dtype), **OPTIONS[name])
+    twins = Twins(name, backend, make_values(13, device, dtypes=(dtype,)), **OPTIONS[name])
     twins.train(0, 5, seed=13)
     twins.assert_match()
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_complex_and_real_params_in_one_group_match_torch(name, backend, device):
-    values = make_values(14, device, shapes=[(4, 3), (5,)], dtype=torch.complex64)
+    values = make_values(14, device, shapes=[(4, 3), (5,)], dtypes=(torch.complex64,))
     values += make_values(15, device, shapes=[(6,)])
     twins = Twins(name, backend, values, **OPTIONS[name])
     twins.train(0, 5, seed=14)
@@ -354,7 +327,7 @@ def test_complex_and_real_params_in_one_group_match_torch(name, backend, device)
 @pytest.mark.parametrize("name", NAMES)
 def test_float32_and_float64_params_in_one_group_match_torch(name, backend, device):
     values = make_values(26, device, shapes=[(4, 3), (5,)])
-    values += make_values(27, device, shapes=[(6,), (2, 2)], dtype=torch.float64)
+    values += make_values(27, device, shapes=[(6,), (2, 2)], dtypes=(torch.float64,))
     twins = Twins(name, backend, values, **OPTIONS[name])
     twins.train(0, 4, seed=26)
     twins.assert_match()
@@ -409,7 +382,7 @@ def test_named_parameters_match_torch(name, backend, device):
 @pytest.mark.parametrize("set_to_none", [True, False])
 def test_zero_grad_between_steps_matches_torch(name, set_to_none, backend, device):
     generator = torch.Generator().manual_seed(16)
-    targets = [torch.randn(shape, generator=generator).to(device) for shape in SHAPES]
+    targets = [torch.randn(shape, generator=generator).to(device) for shape in SMALL_SHAPES]
     twins = Twins(name, backend, make_values(16, device), **OPTIONS[name])
     for optimizer, params in twins.each():
         for step in range(6):

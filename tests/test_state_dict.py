@@ -13,10 +13,8 @@ from torch.testing import assert_close
 import fusedopt
 from fusedopt.optimizer import FusedOptimizer
 from fusedopt.registry import RULES
+from helpers import NAMES, TOL, as_params, assert_states_match, build, make_values, set_grads
 
-TOL = dict(rtol=1e-5, atol=1e-6)
-SHAPES = [(4, 3), (5,), ()]
-NAMES = [info.optimizer.__name__ for info in RULES.values()]
 
 # Option sets per class: the plain rule and the options that add or change state tensors; for a
 # rule not listed, its option grid (fusedopt.registry).
@@ -55,23 +53,10 @@ FUSED_CASES = [case for case in CASES if case.values[0] in ("SGD", "Adam", "Adam
 # ---- inputs and runs ----
 
 
-def make_values(seed, device, dtypes=(torch.float32,)):
-    generator = torch.Generator().manual_seed(seed)
-    values = [torch.randn(shape, generator=generator, dtype=dtypes[i % len(dtypes)]) for i, shape in enumerate(SHAPES)]
-    return [v.to(device) for v in values]
 
 
-def as_params(values):
-    return [v.clone().requires_grad_() for v in values]
 
 
-def set_grads(params, step, seed, frozen=()):
-    """The gradient of step `step`: fresh noise plus a term in the param, so that a different
-    trajectory also gives different gradients. Params whose index is in `frozen` get none."""
-    generator = torch.Generator().manual_seed(seed * 1000 + step)
-    for index, p in enumerate(params):
-        noise = torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device)
-        p.grad = None if index in frozen else noise + 0.5 * p.detach()
 
 
 def train(optimizer, params, start, steps, seed, frozen=()):
@@ -83,10 +68,6 @@ def train(optimizer, params, start, steps, seed, frozen=()):
         assert (fusedopt.kernels.launch_count() > launches) == (optimizer.backend == "triton")
 
 
-def build(library, name, params, options, backend, **extra):
-    if library is fusedopt:
-        return getattr(fusedopt, name)(params, backend=backend, **options, **extra)
-    return getattr(torch.optim, name)(params, **options, **extra)
 
 
 def save(params, optimizer):
@@ -101,7 +82,7 @@ def resume(library, name, options, backend, buffer, **extra):
     checkpoint."""
     checkpoint = torch.load(buffer)
     params = as_params(checkpoint["params"])
-    optimizer = build(library, name, params, options, backend, **extra)
+    optimizer = build(library, name, params, backend, **options, **extra)
     optimizer.load_state_dict(checkpoint["optimizer"])
     return params, optimizer
 
@@ -120,7 +101,7 @@ def run_chain(name, options, backend, segments, seed, device):
     buffer, done = None, 0
     for library, steps in segments:
         if buffer is None:
-            optimizer = build(library, name, params, options, backend)
+            optimizer = build(library, name, params, backend, **options)
         else:
             params, optimizer = resume(library, name, options, backend, buffer)
         train(optimizer, params, done, steps, seed)
@@ -129,20 +110,6 @@ def run_chain(name, options, backend, segments, seed, device):
     return params, optimizer
 
 
-def assert_states_match(actual, expected, **tolerance):
-    """Two state_dict()["state"] mappings: same params, keys, layouts, step values and tensors."""
-    assert actual.keys() == expected.keys()
-    for index, want_state in expected.items():
-        got_state = actual[index]
-        assert got_state.keys() == want_state.keys(), f"param {index}"
-        for key, want in want_state.items():
-            got = got_state[key]
-            if key == "step":
-                assert torch.is_tensor(got), f"param {index}: step is {type(got)}"
-                assert float(got) == float(want), f"param {index}: step {float(got)} != {float(want)}"
-            else:
-                assert got.shape == want.shape, f"param {index} {key!r}"
-                assert_close(got, want, **tolerance, msg=lambda m: f"param {index} {key!r}: {m}")
 
 
 def assert_params_match(actual, expected):
@@ -183,7 +150,7 @@ def test_fusedopt_checkpoint_resumes_in_fusedopt_on_torch_trajectory(name, optio
 @pytest.mark.parametrize("name, options", FUSED_CASES)
 def test_checkpoint_from_torch_fused_loads_into_fusedopt(name, options, backend, device):
     params = as_params(make_values(4, device))
-    torch_fused = build(torch.optim, name, params, options, backend, fused=True)
+    torch_fused = build(torch.optim, name, params, backend, **options, fused=True)
     train(torch_fused, params, 0, 3, seed=4)
     params, optimizer = resume(fusedopt, name, options, backend, save(params, torch_fused))
     train(optimizer, params, 3, 4, seed=4)
@@ -255,7 +222,7 @@ def test_loading_a_checkpoint_mid_training_replaces_the_state(name, options, bac
     # fusedopt trains its own run first (its tensor tables are built), then loads the checkpoint
     # into the same param tensors and optimizer.
     params = as_params(make_values(6, device))
-    optimizer = build(fusedopt, name, params, options, backend)
+    optimizer = build(fusedopt, name, params, backend, **options)
     train(optimizer, params, 0, 3, seed=6)
     checkpoint = torch.load(buffer)
     with torch.no_grad():
@@ -273,7 +240,7 @@ def test_loading_a_checkpoint_mid_training_replaces_the_state(name, options, bac
 @pytest.mark.parametrize("name, options", CASES)
 def test_loading_its_own_earlier_state_dict_rewinds_training(name, options, backend, device):
     params = as_params(make_values(7, device))
-    optimizer = build(fusedopt, name, params, options, backend)
+    optimizer = build(fusedopt, name, params, backend, **options)
     train(optimizer, params, 0, 3, seed=7)
     saved_values = [p.detach().clone() for p in params]
     saved_state = copy.deepcopy(optimizer.state_dict())
@@ -300,7 +267,7 @@ def _replace_by_hand(name, options, backend, device, replace, seed):
     runs, kept = [], []
     for library in (fusedopt, torch.optim):
         params = as_params(make_values(seed, device))
-        optimizer = build(library, name, params, options, backend)
+        optimizer = build(library, name, params, backend, **options)
         train(optimizer, params, 0, 3, seed=seed)
         kept.append([dict(state) for state in optimizer.state.values()])
         replace(optimizer, params)
@@ -351,7 +318,7 @@ def test_step_replaced_by_hand_is_used_like_torch(name, options, backend, device
 def _layout_runs(name, options, backend, device):
     values = make_values(8, device, dtypes=(torch.float32, torch.float64))
     ours_params, theirs_params = as_params(values), as_params(values)
-    ours = build(fusedopt, name, ours_params, options, backend)
+    ours = build(fusedopt, name, ours_params, backend, **options)
     theirs = getattr(torch.optim, name)(theirs_params, **options)
     train(ours, ours_params, 0, 3, seed=8)
     train(theirs, theirs_params, 0, 3, seed=8)
@@ -405,7 +372,7 @@ def test_adam_param_groups_name_decoupled_weight_decay(backend, device):
 
 @pytest.mark.parametrize("name, options", CASES)
 def test_state_dict_before_any_step_equals_torch(name, options, backend, device):
-    ours = build(fusedopt, name, as_params(make_values(10, device)), options, backend).state_dict()
+    ours = build(fusedopt, name, as_params(make_values(10, device)), backend, **options).state_dict()
     theirs = getattr(torch.optim, name)(as_params(make_values(10, device)), **options).state_dict()
     assert ours["param_groups"] == theirs["param_groups"]
     assert_states_match(ours["state"], theirs["state"], rtol=0, atol=0)
@@ -416,7 +383,7 @@ def test_state_dict_before_any_step_equals_torch(name, options, backend, device)
 
 def _copy_keeps_training(name, options, backend, device, make_copy):
     params = as_params(make_values(11, device))
-    optimizer = build(fusedopt, name, params, options, backend)
+    optimizer = build(fusedopt, name, params, backend, **options)
     train(optimizer, params, 0, 3, seed=11)
     copied = make_copy(optimizer)
     copied_params = copied.param_groups[0]["params"]
