@@ -4,7 +4,8 @@
 def patch_the_language_once_per_launch():
     """The Triton interpreter re-patches triton.language (every member, by inspect.getmembers) at
     each call of a @triton.jit helper inside a kernel: over half the tests' run time, for nothing,
-    since the launch has patched the same module objects already. Inside a launch, skip it."""
+    since the launch has patched the same module objects already. Inside a launch, a helper whose
+    language modules (triton.language, triton.language.core) are patched already skips it."""
     try:
         from triton.runtime import interpreter
 
@@ -12,21 +13,28 @@ def patch_the_language_once_per_launch():
                                              interpreter.GridExecutor.__call__)
     except (ImportError, AttributeError):  # another Triton: leave it as it is
         return
-    launch = {"running": False, "patched": False}
+    import inspect
+
+    import triton.language as tl
+
+    languages = (tl, tl.core)
+    launch = {"running": False, "patched": set()}  # the language modules patched in this launch
 
     def run_launch(self, *args, **kwargs):
-        launch["running"], launch["patched"] = True, False
+        launch["running"], launch["patched"] = True, set()
         try:
             return grid_call(self, *args, **kwargs)
         finally:
-            launch["running"], launch["patched"] = False, False
+            launch["running"], launch["patched"] = False, set()
 
     def patched_once(fn):
-        if launch["running"] and launch["patched"]:
+        modules = {id(value) for value in fn.__globals__.values()
+                   if inspect.ismodule(value) and any(value is language for language in languages)}
+        if launch["running"] and modules <= launch["patched"]:
             return scope_type()
-        launch["patched"] = launch["running"]
+        if launch["running"]:
+            launch["patched"] |= modules
         return patch_lang(fn)
 
     interpreter.GridExecutor.__call__ = run_launch
     interpreter._patch_lang = patched_once
-
