@@ -44,8 +44,12 @@ if ! python -c "import fusedopt.kernels" 2>/dev/null; then
 fi
 python -m bench.env "$OUT/env.json" --device cuda --command "bench/gpu_check.sh $*" > /dev/null
 
-# the compiled table check (about 30 s once), so that the tests and the benchmarks use it
+# the compiled table check (about 30 s once), so that the tests and the benchmarks use it; the
+# numba CPU kernels compiled once into numba's cache, where numba is installed
 stage native 60 python -m fusedopt.native
+if python -c "import numba" 2>/dev/null; then
+    stage cpu_kernels 90 python -m fusedopt.cpu
+fi
 
 stage pytest "$(( $(left) < 120 ? $(left) : 120 ))" python -m pytest tests -q -p no:cacheprovider -n 8 --dist loadfile
 

@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 python -c "import torch" 2>/dev/null || python -m pip install --quiet torch==2.13.0
 python -m pip install --quiet -e ".[bench]"
 python -m fusedopt.native || true  # the compiled table check, built once (the Python one otherwise)
+python -m fusedopt.cpu || true  # the numba CPU kernels compiled into numba's cache, once
 exec python -m bench all "$@"
