@@ -1140,6 +1140,7 @@ def worker_main(argv=None):
     with open(args.run_dir / f"rank{args.rank}.jsonl", "a", buffering=1) as out:
         for name in scenario_names:
             out.write(json.dumps({"event": "start", "name": name}) + "\n")
+            started = time.monotonic()
             ok, value, error = _run_scenario(name)
             if not ok:
                 _close_process_group()  # a peer blocked in a collective fails now, not at its timeout
@@ -1148,7 +1149,8 @@ def worker_main(argv=None):
                 everyone_ok = all(store.get(f"status/{name}/{rank}") == b"1" for rank in range(args.world_size))
             except Exception:  # a peer never reported
                 everyone_ok = False
-            out.write(json.dumps({"event": "done", "name": name, "ok": ok, "value": value, "error": error}) + "\n")
+            out.write(json.dumps({"event": "done", "name": name, "ok": ok, "value": value, "error": error,
+                                  "seconds": round(time.monotonic() - started, 3)}) + "\n")
             if not everyone_ok:
                 _close_process_group()
                 generation += 1

@@ -12,7 +12,7 @@ from fusedopt.registry import RULES as REGISTRY
 
 RULES = list(REGISTRY)
 OPTIMIZERS = {name: (info.optimizer, info.torch_optimizer) for name, info in REGISTRY.items()}
-# Learning rates large enough that 20 steps move the params well away from their start.
+# Learning rates large enough that a few steps move the params well away from their start.
 DEFAULT_LR = {name: info.default_lr for name, info in REGISTRY.items()}
 # Every rule and option, pruned to combinations that change the arithmetic.
 GRID = [(name, options) for name, info in REGISTRY.items() for options in info.option_grid]
