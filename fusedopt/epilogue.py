@@ -16,8 +16,11 @@ CLIP_EPSILON = 1e-6
 
 
 class StepScaling:
-    """The device scalars of one step: GradScaler's `found_inf` and `grad_scale`, and the clip
-    factor; any may be None. Copies for other devices are made once per step, without a sync."""
+    """The device scalars of one step, the one type for them from step() to the kernels:
+    GradScaler's `found_inf` (the step is skipped where it is nonzero) and `grad_scale` (grads
+    are multiplied by 1/grad_scale), and the clip factor (then by it), each a one-element or 0-dim
+    tensor, or None for no such factor. Copies for other devices are made once per step, without
+    a sync."""
 
     def __init__(self, found_inf=None, grad_scale=None, clip_coef=None):
         self.found_inf = found_inf
@@ -34,13 +37,9 @@ class StepScaling:
             ) else StepScaling(*moved)
         return self._on_device[device]
 
-    def kernel_scaling(self):
-        if self.found_inf is None and self.grad_scale is None and self.clip_coef is None:
-            return None
-        from . import kernels
-
-        return kernels.GradScaling(*(None if t is None else t.reshape(1) for t in
-                                     (self.found_inf, self.grad_scale, self.clip_coef)))
+    def __iter__(self):
+        """(found_inf, grad_scale, clip_coef): what a kernel reads, as the tables take it."""
+        return iter((self.found_inf, self.grad_scale, self.clip_coef))
 
     def skipped(self):
         """Whether AMP skips this step. Reads found_inf on the host: only the rare paths that

@@ -248,7 +248,7 @@ class KernelBucket:
 
     def launch(self, optimizer, group, scaling, group_step):
         scaling = scaling.to(self.device)
-        launch = dict(scaling=scaling.kernel_scaling(), group_step=group_step, param_rounding=optimizer.param_rounding)
+        launch = dict(scaling=scaling, group_step=group_step, param_rounding=optimizer.param_rounding)
         if self.steps is not None:
             self.steps += 1
             if scaling.found_inf is not None:

@@ -141,17 +141,6 @@ class UpdateRule(NamedTuple):
     extra: bool = False
 
 
-class GradScaling(NamedTuple):
-    """Device scalars an update kernel reads before it touches anything: the step is skipped
-    where `found_inf` is nonzero (AMP's inf/NaN check); otherwise grads are multiplied by
-    1/`grad_scale` (AMP's unscaling) and then by `clip_coef` (gradient clipping), in registers.
-    Each is a one-element tensor on the table's device, or None for no such factor."""
-
-    found_inf: Optional[torch.Tensor] = None
-    grad_scale: Optional[torch.Tensor] = None
-    clip_coef: Optional[torch.Tensor] = None
-
-
 class GroupStep(NamedTuple):
     """What the kernels read at a param group's step count `count` (one fp32 element on the
     table's device: the step() calls so far, this one included): a learning-rate schedule's
@@ -227,7 +216,7 @@ class TensorTable:
         if scaling is None or all(value is None for value in scaling):
             return self.tensor_table, self.tensor_table, self.tensor_table, False
         found_inf, grad_scale, clip_coef = (
-            self.neutral[default] if value is None else value
+            self.neutral[default] if value is None else value.reshape(1)
             for value, default in zip(scaling, (0, 1, 1))
         )
         return found_inf, grad_scale, clip_coef, True
@@ -260,7 +249,8 @@ class TensorTable:
         table: `scalars`, the rule's numbers for this launch; `options`, its constexpr flags;
         `present`, which of its state slots the table holds (their roles follow param and grad,
         in slot order); `steps`, each tensor's step count, already incremented (rules that read
-        steps); `scaling` (a GradScaling) skips the step or unscales and clips the grads; `lr` may
+        steps); `scaling` (found_inf, grad_scale, clip_coef: fusedopt.epilogue.StepScaling, on the
+        table's device) skips the step or unscales and clips the grads; `lr` may
         be a one-element tensor on the table's device; `group_step` (a GroupStep) brings a
         schedule and a rounding seed; `param_rounding` is "nearest", "stochastic" or "master"."""
         found_inf, grad_scale, clip_coef, scaled = self.scaling_arguments(scaling)
