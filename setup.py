@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.6", "triton>=3.6", "numpy", "numba>=0.59"],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "matplotlib", "tqdm", "ninja"],
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "matplotlib", "tqdm", "ninja", "lightning"],
         "plot": ["matplotlib"],
         "bench": ["matplotlib", "tqdm", "pytest-benchmark", "ninja"],
         "native": ["ninja"],  # python -m fusedopt.native builds the compiled table check

@@ -36,12 +36,15 @@ class FusedOptimizer(Optimizer):
     has_step = True  # state['step'] exists (all rules but SGD)
 
     def __init__(self, params, defaults, backend=None, *, max_grad_norm=None, schedule=None, schedule_steps=None,
-                 stochastic_rounding=False, master_weights=False, rounding_seed=0):
+                 stochastic_rounding=False, master_weights=False, rounding_seed=0, unscale_in_step=True):
         check_implementation_flags(defaults)
         self.param_rounding = param_rounding(stochastic_rounding, master_weights)
         self.rounding_seed = check_rounding_seed(rounding_seed)
         self.backend = resolve_backend(backend)
         self.max_grad_norm = None if max_grad_norm is None else epilogue.check_max_grad_norm(max_grad_norm)
+        if not isinstance(unscale_in_step, bool):
+            raise TypeError(f"unscale_in_step must be True or False, got {unscale_in_step!r}")
+        self.unscale_in_step = unscale_in_step
         self.last_grad_norm = None  # the total grad norm of the last step that clipped by max_grad_norm
         self._plans = {}
         self._pending_clip = None  # left by clip_grad_norm_ for the next step (an epilogue.PendingClip)
@@ -54,10 +57,13 @@ class FusedOptimizer(Optimizer):
     def _step_supports_amp_scaling(self):
         """Whether torch.amp.GradScaler hands over `grad_scale` and `found_inf` (the kernels then
         unscale the grads and skip a step with an inf or NaN) instead of unscaling the grads
-        itself. Not for DTensor params: there GradScaler and ShardedGradScaler unscale and check
-        as they do for torch.optim, and ShardedGradScaler agrees on the inf check over the ranks,
-        so every rank skips the same steps and keeps the same scale."""
-        return not self._holds_dtensors
+        itself: with ``unscale_in_step`` (the default), as torch's fused optimizers do. False with
+        ``unscale_in_step=False``, for training loops that insist on unscaling first (Lightning's
+        and accelerate's gradient clipping under fp16 AMP), and always with DTensor params: there
+        GradScaler and ShardedGradScaler unscale and check as they do for torch.optim, and
+        ShardedGradScaler agrees on the inf check over the ranks, so every rank skips the same
+        steps and keeps the same scale."""
+        return self.unscale_in_step and not self._holds_dtensors
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
@@ -201,6 +207,7 @@ class FusedOptimizer(Optimizer):
         """Whether the kernels update `param` (else the reference does)."""
         return runs_on_kernels(self.backend, param.device)
 
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
         """Perform a single optimization step; returns the closure's loss when one is given.
@@ -208,6 +215,11 @@ class FusedOptimizer(Optimizer):
         Under torch.amp.GradScaler (which sets `grad_scale` and `found_inf` on the optimizer),
         grads are unscaled inside the kernels and a step with an inf or NaN grad changes
         nothing; a pending clip factor (clip_grad_norm_, or max_grad_norm) is applied there too.
+
+        torch.compile never traces it: the cached tables and the kernel launches are host state
+        that a graph would freeze (an lr read at trace time, tensors replaced since), so in a
+        compiled region the step runs as it does eagerly: the same numbers, a graph break where
+        torch.optim has one too, no recompilation when the lr changes.
         """
         loss = None
         if closure is not None:
@@ -268,6 +280,7 @@ class FusedOptimizer(Optimizer):
         self._pending_clip = None
         super().zero_grad(set_to_none)
 
+    @torch.compiler.disable  # host state, like the step
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None, *,
                         grad_scaler=None):
@@ -345,6 +358,7 @@ class FusedOptimizer(Optimizer):
 
     def __getstate__(self):
         state = {**super().__getstate__(), "backend": self.backend, "max_grad_norm": self.max_grad_norm,
+                 "unscale_in_step": self.unscale_in_step,
                  "schedule": self.schedule, "param_rounding": self.param_rounding,
                  "rounding_seed": self.rounding_seed}
         if self.schedule is not None:
@@ -359,6 +373,7 @@ class FusedOptimizer(Optimizer):
         self._holds_dtensors = any(distributed.is_dtensor(p) for group in self.param_groups for p in group["params"])
         self.__dict__.setdefault("backend", resolve_backend(None))
         self.__dict__.setdefault("max_grad_norm", None)
+        self.__dict__.setdefault("unscale_in_step", True)
         self.__dict__.setdefault("last_grad_norm", None)
         self.__dict__.setdefault("schedule", None)
         self.__dict__.setdefault("_device_schedule", None)
