@@ -22,10 +22,11 @@ RICH = [(name, options) for name, info in REGISTRY.items() for options in info.r
 STATEFUL = {name: info.stateful for name, info in REGISTRY.items()}
 
 
-def fused_optimizer(rule, params, **options):
-    """A fusedopt optimizer of `rule` that runs the Triton kernels (interpreted on CPU tensors)."""
+def fused_optimizer(rule, params, backend="triton", **options):
+    """A fusedopt optimizer of `rule` on `backend`: by default the Triton kernels (interpreted on
+    CPU tensors)."""
     options.setdefault("lr", DEFAULT_LR[rule])
-    return OPTIMIZERS[rule][0](params, backend="triton", **options)
+    return OPTIMIZERS[rule][0](params, backend=backend, **options)
 
 
 def reference_optimizer(rule, params, **options):
@@ -192,15 +193,16 @@ def assert_optimizers_match(fused, expected, fused_params, expected_params, *, r
 
 
 def run_beside_torch(rule, params, options, *, steps, generator, check_every=5, rtol, atol,
-                     grad_scale=1.0, before_step=None):
-    """Step a fusedopt optimizer (kernels) and torch.optim (for-loop) on copies of `params` with
-    the same fresh random grads for `steps` steps, comparing params and all state every
-    `check_every` steps and at the end. `before_step(step, fused, expected, fused_params,
-    torch_params)` may change grads, params or groups before a step. Returns both optimizers and param lists."""
+                     grad_scale=1.0, before_step=None, backend="triton", expected=None):
+    """Step a fusedopt optimizer (on `backend`) and torch.optim (for-loop; or `expected(params)`)
+    on copies of `params` with the same fresh random grads for `steps` steps, comparing params and
+    all state every `check_every` steps and at the end. `before_step(step, fused, expected,
+    fused_params, torch_params)` may change grads, params or groups before a step. Returns both
+    optimizers and param lists."""
     fused_params = clone_params(params)
     torch_params = clone_params(params)
-    fused = fused_optimizer(rule, fused_params, **options)
-    expected = torch_optimizer(rule, torch_params, **options)
+    fused = fused_optimizer(rule, fused_params, backend, **options)
+    expected = (expected or (lambda ps: torch_optimizer(rule, ps, **options)))(torch_params)
     for step in range(1, steps + 1):
         grads = make_grads(params, generator, grad_scale)
         assign_grads(fused_params, grads)

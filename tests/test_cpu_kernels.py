@@ -29,6 +29,7 @@ from helpers import (
     make_grads,
     make_params,
     randn,
+    run_beside_torch,
     tolerance,
     torch_optimizer,
     DEFAULT_LR,
@@ -57,21 +58,10 @@ def on_cpu_kernels(optimizer):
     return plans and all(not plan.reference_params and all(b.on_cpu_kernels for b in plan.buckets) for plan in plans)
 
 
-def run_beside(rule, params, options, expected_factory, *, steps=STEPS, generator, rtol, atol, before_step=None):
-    fused_params, expected_params = clone_params(params), clone_params(params)
-    fused = cpu_optimizer(rule, fused_params, **options)
-    expected = expected_factory(expected_params)
-    for step in range(1, steps + 1):
-        grads = make_grads(params, generator)
-        assign_grads(fused_params, grads)
-        assign_grads(expected_params, grads)
-        if before_step is not None:
-            before_step(step, fused, expected, fused_params, expected_params)
-        fused.step()
-        expected.step()
-    assert_optimizers_match(fused, expected, fused_params, expected_params, rtol=rtol, atol=atol,
-                            where=f"{rule} {options}")
-    return fused, expected, fused_params, expected_params
+def run_beside(rule, params, options, expected_factory, *, steps=STEPS, **checks):
+    """helpers.run_beside_torch on the numba CPU kernels, against `expected_factory(params)`."""
+    return run_beside_torch(rule, params, options, steps=steps, backend="numba", expected=expected_factory,
+                            **checks)
 
 
 def launches_during(fn):
