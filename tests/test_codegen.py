@@ -15,20 +15,45 @@ import pytest
 pytest.importorskip("triton")
 
 
-@pytest.fixture(scope="module", params=[80, 90], ids=["sm_80", "sm_90"])
-def codegen(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"sm_{request.param}")
+ARCHS = (80, 90)
+
+
+@pytest.fixture(scope="module")
+def code_generators(tmp_path_factory):
+    """One code-generator subprocess per architecture, started together (each compiles every
+    specialization: minutes on a cold Triton cache), so that the two compile side by side."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    result = subprocess.run(
-        [sys.executable, "-m", "fusedopt.kernels.codegen", "--arch", f"sm_{request.param}",
-         "--ptx-dir", str(out / "ptx"), "--json", str(out / "table.json")],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    runs = {}
+    for arch in ARCHS:
+        out = tmp_path_factory.mktemp(f"sm_{arch}")
+        with open(out / "stdout", "w") as stdout, open(out / "stderr", "w") as stderr:  # files: no pipe fills up
+            process = subprocess.Popen(
+                [sys.executable, "-m", "fusedopt.kernels.codegen", "--arch", f"sm_{arch}", "--ptx-dir",
+                 str(out / "ptx"), "--json", str(out / "table.json")],
+                stdout=stdout, stderr=stderr, text=True, env=env,
+            )
+        runs[arch] = process, out
+    yield runs
+    for process, _ in runs.values():
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module", params=ARCHS, ids=[f"sm_{arch}" for arch in ARCHS])
+def codegen(request, code_generators):
+    process, out = code_generators[request.param]
+    try:
+        process.wait(timeout=600)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    stdout, stderr = (out / "stdout").read_text(), (out / "stderr").read_text()
+    assert process.returncode == 0, stderr[-4000:]
     with open(out / "table.json") as file:
         table = json.load(file)
-    return table, out / "ptx", result.stdout
+    return table, out / "ptx", stdout
 
 
 def expected_specializations():
