@@ -48,7 +48,7 @@ class FusedOptimizer(Optimizer):
         self.last_grad_norm = None  # the total grad norm of the last step that clipped by max_grad_norm
         self._plans = {}
         self._pending_clip = None  # left by clip_grad_norm_ for the next step (an epilogue.PendingClip)
-        self.schedule = None
+        self._device_schedule = None  # a DeviceSchedule, or None
         super().__init__(params, defaults)
         self.state = counted(self.state)
         self.set_schedule(schedule, schedule_steps)
@@ -80,10 +80,14 @@ class FusedOptimizer(Optimizer):
         would. The factors are tabulated once, up to the schedule's end, where the last one is held;
         a schedule without an end (inverse sqrt, exponential decay) needs ``schedule_steps``, the
         number of steps to tabulate. None removes the schedule."""
-        device_schedule = None if schedule is None else DeviceSchedule(schedule, schedule_steps, self.param_groups)
-        self.schedule = schedule
-        self._device_schedule = device_schedule
+        self._device_schedule = None if schedule is None else DeviceSchedule(schedule, schedule_steps,
+                                                                             self.param_groups)
         self._device_scalars = {}
+
+    @property
+    def schedule(self):
+        """The fusedopt.schedules.Schedule the kernels read (set_schedule), or None."""
+        return None if self._device_schedule is None else self._device_schedule.schedule
 
     def _advance_group_step(self, group, devices):
         """Count this step() in the group's counter; the GroupStep (what the kernels read at the
@@ -357,13 +361,9 @@ class FusedOptimizer(Optimizer):
         self._plans = {}
 
     def __getstate__(self):
-        state = {**super().__getstate__(), "backend": self.backend, "max_grad_norm": self.max_grad_norm,
-                 "unscale_in_step": self.unscale_in_step,
-                 "schedule": self.schedule, "param_rounding": self.param_rounding,
-                 "rounding_seed": self.rounding_seed}
-        if self.schedule is not None:
-            state["_device_schedule"] = self._device_schedule
-        return state
+        return {**super().__getstate__(), "backend": self.backend, "max_grad_norm": self.max_grad_norm,
+                "unscale_in_step": self.unscale_in_step, "_device_schedule": self._device_schedule,
+                "param_rounding": self.param_rounding, "rounding_seed": self.rounding_seed}
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -375,7 +375,6 @@ class FusedOptimizer(Optimizer):
         self.__dict__.setdefault("max_grad_norm", None)
         self.__dict__.setdefault("unscale_in_step", True)
         self.__dict__.setdefault("last_grad_norm", None)
-        self.__dict__.setdefault("schedule", None)
         self.__dict__.setdefault("_device_schedule", None)
         self.__dict__.setdefault("param_rounding", "nearest")
         self.__dict__.setdefault("rounding_seed", 0)

@@ -44,6 +44,6 @@ def rounded_reference_step(optimizer, group, params, grads):
             if optimizer.param_rounding == "master":
                 p.copy_(target)
             else:  # on the local shards of DTensors: the random bits are drawn per shard
-                rounded = reference.stochastic_round_to_bfloat16(distributed.local_tensor(target),
-                                                                 (optimizer.rounding_seed, count, index))
-                distributed.local_tensor(p).copy_(rounded)
+                bf16_values = reference.stochastic_round_to_bfloat16(distributed.local_tensor(target),
+                                                                     (optimizer.rounding_seed, count, index))
+                distributed.local_tensor(p).copy_(bf16_values)
