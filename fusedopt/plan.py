@@ -15,8 +15,7 @@ import operator
 
 import torch
 
-from . import distributed
-from . import epilogue
+from . import distributed, epilogue
 from .backends import cpu_kernels_take, load_kernels
 from .state import is_counted, state_changes
 
@@ -159,12 +158,10 @@ class KernelBucket:
     DTensor params take part through their local shards: the table names the shards of param,
     grad, states and master, and the shards are looked up again at every step."""
 
-    def __init__(self, optimizer, group, params, grads, indices, kernels, table_class=None):
+    def __init__(self, optimizer, group, params, grads, indices, table_class):
+        """`table_class`: the Triton kernels' TensorTable, or the numba CPU kernels' (fusedopt.cpu)."""
         self.params = params
         self.device = distributed.local_tensor(params[0]).device
-        # the numba CPU kernels' table (fusedopt.cpu), else the Triton kernels'
-        table_class = table_class or kernels.TensorTable
-        self.on_cpu_kernels = table_class is not kernels.TensorTable
         self.indices = indices  # positions in the group's list of params with grads; None: all
         self.complex = any(p.is_complex() for p in params)
         self.sharded = any(map(distributed.is_dtensor, params))
@@ -263,7 +260,7 @@ class KernelBucket:
         """[(partial, non-finite count, norm group)] of this bucket's grads: one reduction launch,
         the block partials summed (maxed) per norm group. On the numba CPU kernels' buckets: torch's
         per-tensor norms over the grads, the very numbers the reference path's composition gives."""
-        if self.on_cpu_kernels:
+        if self.table.cpu_kernels:
             return epilogue.torch_norm_partials([p.grad for p in self.params], norm_type, grad_scale)
         if self.table.num_blocks == 0:  # only empty shards here
             zero = torch.zeros((), dtype=torch.float64 if self.table.dtype == torch.float64 else torch.float32,
@@ -319,8 +316,7 @@ class GroupPlan:
             members = [params[i] for i in indices]
             if len(indices) == len(params):
                 indices = None  # the common case: one bucket takes the group's grads as they are
-            bucket = KernelBucket(optimizer, group, members, [p.grad for p in members], indices, kernels,
-                                  table_classes[key])
+            bucket = KernelBucket(optimizer, group, members, [p.grad for p in members], indices, table_classes[key])
             self.rebuild_next_step |= bool(bucket.fresh_states)
             self.buckets.append(bucket)
 

@@ -55,7 +55,7 @@ def cpu_optimizer(rule, params, **options):
 def on_cpu_kernels(optimizer):
     """Every param of the optimizer is in a numba CPU bucket (none left to the reference)."""
     plans = list(optimizer._plans.values())
-    return plans and all(not plan.reference_params and all(b.on_cpu_kernels for b in plan.buckets) for plan in plans)
+    return plans and all(not plan.reference_params and all(b.table.cpu_kernels for b in plan.buckets) for plan in plans)
 
 
 def run_beside(rule, params, options, expected_factory, *, steps=STEPS, **checks):
