@@ -33,4 +33,3 @@ def backend(request, device):
     if request.param == "triton" and not kernels_runnable(device):
         pytest.skip("the triton backend needs CUDA or TRITON_INTERPRET=1 for CPU tensors")
     return request.param
-

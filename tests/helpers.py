@@ -392,3 +392,18 @@ def assert_states_match(actual, expected, **tolerance):
             else:
                 assert got.shape == want.shape, f"param {index} {key!r}"
                 torch_assert_close(got, want, **tolerance, msg=lambda m: f"param {index} {key!r}: {m}")
+
+
+# ---- a small regression model for training-loop tests (compile patterns, AMP, Lightning) ----
+
+
+def regression_model():
+    """A seeded 8-16-1 tanh MLP."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+
+def regression_batches(count):
+    """`count` seeded (input, target) batches of 4 for regression_model."""
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(4, 8, generator=generator), torch.randn(4, 1, generator=generator)) for _ in range(count)]

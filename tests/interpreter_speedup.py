@@ -18,22 +18,23 @@ def patch_the_language_once_per_launch():
     import triton.language as tl
 
     languages = (tl, tl.core)
-    launch = {"running": False, "patched": set()}  # the language modules patched in this launch
+    launch = {"patched": None}  # while a launch runs: the language modules patched in it
 
     def run_launch(self, *args, **kwargs):
-        launch["running"], launch["patched"] = True, set()
+        launch["patched"] = set()
         try:
             return grid_call(self, *args, **kwargs)
         finally:
-            launch["running"], launch["patched"] = False, set()
+            launch["patched"] = None
 
     def patched_once(fn):
-        modules = {id(value) for value in fn.__globals__.values()
-                   if inspect.ismodule(value) and any(value is language for language in languages)}
-        if launch["running"] and modules <= launch["patched"]:
-            return scope_type()
-        if launch["running"]:
-            launch["patched"] |= modules
+        patched = launch["patched"]
+        if patched is not None:
+            modules = {id(value) for value in fn.__globals__.values()
+                       if inspect.ismodule(value) and any(value is language for language in languages)}
+            if modules <= patched:
+                return scope_type()
+            patched |= modules
         return patch_lang(fn)
 
     interpreter.GridExecutor.__call__ = run_launch

@@ -15,21 +15,11 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 import fusedopt
-from helpers import OPTIMIZERS, RULES, STATEFUL
+from helpers import OPTIMIZERS, RULES, STATEFUL, regression_batches, regression_model
 
 BACKENDS = ["torch", "triton", "numba"]
 STEPS = 6  # the LinearLR below changes the lr at each of the first 4
 LR = 0.01
-
-
-def make_model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-
-
-def batches():
-    generator = torch.Generator().manual_seed(1)
-    return [(torch.randn(4, 8, generator=generator), torch.randn(4, 1, generator=generator)) for _ in range(STEPS)]
 
 
 def make_optimizer(rule, params, backend, tensor_lr):
@@ -48,7 +38,7 @@ class Run:
     def __init__(self, rule, backend, pattern, tensor_lr=False, compiler="aot_eager"):
         torch._dynamo.reset()
         counters.clear()
-        model = make_model()
+        model = regression_model()
         optimizer = make_optimizer(rule, model.parameters(), backend, tensor_lr)
         scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.25, total_iters=4)
         counter = CompileCounterWithBackend(compiler)
@@ -70,7 +60,7 @@ class Run:
         elif pattern == "c":
             train_step = torch.compile(train_step, backend=counter)
         self.frames = []
-        for x, y in batches():
+        for x, y in regression_batches(STEPS):
             train_step(x, y)
             self.frames.append(counter.frame_count)
         self.breaks = sum(counters["graph_break"].values())

@@ -9,20 +9,10 @@ import pytest
 import torch
 
 import fusedopt
-from helpers import OPTIMIZERS, RULES, STATEFUL
+from helpers import OPTIMIZERS, RULES, STATEFUL, regression_batches, regression_model
 
 BACKENDS = ["torch", "triton", "numba"]
 MAX_NORM = 0.5
-
-
-def make_model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-
-
-def batches(count=5):
-    generator = torch.Generator().manual_seed(1)
-    return [(torch.randn(4, 8, generator=generator), torch.randn(4, 1, generator=generator)) for _ in range(count)]
 
 
 def options(rule):
@@ -31,10 +21,10 @@ def options(rule):
 
 def scaler_run(make_optimizer):
     """Five AMP steps with clipping; the third one's grads hold an inf (the scaler skips it)."""
-    model = make_model()
+    model = regression_model()
     optimizer = make_optimizer(model.parameters())
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-    for index, (x, y) in enumerate(batches()):
+    for index, (x, y) in enumerate(regression_batches(5)):
         loss = torch.nn.functional.mse_loss(model(x), y)
         scaler.scale(loss).backward()
         if index == 2:
@@ -79,7 +69,7 @@ def lightning_run(make_optimizer, precision):
     class Module(lightning.LightningModule):
         def __init__(self):
             super().__init__()
-            self.net = make_model()
+            self.net = regression_model()
 
         def training_step(self, batch, index):
             x, y = batch
@@ -88,7 +78,7 @@ def lightning_run(make_optimizer, precision):
         def configure_optimizers(self):
             return make_optimizer(self.parameters())
 
-    x, y = zip(*batches(4))
+    x, y = zip(*regression_batches(4))
     data = torch.utils.data.TensorDataset(torch.cat(x), torch.cat(y))
     module = Module()
     trainer = lightning.Trainer(accelerator="cpu", devices=1, precision=precision, gradient_clip_val=MAX_NORM,
