@@ -28,8 +28,44 @@ def device(request):
     return request.param
 
 
-@pytest.fixture(params=BACKENDS)
+# The kernels that are fastest for a device's tensors.
+DEVICE_KERNELS = {"cpu": "numba", "cuda": "triton"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "triton_tables: in a module of host-logic tests, also run on the "
+                            "Triton kernels (the test is about their cached tensor tables)")
+
+
+def pytest_generate_tests(metafunc):
+    """`backend` for each test that asks for it: BACKENDS, or the module's own list. A module
+    whose tests are about host logic every kernel backend shares (the API, checkpoints) lists
+    "torch" and "kernels": the reference and the kernels fastest on the test's device (numba on
+    the CPU, much cheaper than Triton's interpreter); a test there marked `triton_tables` runs on
+    the Triton kernels too."""
+    if "backend" not in metafunc.fixturenames or _parametrizes(metafunc, "backend"):
+        return
+    backends = list(getattr(metafunc.module, "BACKENDS", BACKENDS))
+    if metafunc.definition.get_closest_marker("triton_tables") and "triton" not in backends:
+        backends.append("triton")
+    metafunc.parametrize("backend", backends, indirect=True)
+
+
+def _parametrizes(metafunc, name):
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0]
+        if name in ([part.strip() for part in names.split(",")] if isinstance(names, str) else names):
+            return True
+    return False
+
+
+@pytest.fixture
 def backend(request, device):
-    if request.param == "triton" and not kernels_runnable(device):
+    backend = request.param
+    if backend == "kernels":
+        backend = DEVICE_KERNELS[device]
+    elif backend == "triton" and "kernels" in getattr(request.module, "BACKENDS", ()) and device == "cuda":
+        pytest.skip("on CUDA tensors the triton backend is this module's `kernels` already")
+    if backend == "triton" and not kernels_runnable(device):
         pytest.skip("the triton backend needs CUDA or TRITON_INTERPRET=1 for CPU tensors")
-    return request.param
+    return backend

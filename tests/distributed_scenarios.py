@@ -20,7 +20,8 @@ Rendezvous goes through a FileStore in the spawn's directory (no listening port 
 own sockets are on the loopback interface (127.0.0.1, ports chosen by the OS).
 
 Phases run in order: "save1" (1 rank: checkpoints to load on 2 ranks), "world2" (2 ranks:
-everything else, including saving checkpoints for 1 rank; one spawn per backend), "load1" (1 rank).
+everything else, including saving checkpoints for 1 rank; one spawn for the torch backend, one
+for the kernels), "load1" (1 rank).
 """
 import os
 
@@ -54,6 +55,10 @@ from fusedopt.registry import RULES as REGISTRY
 # ---- the scenarios' setting ----
 
 BACKENDS = ("torch", "triton")
+# Where a kind of scenario tests host plumbing that every kernel backend shares (DDP, ZeRO,
+# checkpoints: the same plans and tensor-table checks), the kernels it runs on: numba's, much
+# cheaper than Triton's interpreter. Triton keeps every FSDP2 trajectory, clip, AMP and bf16 kind.
+PLUMBING_KERNELS = "numba"
 RULES = tuple(REGISTRY)
 CLASSES = {name: (info.optimizer, info.torch_optimizer) for name, info in REGISTRY.items()}
 # Options that give each rule's every state tensor something to do (a rule not listed: its
@@ -75,7 +80,7 @@ GLOBAL_BATCH = 8
 RTOL, ATOL = 1e-5, 1e-6
 
 PHASES = {"save1": 1, "world2": 2, "load1": 1}  # phase -> world size, in the order they run
-SPLIT_PHASES = {"world2"}  # run as one spawn per backend (each well within ATTEMPT_TIMEOUT_S)
+SPLIT_PHASES = {"world2"}  # one spawn for the torch backend, one for the kernels (each well within ATTEMPT_TIMEOUT_S)
 
 ATTEMPT_TIMEOUT_S = 240  # one spawn, start to end
 STALL_TIMEOUT_S = 150    # no scenario finishing for this long: the spawn is stopped
@@ -167,6 +172,30 @@ def full(tensor):
     return tensor.full_tensor() if is_dtensor(tensor) else tensor
 
 
+def full_values(tensors):
+    """The global values of `tensors` (detached; a DTensor assembled from every rank's shard, one
+    collective for all of them; others as they are). Every rank calls it with the same DTensors in
+    the same order; a replicated part holds this rank's copy, as full_tensor() would."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    tensors = [t.detach() for t in tensors]
+    sharded = [i for i, t in enumerate(tensors) if is_dtensor(t)]
+    if not sharded:
+        return tensors
+    shards = [(tensors[i].to_local().cpu(), compute_local_shape_and_global_offset(
+        tensors[i].shape, tensors[i].device_mesh, tensors[i].placements)[1]) for i in sharded]
+    by_rank = [None] * WORLD.world_size
+    dist().all_gather_object(by_rank, shards)
+    by_rank.append(by_rank.pop(WORLD.rank))  # this rank's shards last: its copy of a replicated part wins
+    for k, i in enumerate(sharded):
+        whole = torch.empty(tensors[i].shape, dtype=tensors[i].dtype)
+        for rank_shards in by_rank:
+            local, offset = rank_shards[k]
+            whole[tuple(slice(start, start + size) for start, size in zip(offset, local.shape))] = local
+        tensors[i] = whole
+    return tensors
+
+
 def launch_count():
     from fusedopt import kernels
 
@@ -250,8 +279,12 @@ def compare_tensor(actual, expected, name, rtol=RTOL, atol=ATOL):
 
 def full_states(states):
     """{key: {state name: global value}} of {key: param state}, in a fixed order on every rank."""
-    return {key: {name: full(value) if torch.is_tensor(value) else value for name, value in sorted(state.items())}
-            for key, state in states.items()}
+    entries = [(key, name, value) for key, state in states.items() for name, value in sorted(state.items())]
+    tensors = iter(full_values([value for _, _, value in entries if torch.is_tensor(value)]))
+    result = {key: {} for key in states}
+    for key, name, value in entries:
+        result[key][name] = next(tensors) if torch.is_tensor(value) else value
+    return result
 
 
 def compare_states(actual, expected, rtol=RTOL, atol=ATOL, where=""):
@@ -295,17 +328,20 @@ def named_states(model, optimizer):
 def compare_runs(fused_model, fused, torch_model, expected, rtol=RTOL, atol=ATOL):
     """Params (global values) and every state tensor of the fusedopt run against torch.optim's."""
     problems = []
-    mine, theirs = dict(fused_model.named_parameters()), dict(torch_model.named_parameters())
-    for name, p in mine.items():
-        problems += compare_tensor(full(p.detach()), full(theirs[name].detach()), f"param {name}", rtol, atol)
+    names = [name for name, _ in fused_model.named_parameters()]
+    theirs = dict(torch_model.named_parameters())
+    values = full_values([p for _, p in fused_model.named_parameters()] + [theirs[name] for name in names])
+    for name, mine, torch_value in zip(names, values[:len(names)], values[len(names):]):
+        problems += compare_tensor(mine, torch_value, f"param {name}", rtol, atol)
     return problems + compare_states(named_states(fused_model, fused), named_states(torch_model, expected),
                                      rtol, atol)
 
 
 def snapshot(model, optimizer):
     """Clones of every param's and state tensor's global value."""
-    params = {name: full(p.detach()).clone() for name, p in model.named_parameters()}
-    states = {name: {key: full(v).clone() if torch.is_tensor(v) else v for key, v in state.items()}
+    names = [name for name, _ in model.named_parameters()]
+    params = dict(zip(names, (value.clone() for value in full_values([p for _, p in model.named_parameters()]))))
+    states = {name: {key: v.clone() if torch.is_tensor(v) else v for key, v in state.items()}
               for name, state in full_states(named_states(model, optimizer)).items()}
     return params, states
 
@@ -917,13 +953,14 @@ def _register_all():
     failing = register("harness", harness_fails_on_one_rank, case="fails-on-one-rank")
     register("harness", harness_collective, runs_with=[failing], case="collective-after-a-failure")
     for backend in BACKENDS:
+        plumbing = backend if backend == "torch" else PLUMBING_KERNELS
         for rule in RULES:
             register("fsdp2-trajectory", fsdp2_trajectory, rule=rule, backend=backend)
             register("fsdp2-groups", fsdp2_trajectory, rule=rule, backend=backend, unnamed=dict(groups=True))
-            register("ddp", ddp_trajectory, rule=rule, backend=backend)
+            register("ddp", ddp_trajectory, rule=rule, backend=plumbing)
             register("tp", tp_trajectory, rule=rule, backend=backend)
             for bucket_view in (False, True):
-                register("zero", zero_trajectory, rule=rule, backend=backend, bucket_view=bucket_view)
+                register("zero", zero_trajectory, rule=rule, backend=plumbing, bucket_view=bucket_view)
             for scaler in SCALERS:
                 register("amp", fsdp2_amp, rule=rule, backend=backend, scaler=scaler)
             register("amp-inf", fsdp2_amp, rule=rule, backend=backend, scaler="sharded_grad_scaler",
@@ -932,13 +969,13 @@ def _register_all():
             register("bf16-stochastic", fsdp2_bf16_stochastic, rule=rule, backend=backend)
             for source in ("torch", "fused"):
                 for via in ("state_dict", "dcp"):
-                    register("dcp-transfer", dcp_transfer, source=source, via=via, rule=rule, backend=backend)
+                    register("dcp-transfer", dcp_transfer, source=source, via=via, rule=rule, backend=plumbing)
             saved_on_1 = register("reshard-save", dcp_reshard_save, phase="save1", tag="1to2", rule=rule,
-                                  backend=backend)
-            register("reshard-load", dcp_reshard_load, needs=[saved_on_1], tag="1to2", rule=rule, backend=backend)
-            saved_on_2 = register("reshard-save", dcp_reshard_save, tag="2to1", rule=rule, backend=backend)
+                                  backend=plumbing)
+            register("reshard-load", dcp_reshard_load, needs=[saved_on_1], tag="1to2", rule=rule, backend=plumbing)
+            saved_on_2 = register("reshard-save", dcp_reshard_save, tag="2to1", rule=rule, backend=plumbing)
             register("reshard-load", dcp_reshard_load, phase="load1", needs=[saved_on_2], tag="2to1", rule=rule,
-                     backend=backend)
+                     backend=plumbing)
         for rule in ("sgd", "adamw"):
             for scaler in SCALERS:
                 register("amp-clip", fsdp2_amp, rule=rule, backend=backend, scaler=scaler, unnamed=dict(flow="clip"))
@@ -967,7 +1004,8 @@ def run_phase(phase, scenario_names, workdir, **limits):
     order = [name for name in SCENARIOS if name in set(scenario_names)]
     assert all(SCENARIOS[name].phase == phase for name in order)
     split = phase in SPLIT_PHASES
-    spawn_group = lambda name: SCENARIOS[name].kwargs.get("backend", BACKENDS[0]) if split else "all"
+    spawn_group = lambda name: ("torch" if SCENARIOS[name].kwargs.get("backend", "torch") == "torch" else "kernels"
+                                ) if split else "all"
     results = {}
     for group in dict.fromkeys(map(spawn_group, order)):
         results.update(_run_spawns(f"{phase}-{group}", PHASES[phase], [n for n in order if spawn_group(n) == group],

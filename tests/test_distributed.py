@@ -475,9 +475,9 @@ def test_ddp_params_and_states_match_torch_optim(outcome):
 
 
 @pytest.mark.parametrize("scenario", DDP)
-def test_ddp_step_launches_one_kernel_with_triton_and_none_with_torch(outcome, scenario):
+def test_ddp_step_launches_one_kernel_with_the_kernels_and_none_with_torch(outcome, scenario):
     ranks = outcome.values()
-    expected = 1 if backend_of(scenario) == "triton" else 0
+    expected = 0 if backend_of(scenario) == "torch" else 1
     assert [value["launches"] for value in ranks] == [[expected] * STEPS] * len(ranks)
 
 
