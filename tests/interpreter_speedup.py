@@ -19,6 +19,13 @@ def patch_the_language_once_per_launch():
 
     languages = (tl, tl.core)
     launch = {"patched": None}  # while a launch runs: the language modules patched in it
+    modules_of = {}  # helper function -> ids of the language modules among its globals
+
+    def language_modules(fn):
+        if fn not in modules_of:
+            modules_of[fn] = frozenset(id(value) for value in fn.__globals__.values()
+                                       if inspect.ismodule(value) and any(value is language for language in languages))
+        return modules_of[fn]
 
     def run_launch(self, *args, **kwargs):
         launch["patched"] = set()
@@ -30,8 +37,7 @@ def patch_the_language_once_per_launch():
     def patched_once(fn):
         patched = launch["patched"]
         if patched is not None:
-            modules = {id(value) for value in fn.__globals__.values()
-                       if inspect.ismodule(value) and any(value is language for language in languages)}
+            modules = language_modules(fn)
             if modules <= patched:
                 return scope_type()
             patched |= modules
