@@ -1,6 +1,6 @@
 """bf16 params without fp32 copies in the model: stochastic rounding of the updated param
 (unbiased, reproducible from the seed and the step) and fp32 master weights in the optimizer state
-(the bf16 param is the master rounded to nearest), on both backends."""
+(the bf16 param is the master rounded to nearest), on every backend."""
 import pytest
 import torch
 
@@ -12,6 +12,7 @@ from conftest import kernels_runnable
 
 RULES = {name: (info.optimizer, info.stateful) for name, info in REGISTRY.items()}
 ULP_AT_ONE = 2.0**-7  # bf16 spacing in [1, 2)
+BACKENDS = ["torch", "triton", "kernels"]  # on the CPU: the reference, Triton's and numba's kernels
 
 
 @pytest.fixture
@@ -48,6 +49,21 @@ def test_stochastic_rounding_is_unbiased_over_many_steps(rounding_backend, devic
         optimizer.step()
     expected = 1.0 + 20 * 0.1 * ULP_AT_ONE
     assert param.detach().float().mean().item() == pytest.approx(expected, abs=0.02 * ULP_AT_ONE * 20 ** 0.5)
+
+
+def test_each_step_draws_fresh_random_bits(rounding_backend, device):
+    """Steps of 0.3 ulp from 1.0: at each step an element rounds up with probability 0.3, whatever
+    the steps before drew, so after k steps a fraction 1 - 0.7^k has moved. Bits drawn alike at
+    every step would move the same 30% each time."""
+    numel = 20_000
+    param = torch.ones(numel, dtype=torch.bfloat16, device=device, requires_grad=True)
+    optimizer = fusedopt.SGD([param], lr=1.0, stochastic_rounding=True, backend=rounding_backend)
+    for step in range(1, 5):
+        param.grad = torch.full_like(param, -0.3 * ULP_AT_ONE)
+        optimizer.step()
+        moved = (param.detach().float() > 1.0).float().mean().item()
+        expected = 1 - 0.7**step
+        assert abs(moved - expected) < 5 * (expected * (1 - expected) / numel) ** 0.5, (step, moved, expected)
 
 
 @pytest.mark.parametrize("rule", list(RULES))

@@ -293,7 +293,7 @@ def run_blocks(walk, element, block_scalars, table, blocks, block, like, master_
         return
     present0, present1, present2 = flags[PRESENT0] != 0, flags[PRESENT1] != 0, flags[PRESENT2] != 0
     rounding, reads_steps, reads_extra = flags[ROUNDING], flags[READS_STEPS] != 0, flags[READS_EXTRA] != 0
-    seed, count = flags[SEED], flags[COUNT]
+    seed, group_step = flags[SEED], flags[COUNT]
     inv_scale, clip = to_compute(numbers[INV_SCALE], like), to_compute(numbers[CLIP], like)
     lr, device_lr = numbers[LR], numbers[DEVICE_LR] != 0
     for block_index in prange(blocks.shape[1]):
@@ -322,7 +322,7 @@ def run_blocks(walk, element, block_scalars, table, blocks, block, like, master_
         step = steps[tensor] if reads_steps else 0.0
         extra = table[EXTRA_ROW, tensor] if reads_extra else 0
         coefs = block_scalars(lr, step, extra, scalars, device_lr, like)
-        stream = rounding_stream(seed, count, tensor)
+        stream = rounding_stream(seed, group_step, tensor)
         walk(element, coefs, param, master, grad, (state0, state1, state2), start, count, inv_scale, clip, stream,
              rounding, present0, present1, present2)
 
