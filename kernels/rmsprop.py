@@ -19,7 +19,8 @@ def rmsprop_update(param, grad, states, block_scalars, OPTIONS: tl.constexpr):
     square_avg = square_avg * alpha + one_minus_alpha * grad * grad
     if CENTERED:
         grad_avg = grad_avg + one_minus_alpha * (grad - grad_avg)
-        avg = tl.sqrt(square_avg - grad_avg * grad_avg) + eps
+        # one rounding, as torch's addcmul(grad_avg, grad_avg, value=-1) (sq - gavg^2 cancels)
+        avg = tl.sqrt(tl.fma(-grad_avg, grad_avg, square_avg)) + eps
     else:
         avg = tl.sqrt(square_avg) + eps
     if MOMENTUM:

@@ -404,6 +404,35 @@ def test_nan_and_inf_in_grads_propagate_like_torch(case, device):
     assert all(p.isfinite().view(-1)[4:].all() for p in fused_params if p.numel() > 4)
 
 
+def torch_fuses_addcmul(device):
+    """Whether torch's addcmul(x, y, y, value=-1) on `device` rounds once (an FMA), as torch's CPU
+    and CUDA builds compile it: x - y^2 is then the rounding error of x = y^2, not 0."""
+    y = torch.tensor([0.1, 1.7, 3.3], device=device)
+    return bool(torch.addcmul(y * y, y, y, value=-1).ne(0).any())
+
+
+@pytest.mark.parametrize("backend", ["triton", "numba"])
+def test_centered_rmsprop_variance_is_rounded_once_like_torch(backend, device):
+    """Centered RMSprop's sq - gavg^2 with one rounding, as torch.optim's addcmul computes it:
+    with alpha = 0 it is the rounding error of g^2 (NaN under the root where negative, as in
+    torch), and where g^2 overflows it is inf - inf: NaN unfused, inf in torch (the param stays)."""
+    if backend == "numba" and device != "cpu":
+        pytest.skip("the numba kernels take CPU tensors")
+    if not torch_fuses_addcmul(device):
+        pytest.skip("this torch build rounds addcmul twice")
+    values = [1.0, 2.0, -3.0, 0.5, 1.5]
+    grads = [[0.3, -1.7, 0.1, 1e38, 0.7], [0.5, 0.2, -2.2, 1.0, -0.9]]
+    for alpha in (0.0, 0.99):
+        fused_param, torch_param = (torch.tensor(values, device=device, requires_grad=True) for _ in range(2))
+        fused = fusedopt.RMSprop([fused_param], lr=0.01, alpha=alpha, centered=True, backend=backend)
+        expected = torch.optim.RMSprop([torch_param], lr=0.01, alpha=alpha, centered=True, foreach=False)
+        for grad in grads:
+            fused_param.grad, torch_param.grad = torch.tensor(grad, device=device), torch.tensor(grad, device=device)
+            fused.step()
+            expected.step()
+        assert_close(fused_param.detach(), torch_param.detach(), rtol=1e-6, atol=0, name=f"alpha={alpha}")
+
+
 # ---- learning-rate changes and schedules ----
 
 

@@ -487,7 +487,8 @@ def rmsprop_element(p, g, square_avg, momentum_buffer, grad_avg, coefs, P0, MOME
     square_avg = square_avg * alpha + one_minus_alpha * g * g
     if CENTERED:
         grad_avg = lerp(grad_avg, g, one_minus_alpha)
-        avg = np.sqrt(square_avg - grad_avg * grad_avg) + eps
+        # one rounding, as torch's addcmul(grad_avg, grad_avg, value=-1) (sq - gavg^2 cancels)
+        avg = np.sqrt(fused_multiply_add(-grad_avg, grad_avg, square_avg)) + eps
     else:
         avg = np.sqrt(square_avg) + eps
     if MOMENTUM:
