@@ -1,6 +1,7 @@
 """The shared base class: params with grads -> lazily created state (torch.optim's keys) ->
 buckets keyed by (device, dtype) -> one backend call per bucket.
 """
+import collections
 import itertools
 import operator
 
@@ -252,6 +253,7 @@ class FusedOptimizer(Optimizer):
         """(index, group, plan) for each group with grads, each plan checked against the tensors
         held now (and planned again where they changed)."""
         plans = []
+        listed = None  # how many groups list each param, counted when a group is planned
         for index, group in enumerate(self.param_groups):
             params = group["params"]
             grads = list(map(_grad_of, params))
@@ -261,8 +263,10 @@ class FusedOptimizer(Optimizer):
             if not params:
                 continue
             plan = self._plans.get(index)
-            if plan is None or not plan.current(self, params, grads, self.structure(group)):
-                plan = self._plans[index] = GroupPlan(self, group, list(params), grads)
+            if plan is None or not plan.current(self, group, params, grads):
+                listed = listed or collections.Counter(id(p) for g in self.param_groups for p in set(g["params"]))
+                in_other_groups = {id(p) for p in params if listed[id(p)] > 1}
+                plan = self._plans[index] = GroupPlan(self, group, list(params), grads, in_other_groups)
             plans.append((index, group, plan))
         return plans
 

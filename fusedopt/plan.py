@@ -9,7 +9,14 @@ device, shape and strides; otherwise the group is planned again, and whatever no
 kernel goes to the reference. It costs, per step, one comparison of each address list and one
 layout comparison in C++ over the bucket's tensors; whether any state dict changed is a single
 counter (fusedopt.state).
+
+The launches run before the reference's per-tensor steps, so what they touch must not meet what
+any other param's step touches where either writes it (grads that alias params, states or step
+counts, overlapping params, a param listed in two groups): such params go to the reference, which
+steps them one after another as torch does, and a grad that moves into memory the group's step
+writes sends the group to be planned again.
 """
+import bisect
 import itertools
 import operator
 
@@ -148,8 +155,30 @@ def overlapping(spans):
 
 
 def memory_span(tensor, writable, owner):
+    """(start, end, writable, owner): the bytes from `tensor`'s first element to past its last,
+    all it can reach whatever its strides (a kernel's dense tensors: numel elements)."""
     start = tensor.data_ptr()
-    return start, start + tensor.numel() * tensor.element_size(), writable, owner
+    if tensor.numel() == 0:
+        return start, start, writable, owner
+    reach = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    return start, start + reach * tensor.element_size(), writable, owner
+
+
+def disjoint(spans):
+    """[start, end) spans merged where they overlap or touch, sorted."""
+    merged = []
+    for start, end in sorted(span for span in spans if span[1] > span[0]):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [tuple(span) for span in merged]
+
+
+def into(spans, start, end):
+    """Whether [start, end) overlaps one of the disjoint sorted `spans`."""
+    index = bisect.bisect_left(spans, (end,)) - 1
+    return end > start and index >= 0 and spans[index][1] > start
 
 
 class KernelBucket:
@@ -196,11 +225,8 @@ class KernelBucket:
         local = distributed.local_tensor
         self.table = table_class(list(map(local, params)), list(map(local, grads)),
                                          [list(map(local, role)) for role in roles], extra)
-        fixed_local = list(map(local, self.fixed))
-        # The memory the kernel writes: a grad that moves into it (p.grad = p.detach(), a state
-        # as a grad) sends the group to be planned again.
-        written = sorted(memory_span(t, True, None)[:2] for t in fixed_local if t.numel())
-        self.tensor_check = table_check(fixed_local + step_views, list(map(local, grads)), written)
+        self._local_fixed, self._local_grads = list(map(local, self.fixed)), list(map(local, grads))
+        self.tensor_check = None  # made by watch(), once the group's written memory is known
         self.norm_groups = list(dict.fromkeys(map(distributed.norm_group, grads)))
         self.block_norm_group = None
         if len(self.norm_groups) > 1:  # which group each block's norm partial is reduced over
@@ -212,6 +238,21 @@ class KernelBucket:
         self.state_values = state_values(optimizer.state, params) if self.keeps_state else None
         self.seen_changes = state_changes()
         self.counted = self.keeps_state and is_counted(optimizer.state, params)
+
+    def written_spans(self):
+        """The memory its launch writes: params, states, masters and step counts."""
+        spans = [memory_span(t, True, None)[:2] for t in self._local_fixed]
+        if self.steps is not None:
+            spans.append(memory_span(self.steps, True, None)[:2])
+        return spans
+
+    def watch(self, written):
+        """Check before each launch that the tensors are the table's; `written`: the memory the
+        group's step writes (disjoint sorted spans), which a grad that moves must not reach
+        (p.grad = p.detach(), a state or another bucket's param as a grad): the group is then
+        planned again, and the planner sends such params to the reference."""
+        self.tensor_check = table_check(self._local_fixed + self.step_views, self._local_grads, written)
+        del self._local_fixed, self._local_grads
 
     def current(self, optimizer, grads):
         """True while the table names exactly the tensors held now (the grad row is re-pointed if
@@ -285,7 +326,9 @@ class GroupPlan:
     Valid while the same params have grads, the group's structure stays, and every bucket's table
     names the tensors held now (KernelBucket.current)."""
 
-    def __init__(self, optimizer, group, params, grads):
+    def __init__(self, optimizer, group, params, grads, in_other_groups=frozenset()):
+        """`in_other_groups`: ids of params listed in other groups too (torch steps them once per
+        group, one after the other: the reference)."""
         self.params = params
         self.structure = optimizer.structure(group)
         self.buckets = []
@@ -300,14 +343,15 @@ class GroupPlan:
         for p in params:
             counts[id(p)] = counts.get(id(p), 0) + 1
         candidates = [index for index, p in enumerate(params) if on_kernels[index] and counts[id(p)] == 1
-                      and self._fits(optimizer, group, p, grads[index], kernels)]
+                      and id(p) not in in_other_groups and self._fits(optimizer, group, p, grads[index], kernels)]
         candidates = self._without_shared_memory(optimizer, group, params, grads, candidates)
         by_bucket = {}
         for index in candidates:
             local = distributed.local_tensor(params[index])
             dtype = torch.view_as_real(local).dtype if local.is_complex() else local.dtype
-            by_bucket.setdefault((local.device, dtype), []).append(index)
-        table_classes = {key: self._table_class(optimizer, group, *key, kernels) for key in by_bucket}
+            step = optimizer.state[params[index]].get("step") if optimizer.has_step else None
+            by_bucket.setdefault((local.device, dtype, None if step is None else step.dtype), []).append(index)
+        table_classes = {key: self._table_class(optimizer, group, *key[:2], kernels) for key in by_bucket}
         # a rule whose CPU kernel did not compile for a dtype: the reference takes those params
         by_bucket = {key: indices for key, indices in by_bucket.items() if table_classes[key] is not None}
         on_bucket = {index for indices in by_bucket.values() for index in indices}
@@ -319,6 +363,14 @@ class GroupPlan:
             bucket = KernelBucket(optimizer, group, members, [p.grad for p in members], indices, table_classes[key])
             self.rebuild_next_step |= bool(bucket.fresh_states)
             self.buckets.append(bucket)
+        # The reference params' memory as planned: their updates and the kernels' must not meet
+        # (the reference runs after the launches; torch steps one param after another).
+        kernel_written = [span for bucket in self.buckets for span in bucket.written_spans()]
+        self.kernel_written = disjoint(kernel_written)
+        self.reference_written = self._reference_written(optimizer, group) if self.buckets else []
+        written = disjoint(kernel_written + self.reference_written)
+        for bucket in self.buckets:
+            bucket.watch(written)
 
     @staticmethod
     def _table_class(optimizer, group, device, dtype, kernels):
@@ -339,6 +391,19 @@ class GroupPlan:
         master = state.get("master_param") if optimizer.keeps_master(param) else None
         return tensors, master
 
+    @classmethod
+    def _written_tensors(cls, optimizer, group, param):
+        """What a step of `param` writes: the param, its states, master copy and step count."""
+        states, master = cls._state_tensors(optimizer, group, param)
+        step = optimizer.state.get(param, {}).get("step") if optimizer.has_step else None
+        return [param, *states, *([] if master is None else [master]),
+                *([step] if torch.is_tensor(step) else [])]
+
+    def _reference_written(self, optimizer, group):
+        local = distributed.local_tensor
+        return [memory_span(local(tensor), True, None)[:2] for p in self.reference_params
+                for tensor in self._written_tensors(optimizer, group, p) if tensor.layout == torch.strided]
+
     def _fits(self, optimizer, group, param, grad, kernels):
         """Whether param, grad, states and master can be walked by a kernel: their local shards,
         for a DTensor param, whose grad and states must then be split as the param is."""
@@ -346,31 +411,52 @@ class GroupPlan:
         others = (grad, *states, *([] if master is None else [master]))
         if not all(distributed.same_sharding(param, t) for t in others):
             return False
+        step = optimizer.state[param].get("step") if optimizer.has_step else None
+        if step is not None and step.dtype not in (torch.float32, torch.float64):
+            return False  # counted in its own dtype, as torch does (a bf16 count stops at 256)
         local = distributed.local_tensor
         on_cpu_kernels = cpu_kernels_take(optimizer.backend, local(param).device) or None
         return kernels.fits_kernel(local(param), local(grad), list(map(local, states)),
                                    None if master is None else local(master), cpu_kernels=on_cpu_kernels)
 
     def _without_shared_memory(self, optimizer, group, params, grads, candidates):
+        """The candidates whose memory (param, states, master, step count written; grad read)
+        meets no other param's where either writes it, the reference-bound params' included:
+        torch steps such params one after another, and so does the reference."""
         spans = []
         local = distributed.local_tensor
-        for index in candidates:
-            spans.append(memory_span(local(grads[index]), False, index))
-            states, master = self._state_tensors(optimizer, group, params[index])
-            for tensor in (params[index], *states, *([] if master is None else [master])):
-                spans.append(memory_span(local(tensor), True, index))
+        for index, param in enumerate(params):
+            for tensor, writable in ((grads[index], False),
+                                     *((t, True) for t in self._written_tensors(optimizer, group, param))):
+                tensor = local(tensor)
+                if tensor.layout == torch.strided:
+                    spans.append(memory_span(tensor, writable, index))
         shared = overlapping([span for span in spans if span[1] > span[0]])
         return [index for index in candidates if index not in shared]
 
-    def current(self, optimizer, params, grads, structure):
+    def current(self, optimizer, group, params, grads):
         """True while this plan steps these params with these grads (see KernelBucket.current)."""
         if len(params) != len(self.params) or not all(map(operator.is_, params, self.params)):
             return False
-        if structure != self.structure:
+        if optimizer.structure(group) != self.structure:
+            return False
+        if self.reference_params and self.buckets and not self._reference_current(optimizer, group):
             return False
         for bucket in self.buckets:
             bucket_grads = grads if bucket.indices is None else [grads[i] for i in bucket.indices]
             if not bucket.current(optimizer, bucket_grads):
+                return False
+        return True
+
+    def _reference_current(self, optimizer, group):
+        """Whether the reference params' memory is where it was planned, and none of their grads
+        reaches what the kernels write."""
+        if self._reference_written(optimizer, group) != self.reference_written:
+            return False
+        local = distributed.local_tensor
+        for p in self.reference_params:
+            grad = local(p.grad)
+            if grad.layout == torch.strided and into(self.kernel_written, *memory_span(grad, False, None)[:2]):
                 return False
         return True
 

@@ -399,6 +399,39 @@ def test_results_are_bitwise_the_same_at_1_and_2_threads(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
+CONCURRENT_SCRIPT = r"""
+import threading, torch, fusedopt
+def run(seed, results, barrier=None):
+    generator = torch.Generator().manual_seed(seed)
+    params = [torch.randn(n, generator=generator).requires_grad_() for n in (7, 50_000)]
+    optimizer = fusedopt.Adam(params, lr=0.01, backend="numba")
+    for _ in range(10):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator)
+        if barrier is not None:
+            barrier.wait()
+        optimizer.step()
+    results[seed] = [p.detach() for p in params]
+alone, together, barrier = {}, {}, threading.Barrier(2)
+for seed in (0, 1):
+    run(seed, alone)
+threads = [threading.Thread(target=run, args=(seed, together, barrier)) for seed in (0, 1)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+assert all(torch.equal(a, b) for seed in (0, 1) for a, b in zip(alone[seed], together[seed]))
+"""
+
+
+def test_two_threads_stepping_at_once_get_their_own_results_on_any_threading_layer():
+    """numba's workqueue layer (taken where neither OpenMP nor TBB loads) aborts the process when
+    two threads run parallel code at once: the launches take turns."""
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}
+    subprocess.run([sys.executable, "-c", CONCURRENT_SCRIPT], check=True, env=env, timeout=120,
+                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
 # ---- without numba ----
 
 

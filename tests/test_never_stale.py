@@ -1,6 +1,6 @@
 """The kernel path is never stale: whatever ordinary (or odd) training code does to params, grads
 and optimizer state between steps, fusedopt reads and writes exactly the tensors the user holds
-now, and gives torch.optim's result or torch.optim's exception. Both backends, torch.optim
+now, and gives torch.optim's result or torch.optim's exception. Every backend, torch.optim
 (for-loop) as the oracle, every param and state compared."""
 import warnings
 
@@ -16,6 +16,7 @@ from helpers import DEFAULT_LR, OPTIMIZERS, RULES, assert_close, assert_optimize
 # Options under which each rule keeps every state it can have.
 RICH = {rule: dict(lr=DEFAULT_LR[rule], **REGISTRY[rule].richest[0]) for rule in RULES}
 TOLERANCE = dict(rtol=1e-5, atol=1e-6)
+BACKENDS = ["torch", "triton", "kernels"]  # on the CPU: the reference, Triton's and numba's kernels
 
 
 @pytest.fixture(autouse=True, params=["python check", "compiled check"])
@@ -358,6 +359,146 @@ def test_grad_sharing_memory_with_its_param_gives_torchs_result(rule, backend, d
     twins.fused.step()
     twins.expected.step()
     twins.assert_match(rule)
+
+
+def run_beside_torch(rule, make_params, give_grads, steps=4, *, backend, device, arrange=None):
+    """Params from make_params(device) -> (params, tensors to compare) on each side, optional
+    arrange(optimizer, params) once, then give_grads(optimizer, params, step) and a step, `steps`
+    times; every param, state and compared tensor equal to torch.optim's."""
+    fused_class, torch_class = OPTIMIZERS[rule]
+    (fused_params, fused_memory), (torch_params, torch_memory) = make_params(device), make_params(device)
+    fused = fused_class(fused_params, backend=backend, **RICH[rule])
+    expected = torch_class(torch_params, foreach=False, **RICH[rule])
+    if arrange is not None:
+        arrange(fused, fused_params)
+        arrange(expected, torch_params)
+    for step in range(steps):
+        for optimizer, params in ((fused, fused_params), (expected, torch_params)):
+            give_grads(optimizer, params, step)
+            optimizer.step()
+    params = lambda optimizer: [p for group in optimizer.param_groups for p in dict.fromkeys(group["params"])]
+    assert_optimizers_match(fused, expected, params(fused), params(expected), where=rule, **TOLERANCE)
+    for mine, theirs in zip(fused_memory, torch_memory):
+        assert_close(mine, theirs, name="shared memory", **TOLERANCE)
+
+
+def seeded(step, shape, device, dtype=torch.float32):
+    return randn(shape, dtype, device, torch.Generator().manual_seed(100 + step))
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_grad_moved_onto_another_buckets_param_is_read_after_its_update_like_torch(rule, backend, device):
+    """[a fp32, d fp64, b fp32]: two buckets. From step 2, b's grad is a view of d's memory, at a
+    new address with the old layout: torch updates d before it reads b's grad."""
+    def make(device):
+        return [torch.nn.Parameter(seeded(0, (8,), device)), torch.nn.Parameter(seeded(1, (4,), device, torch.float64)),
+                torch.nn.Parameter(seeded(2, (8,), device))], []
+
+    def give(optimizer, params, step):
+        a, d, b = params
+        a.grad, d.grad = seeded(10 + step, (8,), device), seeded(20 + step, (4,), device, torch.float64)
+        b.grad = seeded(30 + step, (8,), device) if step < 2 else d.detach().view(torch.float32)
+
+    run_beside_torch(rule, make, give, backend=backend, device=device)
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("alias", ["kernel grad is a reference param", "reference grad is a kernel param"])
+def test_grads_sharing_memory_with_a_param_the_reference_steps_give_torchs_result(rule, alias, backend, device):
+    """A's transposed grad sends A to the reference; B's grad is A (or A's grad is B's memory):
+    torch updates A, then B, reading each grad when it gets there."""
+    a_shape = (4, 3) if alias == "kernel grad is a reference param" else (3, 4)
+
+    def make(device):
+        return [torch.nn.Parameter(seeded(0, a_shape, device)), torch.nn.Parameter(seeded(1, (4, 3), device))], []
+
+    def give(optimizer, params, step):
+        a, b = params
+        if alias == "kernel grad is a reference param":
+            a.grad, b.grad = seeded(10 + step, (3, 4), device).t(), a.detach()
+        else:
+            a.grad, b.grad = b.detach().t(), seeded(10 + step, (4, 3), device)
+
+    run_beside_torch(rule, make, give, backend=backend, device=device)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_param_overlapping_a_param_the_reference_steps_gives_torchs_result(rule, backend, device):
+    """buf[::2] (not dense: the reference) and buf[:n/2] (dense) share half their memory."""
+    def make(device):
+        buffer = seeded(0, (40,), device)
+        return [torch.nn.Parameter(buffer[::2]), torch.nn.Parameter(buffer[:20])], [buffer]
+
+    def give(optimizer, params, step):
+        for index, p in enumerate(params):
+            p.grad = seeded(10 * step + index, p.shape, device)
+
+    run_beside_torch(rule, make, give, backend=backend, device=device)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_param_listed_in_two_groups_is_stepped_once_per_group_like_torch(rule, backend, device):
+    """torch.optim steps a param appended to a second group's list once per group (its step count
+    twice)."""
+    def make(device):
+        return [torch.nn.Parameter(seeded(0, (16,), device))], []
+
+    def arrange(optimizer, params):
+        optimizer.add_param_group({"params": [torch.nn.Parameter(seeded(1, (16,), device))]})
+        optimizer.param_groups[1]["params"].append(params[0])
+
+    def give(optimizer, params, step):
+        for index, p in enumerate(dict.fromkeys(p for g in optimizer.param_groups for p in g["params"])):
+            p.grad = seeded(10 * step + index, (16,), device)
+
+    run_beside_torch(rule, make, give, backend=backend, device=device, arrange=arrange)
+
+
+@pytest.mark.parametrize("rule", [rule for rule in RULES if REGISTRY[rule].optimizer.has_step])
+@pytest.mark.parametrize("sharing", ["one step tensor for two params", "a step tensor as a grad"])
+def test_step_counts_shared_with_other_tensors_count_like_torch(rule, sharing, backend, device):
+    """torch.optim increments state['step'] in place, param after param: a step tensor two params
+    share counts twice per step; a grad that is a later param's step count is read before it moves."""
+    def make(device):
+        return [torch.nn.Parameter(seeded(0, (), device)), torch.nn.Parameter(seeded(1, (), device))], []
+
+    def arrange(optimizer, params):
+        if sharing == "one step tensor for two params":
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            optimizer.step()  # the states exist; then the second param takes the first's count
+            optimizer.state[params[1]]["step"] = optimizer.state[params[0]]["step"]
+
+    def give(optimizer, params, step):
+        params[0].grad = seeded(10 + step, (), device)
+        params[1].grad = seeded(20 + step, (), device)
+        if sharing == "a step tensor as a grad" and step >= 1:
+            params[0].grad = optimizer.state[params[1]]["step"]
+
+    run_beside_torch(rule, make, give, backend=backend, device=device, arrange=arrange)
+
+
+@pytest.mark.parametrize("rule", [rule for rule in RULES if REGISTRY[rule].optimizer.has_step])
+@pytest.mark.parametrize("step_dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
+                                         (torch.float32, torch.float64)])
+def test_step_counts_of_other_dtypes_count_in_their_dtype_like_torch(rule, step_dtypes, backend, device):
+    """A loaded or hand-set state['step'] of another dtype is counted in it, as torch does (a bf16
+    count stops at 256)."""
+    def make(device):
+        return [torch.nn.Parameter(seeded(index, (5,), device)) for index in range(2)], []
+
+    def arrange(optimizer, params):
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        for p, dtype in zip(params, step_dtypes):
+            optimizer.state[p]["step"] = torch.tensor(250.0, dtype=dtype)
+
+    def give(optimizer, params, step):
+        for index, p in enumerate(params):
+            p.grad = seeded(10 * step + index, (5,), device)
+
+    run_beside_torch(rule, make, give, steps=12, backend=backend, device=device, arrange=arrange)
 
 
 # ---- what the kernels are handed ----

@@ -5,6 +5,7 @@ Imported when a CPU bucket is first planned, not by `import fusedopt`; numba its
 by `available()`. Where numba is missing or cannot compile, one warning and the reference path.
 """
 import os
+import threading
 import warnings
 
 import numpy as np
@@ -29,6 +30,9 @@ KERNEL_NAMES = {sgd.SGD.update: "sgd_kernel", adam.ADAM.update: "adam_kernel", a
 ROUNDING_CODES = {"nearest": 0, "stochastic": 1, "master": 2}
 
 _kernels = None  # fusedopt.cpu.kernels once imported; False where numba is unusable
+# One launch at a time: numba's workqueue layer (where neither OpenMP nor TBB loads) aborts the
+# process when two threads enter parallel code at once; each launch uses every thread anyway.
+_launch_lock = threading.Lock()
 _checked = {}  # (rule, dtype): whether its kernel compiled
 
 
@@ -100,12 +104,19 @@ class CpuTensorTable(multi_tensor.TensorTable):
             return
         kernel = getattr(kernel_module(), KERNEL_NAMES[rule.update])
         multi_tensor.count_launch()
+        arguments = (self.table_array, self.block_array, self.block, self.like, MASTER_LIKE,
+                     NO_STEPS if steps is None else steps.numpy().astype(np.float64),
+                     launch_numbers(self, lr, scaling, group_step),
+                     np.array([float(value) for value in scalars], dtype=np.float64),
+                     launch_flags(self, rule, present, param_rounding, group_step))
+        run(kernel, arguments)
+
+
+def run(kernel, arguments):
+    """Run a numba kernel on at most torch's thread count, one launch at a time."""
+    with _launch_lock:
         use_torch_threads()
-        kernel(self.table_array, self.block_array, self.block, self.like, MASTER_LIKE,
-               NO_STEPS if steps is None else steps.numpy().astype(np.float64),
-               launch_numbers(self, lr, scaling, group_step),
-               np.array([float(value) for value in scalars], dtype=np.float64),
-               launch_flags(self, rule, present, param_rounding, group_step))
+        kernel(*arguments)
 
 
 def launch_numbers(table, lr, scaling, group_step):
@@ -153,8 +164,8 @@ class ProbeTable:
     def step(self, *, rule, present, param_rounding="nearest", **unused):
         kernel = getattr(kernel_module(), KERNEL_NAMES[rule.update])
         table = np.zeros((multi_tensor.FIRST_ADDRESS_ROW + 2 + len(present) + 1, 1), dtype=np.int64)
-        kernel(table, np.zeros((2, 0), dtype=np.int64), CPU_BLOCK, LIKE[self.dtype], MASTER_LIKE, NO_STEPS,
-               np.zeros(5), np.zeros(11), np.zeros(8, dtype=np.int64))
+        run(kernel, (table, np.zeros((2, 0), dtype=np.int64), CPU_BLOCK, LIKE[self.dtype], MASTER_LIKE, NO_STEPS,
+                     np.zeros(5), np.zeros(11), np.zeros(8, dtype=np.int64)))
 
 
 def kernel_ready(optimizer, group, dtype):
