@@ -54,11 +54,12 @@ from fusedopt.registry import RULES as REGISTRY
 
 # ---- the scenarios' setting ----
 
-BACKENDS = ("torch", "triton")
-# Where a kind of scenario tests host plumbing that every kernel backend shares (DDP, ZeRO,
-# checkpoints: the same plans and tensor-table checks), the kernels it runs on: numba's, much
-# cheaper than Triton's interpreter. Triton keeps every FSDP2 trajectory, clip, AMP and bf16 kind.
-PLUMBING_KERNELS = "numba"
+# The reference, Triton's kernels (what CUDA runs) and numba's (what CPU tensors run by default).
+BACKENDS = ("torch", "triton", "numba")
+# The kinds that test host plumbing every kernel backend shares (DDP, ZeRO, checkpoints: the same
+# plans and tensor-table checks) run on the kernels only as numba's, much cheaper than Triton's
+# interpreter; every FSDP2, HSDP, tensor-parallel, clip, AMP and bf16 kind runs on both.
+PLUMBING_BACKENDS = ("torch", "numba")
 RULES = tuple(REGISTRY)
 CLASSES = {name: (info.optimizer, info.torch_optimizer) for name, info in REGISTRY.items()}
 # Options that give each rule's every state tensor something to do (a rule not listed: its
@@ -953,29 +954,31 @@ def _register_all():
     failing = register("harness", harness_fails_on_one_rank, case="fails-on-one-rank")
     register("harness", harness_collective, runs_with=[failing], case="collective-after-a-failure")
     for backend in BACKENDS:
-        plumbing = backend if backend == "torch" else PLUMBING_KERNELS
+        plumbing = backend in PLUMBING_BACKENDS
         for rule in RULES:
             register("fsdp2-trajectory", fsdp2_trajectory, rule=rule, backend=backend)
             register("fsdp2-groups", fsdp2_trajectory, rule=rule, backend=backend, unnamed=dict(groups=True))
-            register("ddp", ddp_trajectory, rule=rule, backend=plumbing)
             register("tp", tp_trajectory, rule=rule, backend=backend)
-            for bucket_view in (False, True):
-                register("zero", zero_trajectory, rule=rule, backend=plumbing, bucket_view=bucket_view)
             for scaler in SCALERS:
                 register("amp", fsdp2_amp, rule=rule, backend=backend, scaler=scaler)
             register("amp-inf", fsdp2_amp, rule=rule, backend=backend, scaler="sharded_grad_scaler",
                      unnamed=dict(inf_step=1))
             register("bf16-master", fsdp2_bf16_master, rule=rule, backend=backend)
             register("bf16-stochastic", fsdp2_bf16_stochastic, rule=rule, backend=backend)
+            if not plumbing:
+                continue
+            register("ddp", ddp_trajectory, rule=rule, backend=backend)
+            for bucket_view in (False, True):
+                register("zero", zero_trajectory, rule=rule, backend=backend, bucket_view=bucket_view)
             for source in ("torch", "fused"):
                 for via in ("state_dict", "dcp"):
-                    register("dcp-transfer", dcp_transfer, source=source, via=via, rule=rule, backend=plumbing)
+                    register("dcp-transfer", dcp_transfer, source=source, via=via, rule=rule, backend=backend)
             saved_on_1 = register("reshard-save", dcp_reshard_save, phase="save1", tag="1to2", rule=rule,
-                                  backend=plumbing)
-            register("reshard-load", dcp_reshard_load, needs=[saved_on_1], tag="1to2", rule=rule, backend=plumbing)
-            saved_on_2 = register("reshard-save", dcp_reshard_save, tag="2to1", rule=rule, backend=plumbing)
+                                  backend=backend)
+            register("reshard-load", dcp_reshard_load, needs=[saved_on_1], tag="1to2", rule=rule, backend=backend)
+            saved_on_2 = register("reshard-save", dcp_reshard_save, tag="2to1", rule=rule, backend=backend)
             register("reshard-load", dcp_reshard_load, phase="load1", needs=[saved_on_2], tag="2to1", rule=rule,
-                     backend=plumbing)
+                     backend=backend)
         for rule in ("sgd", "adamw"):
             for scaler in SCALERS:
                 register("amp-clip", fsdp2_amp, rule=rule, backend=backend, scaler=scaler, unnamed=dict(flow="clip"))
