@@ -30,6 +30,18 @@ def check_implementation_flags(defaults):
 _grad_of = operator.attrgetter("grad")
 
 
+def _capturable_devices():
+    try:
+        from torch.optim.optimizer import _get_capturable_supported_devices
+
+        return tuple(_get_capturable_supported_devices())
+    except ImportError:
+        return ("cuda", "xpu", "hpu", "privateuseone", "xla")
+
+
+CAPTURABLE_DEVICES = _capturable_devices()
+
+
 class FusedOptimizer(Optimizer):
     """Base of fusedopt's optimizers. A subclass gives its defaults and state layout, and the two
     implementations of its rule: `reference_step` (plain torch) and `kernel_step` (Triton)."""
@@ -192,8 +204,18 @@ class FusedOptimizer(Optimizer):
             if state[key].dtype != grad.dtype:
                 raise RuntimeError(f"expected dtype {state[key].dtype} for `end` but got dtype {grad.dtype}")
 
+    def check_capturable_device(self, param):
+        """torch.optim's check under capturable=True: the param on a device whose work can be
+        captured. The Triton interpreter, which runs the CUDA kernels on CPU tensors, takes it."""
+        device = distributed.local_tensor(param).device
+        if device.type not in CAPTURABLE_DEVICES and not (self.backend == "triton" and device.type == "cpu"):
+            raise AssertionError("If capturable=True, params and state_steps must be on supported devices: "
+                                 f"{list(CAPTURABLE_DEVICES)}.")
+
     def prepare_param(self, param, grad, group):
         """Before a param is updated: its grad is accepted, and its state exists and is whole."""
+        if group.get("capturable"):
+            self.check_capturable_device(param)
         self.check_grad(grad)
         state = self.state.get(param)
         if not state:

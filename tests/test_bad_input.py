@@ -254,6 +254,21 @@ def _step_sparse_after(dense_steps, name, device, library, **extra):
     optimizer.step()
 
 
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "RAdam"])
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_capturable_with_cpu_params_raises_assertion_error_like_torch(name, backend):
+    """torch.optim takes capturable=True, then refuses CPU params at step() (CUDA graphs capture
+    device work); the Triton interpreter, which runs the CUDA kernels on CPU tensors, takes them."""
+    def step(library, **extra):
+        param = torch.nn.Parameter(torch.ones(3))
+        optimizer = getattr(library, name)([param], lr=0.1, capturable=True, **extra)
+        param.grad = torch.ones(3)
+        optimizer.step()
+
+    assert torch_exception(lambda: step(torch.optim, foreach=False)) is AssertionError
+    assert_raises_like_torch(lambda: step(torch.optim, foreach=False), lambda: step(fusedopt, backend=backend))
+
+
 @pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop"])
 def test_sparse_grad_at_first_step_raises_runtime_error_like_torch(name, backend, device):
     assert torch_exception(lambda: _step_sparse_after(0, name, device, torch.optim)) is RuntimeError
