@@ -393,16 +393,16 @@ class GroupPlan:
 
     @classmethod
     def _written_tensors(cls, optimizer, group, param):
-        """What a step of `param` writes: the param, its states, master copy and step count."""
+        """What a step of `param` writes, as strided local tensors: the param, its states, master
+        copy and step count."""
         states, master = cls._state_tensors(optimizer, group, param)
         step = optimizer.state.get(param, {}).get("step") if optimizer.has_step else None
-        return [param, *states, *([] if master is None else [master]),
-                *([step] if torch.is_tensor(step) else [])]
+        tensors = [param, *states, *([] if master is None else [master]), *([step] if torch.is_tensor(step) else [])]
+        return [t for t in map(distributed.local_tensor, tensors) if t.layout == torch.strided]
 
     def _reference_written(self, optimizer, group):
-        local = distributed.local_tensor
-        return [memory_span(local(tensor), True, None)[:2] for p in self.reference_params
-                for tensor in self._written_tensors(optimizer, group, p) if tensor.layout == torch.strided]
+        return [memory_span(tensor, True, None)[:2] for p in self.reference_params
+                for tensor in self._written_tensors(optimizer, group, p)]
 
     def _fits(self, optimizer, group, param, grad, kernels):
         """Whether param, grad, states and master can be walked by a kernel: their local shards,
@@ -424,13 +424,11 @@ class GroupPlan:
         meets no other param's where either writes it, the reference-bound params' included:
         torch steps such params one after another, and so does the reference."""
         spans = []
-        local = distributed.local_tensor
         for index, param in enumerate(params):
-            for tensor, writable in ((grads[index], False),
-                                     *((t, True) for t in self._written_tensors(optimizer, group, param))):
-                tensor = local(tensor)
-                if tensor.layout == torch.strided:
-                    spans.append(memory_span(tensor, writable, index))
+            grad = distributed.local_tensor(grads[index])
+            if grad.layout == torch.strided:
+                spans.append(memory_span(grad, False, index))
+            spans += [memory_span(tensor, True, index) for tensor in self._written_tensors(optimizer, group, param)]
         shared = overlapping([span for span in spans if span[1] > span[0]])
         return [index for index in candidates if index not in shared]
 
