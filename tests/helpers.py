@@ -192,6 +192,21 @@ def assert_optimizers_match(fused, expected, fused_params, expected_params, *, r
 # ---- trajectories ----
 
 
+def case_id(case):
+    """A test id for a (rule, options) case."""
+    rule, options = case
+    return "-".join([rule] + [f"{key}={value}" for key, value in options.items()])
+
+
+def launches_during(fn):
+    """How many kernel launches (Triton's or numba's) fn() made."""
+    from fusedopt.kernels import launch_count
+
+    before = launch_count()
+    fn()
+    return launch_count() - before
+
+
 def run_beside_torch(rule, params, options, *, steps, generator, check_every=5, rtol, atol,
                      grad_scale=1.0, before_step=None, backend="triton", expected=None):
     """Step a fusedopt optimizer (on `backend`) and torch.optim (for-loop; or `expected(params)`)

@@ -25,7 +25,9 @@ from helpers import (
     assert_matches_reference,
     assert_optimizers_match,
     assign_grads,
+    case_id,
     clone_params,
+    launches_during,
     make_grads,
     make_params,
     randn,
@@ -39,11 +41,6 @@ from helpers import (
 pytest.importorskip("numba")
 
 STEPS = 10
-
-
-def case_id(case):
-    rule, options = case
-    return "-".join([rule] + [f"{key}={value}" for key, value in options.items()])
 
 
 def cpu_optimizer(rule, params, **options):
@@ -64,33 +61,21 @@ def run_beside(rule, params, options, expected_factory, *, steps=STEPS, **checks
                             **checks)
 
 
-def launches_during(fn):
-    before = fusedopt.kernels.launch_count()
-    fn()
-    return fusedopt.kernels.launch_count() - before
-
-
 # ---- trajectories ----
 
 
-@pytest.mark.parametrize("case", GRID, ids=case_id)
-def test_fp32_trajectory_matches_torch_optim(case):
-    """0-dim, odd sizes, 2-D, transposed, unaligned and complex64 params in one group."""
-    rule, options = case
-    generator = torch.Generator().manual_seed(0)
-    params = make_params(torch.float32, "cpu", generator)
-    rtol, atol = tolerance(torch.float32, "cpu", rule, options)
-    fused, _, _, _ = run_beside(rule, params, options, lambda ps: torch_optimizer(rule, ps, **options),
-                                generator=generator, rtol=rtol, atol=atol)
-    assert on_cpu_kernels(fused)
+# fp32 over the whole option grid; fp64 (its own precision) over each rule's richest options
+TRAJECTORY_CASES = ([pytest.param(torch.float32, case, id=f"fp32-{case_id(case)}") for case in GRID]
+                    + [pytest.param(torch.float64, case, id=f"fp64-{case_id(case)}") for case in RICH])
 
 
-@pytest.mark.parametrize("case", RICH, ids=case_id)
-def test_fp64_trajectory_matches_torch_optim(case):
+@pytest.mark.parametrize("dtype, case", TRAJECTORY_CASES)
+def test_trajectory_matches_torch_optim(dtype, case):
+    """0-dim, odd sizes, 2-D, transposed, unaligned and complex params in one group."""
     rule, options = case
-    generator = torch.Generator().manual_seed(1)
-    params = make_params(torch.float64, "cpu", generator)
-    rtol, atol = tolerance(torch.float64, "cpu", rule, options)
+    generator = torch.Generator().manual_seed(0 if dtype == torch.float32 else 1)
+    params = make_params(dtype, "cpu", generator)
+    rtol, atol = tolerance(dtype, "cpu", rule, options)
     fused, _, _, _ = run_beside(rule, params, options, lambda ps: torch_optimizer(rule, ps, **options),
                                 generator=generator, rtol=rtol, atol=atol)
     assert on_cpu_kernels(fused)

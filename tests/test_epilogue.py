@@ -29,13 +29,14 @@ from helpers import (
     assert_optimizers_match,
     assign_grads,
     clone_params,
+    launches_during,
     make_grads,
     make_params,
     randn,
     tolerance,
     torch_optimizer,
 )
-from test_kernels import fp32_tolerance, launches_during
+from test_kernels import fp32_tolerance
 
 # Options under which every rule keeps state that the grads feed (SGD: with dampening too).
 STATEFUL = {**STATEFUL, "sgd": {"momentum": 0.9, "dampening": 0.3}}

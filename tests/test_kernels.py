@@ -25,9 +25,11 @@ from helpers import (
     assert_matches_reference,
     assert_optimizers_match,
     assign_grads,
+    case_id,
     clone_params,
     fused_optimizer,
     hyperparameter_rounding,
+    launches_during,
     make_grads,
     make_params,
     randn,
@@ -39,20 +41,9 @@ from helpers import (
 # Past RAdam's switch to the rectified update (step 5 at beta2 = 0.999) and the early bias corrections.
 STEPS = 8
 
-def case_id(case):
-    rule, options = case
-    return "-".join([rule] + [f"{key}={value}" for key, value in options.items()])
-
-
 def fp32_tolerance(device, rule, options):
     rtol, atol = tolerance(torch.float32, device, rule, options)
     return dict(rtol=rtol, atol=atol)
-
-
-def launches_during(fn):
-    before = fusedopt.kernels.launch_count()
-    fn()
-    return fusedopt.kernels.launch_count() - before
 
 
 # ---- trajectories against torch.optim and against the float64 reference ----

@@ -361,7 +361,7 @@ def test_grad_sharing_memory_with_its_param_gives_torchs_result(rule, backend, d
     twins.assert_match(rule)
 
 
-def run_beside_torch(rule, make_params, give_grads, steps=4, *, backend, device, arrange=None):
+def run_built_beside_torch(rule, make_params, give_grads, steps=4, *, backend, device, arrange=None):
     """Params from make_params(device) -> (params, tensors to compare) on each side, optional
     arrange(optimizer, params) once, then give_grads(optimizer, params, step) and a step, `steps`
     times; every param, state and compared tensor equal to torch.optim's."""
@@ -399,7 +399,7 @@ def test_grad_moved_onto_another_buckets_param_is_read_after_its_update_like_tor
         a.grad, d.grad = seeded(10 + step, (8,), device), seeded(20 + step, (4,), device, torch.float64)
         b.grad = seeded(30 + step, (8,), device) if step < 2 else d.detach().view(torch.float32)
 
-    run_beside_torch(rule, make, give, backend=backend, device=device)
+    run_built_beside_torch(rule, make, give, backend=backend, device=device)
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -419,7 +419,7 @@ def test_grads_sharing_memory_with_a_param_the_reference_steps_give_torchs_resul
         else:
             a.grad, b.grad = b.detach().t(), seeded(10 + step, (4, 3), device)
 
-    run_beside_torch(rule, make, give, backend=backend, device=device)
+    run_built_beside_torch(rule, make, give, backend=backend, device=device)
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -433,7 +433,7 @@ def test_param_overlapping_a_param_the_reference_steps_gives_torchs_result(rule,
         for index, p in enumerate(params):
             p.grad = seeded(10 * step + index, p.shape, device)
 
-    run_beside_torch(rule, make, give, backend=backend, device=device)
+    run_built_beside_torch(rule, make, give, backend=backend, device=device)
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -451,7 +451,7 @@ def test_param_listed_in_two_groups_is_stepped_once_per_group_like_torch(rule, b
         for index, p in enumerate(dict.fromkeys(p for g in optimizer.param_groups for p in g["params"])):
             p.grad = seeded(10 * step + index, (16,), device)
 
-    run_beside_torch(rule, make, give, backend=backend, device=device, arrange=arrange)
+    run_built_beside_torch(rule, make, give, backend=backend, device=device, arrange=arrange)
 
 
 @pytest.mark.parametrize("rule", [rule for rule in RULES if REGISTRY[rule].optimizer.has_step])
@@ -475,7 +475,7 @@ def test_step_counts_shared_with_other_tensors_count_like_torch(rule, sharing, b
         if sharing == "a step tensor as a grad" and step >= 1:
             params[0].grad = optimizer.state[params[1]]["step"]
 
-    run_beside_torch(rule, make, give, backend=backend, device=device, arrange=arrange)
+    run_built_beside_torch(rule, make, give, backend=backend, device=device, arrange=arrange)
 
 
 @pytest.mark.parametrize("rule", [rule for rule in RULES if REGISTRY[rule].optimizer.has_step])
@@ -498,7 +498,7 @@ def test_step_counts_of_other_dtypes_count_in_their_dtype_like_torch(rule, step_
         for index, p in enumerate(params):
             p.grad = seeded(10 * step + index, (5,), device)
 
-    run_beside_torch(rule, make, give, steps=12, backend=backend, device=device, arrange=arrange)
+    run_built_beside_torch(rule, make, give, steps=12, backend=backend, device=device, arrange=arrange)
 
 
 # ---- what the kernels are handed ----

@@ -155,6 +155,15 @@ def test_state_steps_count_up_in_place():
 # 16-bit params: math in fp32, one rounding back to the param dtype per step.
 
 
+def step_with_the_same_grads(ours_optimizer, torch_optimizer_, ours, theirs, generator):
+    """One step of each: fresh grads for our params, the same in float64 for torch's twins."""
+    grads = make_grads(ours, generator)
+    assign_grads(ours, grads)
+    assign_grads(theirs, [g.double() for g in grads])
+    torch_optimizer_.step()
+    ours_optimizer.step()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("rule", RULES)
 def test_low_precision_step_is_the_float64_step_rounded_once(rule, dtype):
@@ -171,11 +180,7 @@ def test_low_precision_step_is_the_float64_step_rounded_once(rule, dtype):
                 p_theirs.copy_(p_ours)
                 for key, value in torch_optimizer_.state[p_theirs].items():
                     value.copy_(ours_optimizer.state[p_ours][key])
-            grads = make_grads(ours, generator)
-            assign_grads(ours, grads)
-            assign_grads(theirs, [g.double() for g in grads])
-            torch_optimizer_.step()
-            ours_optimizer.step()
+            step_with_the_same_grads(ours_optimizer, torch_optimizer_, ours, theirs, generator)
             for p_ours, p_theirs in zip(ours, theirs):
                 assert p_ours.dtype == dtype
                 assert_close(p_ours.double(), p_theirs, **tolerance)
@@ -200,11 +205,7 @@ def test_bfloat16_trajectory_stays_close_to_float64_math(rule):
     ours_optimizer = reference_optimizer(rule, ours, **richest(rule))
     torch_optimizer_ = torch_optimizer(rule, theirs, **richest(rule))
     for _ in range(STEPS):
-        grads = make_grads(ours, generator)
-        assign_grads(ours, grads)
-        assign_grads(theirs, [g.double() for g in grads])
-        torch_optimizer_.step()
-        ours_optimizer.step()
+        step_with_the_same_grads(ours_optimizer, torch_optimizer_, ours, theirs, generator)
     for p_ours, p_theirs in zip(ours, theirs):
         assert_close(p_ours.detach().double(), p_theirs.detach(), rtol=0.05, atol=0.05)
 
