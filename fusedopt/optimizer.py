@@ -2,13 +2,14 @@
 buckets keyed by (device, dtype) -> one backend call per bucket.
 """
 import collections
+import contextlib
 import itertools
 import operator
 
 import torch
 from torch.optim import Optimizer
 
-from . import distributed, epilogue, reference
+from . import compiled, distributed, epilogue, reference
 from .backends import load_kernels, resolve_backend, runs_on_kernels
 from .device_schedule import DeviceSchedule, advance_group_step
 from .plan import GroupPlan
@@ -62,6 +63,8 @@ class FusedOptimizer(Optimizer):
         self._plans = {}
         self._pending_clip = None  # left by clip_grad_norm_ for the next step (an epilogue.PendingClip)
         self._device_schedule = None  # a DeviceSchedule, or None
+        self._graph_handle = compiled.register(self)  # what a compiled graph's fusedopt::step names
+        self._in_graph = False  # while a compiled region's step runs (_stepping_in_graph)
         super().__init__(params, defaults)
         self.state = counted(self.state)
         self.set_schedule(schedule, schedule_steps)
@@ -214,7 +217,7 @@ class FusedOptimizer(Optimizer):
 
     def prepare_param(self, param, grad, group):
         """Before a param is updated: its grad is accepted, and its state exists and is whole."""
-        if group.get("capturable"):
+        if group.get("capturable") and not self._in_graph:
             self.check_capturable_device(param)
         self.check_grad(grad)
         state = self.state.get(param)
@@ -234,8 +237,7 @@ class FusedOptimizer(Optimizer):
         """Whether the kernels update `param` (else the reference does)."""
         return runs_on_kernels(self.backend, param.device)
 
-    @torch.compiler.disable
-    @torch.no_grad()
+    @torch.compiler.disable(recursive=False)
     def step(self, closure=None):
         """Perform a single optimization step; returns the closure's loss when one is given.
 
@@ -243,16 +245,80 @@ class FusedOptimizer(Optimizer):
         grads are unscaled inside the kernels and a step with an inf or NaN grad changes
         nothing; a pending clip factor (clip_grad_norm_, or max_grad_norm) is applied there too.
 
-        torch.compile never traces it: the cached tables and the kernel launches are host state
-        that a graph would freeze (an lr read at trace time, tensors replaced since), so in a
-        compiled region the step runs as it does eagerly: the same numbers, a graph break where
-        torch.optim has one too, no recompilation when the lr changes.
+        torch.compile never traces the update: the cached tables and the kernel launches are host
+        state that a graph would freeze (an lr read at trace time, tensors replaced since). In a
+        compiled region this frame runs eagerly (one graph break, as torch.optim's step has one,
+        after which what the traced code wrote to groups, grads or a scaler has landed): it checks
+        the plans and makes the first step's state, then _graph_step's graph holds one call of
+        the operator fusedopt::step, which runs the update when the graph runs
+        (fusedopt.compiled). The same numbers; no recompilation when the lr changes.
         """
+        if not compiled.in_compiled_region():
+            return self._step(closure)
+        with self._stepping_in_graph():
+            loss, plans = self._prepare_step(closure)
+            if self._holds_dtensors or not self._graph_step():  # the operator takes plain tensors
+                self._launch(plans)
+        return loss
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plans = self._current_plans()
+        self._step_plans(self._current_plans())
+        return loss
+
+    @torch.compiler.disable
+    def _prepare_step(self, closure):
+        """The closure's loss and the plans of a compiled region's step."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._graph_groups = self.param_groups  # what _graph_step reads (see there)
+        return loss, self._current_plans()
+
+    def _graph_step(self):
+        """Traced by dynamo: one call of fusedopt::step, and True. Run eagerly (where dynamo could
+        not compile it): False, and the caller launches. It reads the groups by another name than
+        `param_groups`, whose every value dynamo would guard on (a new lr: a recompile)."""
+        if not torch.compiler.is_compiling():
+            return False
+        with torch.no_grad():
+            torch.ops.fusedopt.step(self._graph_handle, *compiled.operands(self, self._graph_groups))
+        return True
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _launch(self, plans):
+        self._step_plans(plans)
+
+    @contextlib.contextmanager
+    def _stepping_in_graph(self):
+        """While a compiled region's step is prepared and run: torch.optim skips its capturable
+        device check when compiling, and dynamo itself sets capturable=True on groups the traced
+        code wrote to."""
+        self._in_graph = True
+        try:
+            yield
+        finally:
+            self._in_graph = False
+
+    def _step_from_graph(self, params, grads, states, steps):
+        """fusedopt::step's body: the eager step, with the values of the tensors the graph handed
+        over (fusedopt.compiled.operands' lists)."""
+        with torch.no_grad(), self._stepping_in_graph():
+            plans = self._current_plans()
+            live = compiled.operands(self, self.param_groups)
+            copied = compiled.take_newer_values((params, grads, states, steps), live)
+            self._step_plans(plans)
+            compiled.give_values_back(copied, live[0] + live[2])
+
+    def _step_plans(self, plans):
+        """The step of every group with grads, by its (index, group, plan) from _current_plans."""
         clip_coef, clip_grad_scale = self._take_pending_clip(plans)
         grad_scale = getattr(self, "grad_scale", None)
         if grad_scale is None:  # clip_grad_norm_(grad_scaler=) took the place of unscale_()
@@ -269,7 +335,6 @@ class FusedOptimizer(Optimizer):
             plan.launch(self, group, scaling, group_steps)
             if plan.rebuild_next_step:
                 del self._plans[index]
-        return loss
 
     def _current_plans(self):
         """(index, group, plan) for each group with grads, each plan checked against the tensors
@@ -396,6 +461,8 @@ class FusedOptimizer(Optimizer):
         self.state = counted(self.state)
         self._plans = {}  # tables point at the tensors of the optimizer they were built for
         self._pending_clip = None
+        self._graph_handle = compiled.register(self)
+        self._in_graph = False
         self._holds_dtensors = any(distributed.is_dtensor(p) for group in self.param_groups for p in group["params"])
         self.__dict__.setdefault("backend", resolve_backend(None))
         self.__dict__.setdefault("max_grad_norm", None)
