@@ -256,8 +256,8 @@ class FusedOptimizer(Optimizer):
         if not compiled.in_compiled_region():
             return self._step(closure)
         with self._stepping_in_graph():
-            loss, plans = self._prepare_step(closure)
-            if self._holds_dtensors or not self._graph_step():  # the operator takes plain tensors
+            loss, plans, operator_takes_them = self._prepare_step(closure)
+            if not (operator_takes_them and self._graph_step()):
                 self._launch(plans)
         return loss
 
@@ -273,13 +273,18 @@ class FusedOptimizer(Optimizer):
 
     @torch.compiler.disable
     def _prepare_step(self, closure):
-        """The closure's loss and the plans of a compiled region's step."""
+        """The closure's loss, the plans of a compiled region's step, and whether fusedopt::step
+        can take its tensors: plain real ones (not DTensors; inductor fails on an operator that
+        writes complex tensors)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self._graph_groups = self.param_groups  # what _graph_step reads (see there)
-        return loss, self._current_plans()
+        plans = self._current_plans()
+        takes_them = not self._holds_dtensors and not any(
+            map(torch.is_complex, itertools.chain.from_iterable(plan.params for _, _, plan in plans)))
+        return loss, plans, takes_them
 
     def _graph_step(self):
         """Traced by dynamo: one call of fusedopt::step, and True. Run eagerly (where dynamo could
