@@ -1,13 +1,12 @@
 """opt.step() inside a torch.compile'd region: one opaque operator, ``fusedopt::step``.
 
 dynamo never traces the update itself (cached tables, kernel launches and host checks are state a
-graph would freeze). Where a compiled region calls ``opt.step()``, the graph holds one call of
-this operator instead. It declares the tensors the step writes (params and states) and reads
-(grads), so nothing in the graph is reordered around the update, and runs the optimizer's eager
-step when the graph runs. Under functionalization
-(``aot_eager``, or where inductor cannot update in place) the graph hands it copies of the
-tensors: their values are stepped and written back to the copies, so the graph's own write-back
-leaves the user's tensors stepped once.
+graph would freeze). Where a compiled region calls ``opt.step()``, a graph holds one call of this
+operator instead. It declares the tensors the step writes (params and states) and reads (grads),
+so nothing in a graph is reordered around the update, and runs the optimizer's eager step when the
+graph runs. Under functionalization (``aot_eager``, or where inductor cannot update in place) the
+graph hands it copies of the tensors: their values are stepped and written back to the copies, so
+the graph's own write-back leaves the user's tensors stepped once.
 """
 import itertools
 import weakref
@@ -19,18 +18,18 @@ _optimizers = weakref.WeakValueDictionary()  # handle -> optimizer (the graph ho
 _handles = itertools.count()
 
 
-def in_compiled_region():
-    """Whether the caller runs inside a torch.compile'd function (in a frame dynamo left to run
-    eagerly): dynamo's frame callback is set."""
-    callback = _eval_frame_callback()
-    return callback is not None and callback is not False
-
-
 try:
     from torch._C._dynamo.eval_frame import get_eval_frame_callback as _eval_frame_callback
 except ImportError:  # a torch without it: the eager step everywhere, as a graph break
     def _eval_frame_callback():
         return None
+
+
+def in_compiled_region():
+    """Whether the caller runs inside a torch.compile'd function (in a frame dynamo left to run
+    eagerly): dynamo's frame callback is set."""
+    callback = _eval_frame_callback()
+    return callback is not None and callback is not False
 
 
 def register(optimizer):
