@@ -80,8 +80,12 @@ def take_newer_values(given, live):
     the copies' values, which are the newest (the graph may have written them before the step).
     `given` and `live`: operands() as the graph passed them and as the optimizer holds them now.
     Returns the (copy, user's tensor) pairs, for give_values_back."""
-    if list(map(len, given)) != list(map(len, live)):
-        return []  # not the operands of this step (the graph's guards make this unreachable)
+    if list(map(len, given)) != list(map(len, live)):  # the graph's guards make this unreachable
+        held = {tensor.data_ptr() for tensor in itertools.chain(*live)}
+        if any(copy.data_ptr() not in held for copy in itertools.chain(*given)):
+            raise RuntimeError("fusedopt::step: the graph handed over copies of tensors the optimizer no longer "
+                               "steps; call torch._dynamo.reset() and compile again")
+        return []
     copied = []
     for copy, tensor in zip(itertools.chain(*given), itertools.chain(*live)):
         if copy.data_ptr() != tensor.data_ptr() and copy.shape == tensor.shape and copy.dtype == tensor.dtype:

@@ -316,10 +316,9 @@ class FusedOptimizer(Optimizer):
         """fusedopt::step's body: the eager step, with the values of the tensors the graph handed
         over (fusedopt.compiled.operands' lists)."""
         with torch.no_grad(), self._stepping_in_graph():
-            plans = self._current_plans()
             live = compiled.operands(self, self.param_groups)
             copied = compiled.take_newer_values((params, grads, states, steps), live)
-            self._step_plans(plans)
+            self._step_plans(self._current_plans())
             compiled.give_values_back(copied, live[0] + live[2])
 
     def _step_plans(self, plans):

@@ -272,3 +272,20 @@ def test_reduce_overhead_training_step_on_cuda_matches_eager_torch_optim(captura
 def test_reduce_overhead_captures_the_step_on_cuda():
     _, skips = reduce_overhead_run(lambda params: fusedopt.AdamW(params, lr=LR, capturable=True), compiled=True)
     assert skips == 0, f"{skips} graphs not captured: {dict(counters['inductor'])}"
+
+
+def test_copies_the_graph_hands_over_are_paired_with_the_users_tensors_or_refused():
+    """take_newer_values pairs each copy with the tensor it stands for, by position; where the
+    lists do not match (unreachable behind dynamo's guards) copies are refused, never dropped."""
+    param, state, grad = torch.zeros(3), torch.zeros(3), torch.ones(3)
+    live = ([param], [grad], [state], [])
+    param_copy = torch.full((3,), 2.0)
+    copied = fusedopt.compiled.take_newer_values(([param_copy], [grad], [state], []), live)
+    assert [(copy is param_copy, tensor is param) for copy, tensor in copied] == [(True, True)]
+    assert torch.equal(param, param_copy)
+    param.add_(1.0)
+    fusedopt.compiled.give_values_back(copied, [param, state])
+    assert torch.equal(param_copy, torch.full((3,), 3.0))
+    assert fusedopt.compiled.take_newer_values(([param], [grad], [], []), live) == []
+    with pytest.raises(RuntimeError, match="copies of tensors the optimizer no longer steps"):
+        fusedopt.compiled.take_newer_values(([param_copy], [grad], [], []), live)
