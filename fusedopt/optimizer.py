@@ -31,6 +31,14 @@ def check_implementation_flags(defaults):
 _grad_of = operator.attrgetter("grad")
 
 
+def _closure_loss(closure):
+    """torch.optim's step(closure): the closure re-evaluates the loss with grad enabled."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def _capturable_devices():
     try:
         from torch.optim.optimizer import _get_capturable_supported_devices
@@ -264,22 +272,17 @@ class FusedOptimizer(Optimizer):
     @torch.compiler.disable
     @torch.no_grad()
     def _step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         self._step_plans(self._current_plans())
         return loss
 
     @torch.compiler.disable
+    @torch.no_grad()
     def _prepare_step(self, closure):
         """The closure's loss, the plans of a compiled region's step, and whether fusedopt::step
         can take its tensors: plain real ones (not DTensors; inductor fails on an operator that
         writes complex tensors)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         self._graph_groups = self.param_groups  # what _graph_step reads (see there)
         plans = self._current_plans()
         takes_them = not self._holds_dtensors and not any(
