@@ -349,6 +349,10 @@ class FusedOptimizer(Optimizer):
         plans = []
         listed = None  # how many groups list each param, counted when a group is planned
         for index, group in enumerate(self.param_groups):
+            plan = self._plans.get(index)
+            if plan is not None and plan.whole_group and plan.current_whole_group(self, group):
+                plans.append((index, group, plan))
+                continue
             params = group["params"]
             grads = list(map(_grad_of, params))
             if any(map(operator.is_, grads, itertools.repeat(None))):

@@ -8,7 +8,8 @@ count) is the one the optimizer finds now, at the same address, with the same ty
 device, shape and strides; otherwise the group is planned again, and whatever no longer fits a
 kernel goes to the reference. It costs, per step, one comparison of each address list and one
 layout comparison in C++ over the bucket's tensors; whether any state dict changed is a single
-counter (fusedopt.state).
+counter (fusedopt.state). Where one bucket holds every param of a group (the common case), the
+compiled check reads the grads from the params itself.
 
 The launches run before the reference's per-tensor steps, so what they touch must not meet what
 any other param's step touches where either writes it (grads that alias params, states or step
@@ -27,6 +28,9 @@ from .backends import cpu_kernels_take, load_kernels
 from .state import is_counted, state_changes
 
 _data_ptr = torch.Tensor.data_ptr
+_grad_of = operator.attrgetter("grad")
+# Param types whose .grad is the autograd grad itself (read by the compiled check in C++)
+PLAIN_PARAM_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def _tensor_guards():
@@ -70,7 +74,7 @@ class LayoutGuard:
             self.check = lambda *now: list(map(layout_of, now)) == layouts
 
 
-SAME, CHANGED, MOVED = 0, 1, 2  # what a table check finds (as table_check.cpp's)
+SAME, CHANGED, MOVED, NO_GRAD = 0, 1, 2, 3  # what a table check finds (as table_check.cpp's)
 
 
 class PythonTableCheck:
@@ -103,6 +107,14 @@ class PythonTableCheck:
         grad_row.copy_(starts)
         self.grad_addresses = grad_addresses
         return MOVED
+
+    def check_grads_of(self, fixed, params, grad_row):
+        """check(), with each grad read from its param (params[i].grad); NO_GRAD where a param has
+        none."""
+        grads = list(map(_grad_of, params))
+        if any(map(operator.is_, grads, itertools.repeat(None))):
+            return NO_GRAD
+        return self.check(fixed, grads, grad_row)
 
     def _into_written_memory(self, grad_starts):
         """Whether a grad span [start, start + bytes) overlaps written memory: the written span
@@ -270,6 +282,16 @@ class KernelBucket:
             self.table.grads_moved()
         return found != CHANGED
 
+    def current_grads_of_params(self, optimizer):
+        """current(), with the grads read from the bucket's params by the table check itself:
+        SAME or MOVED (current), CHANGED, or NO_GRAD (a param has no grad). For unsharded buckets."""
+        if self.keeps_state and not self._state_current(optimizer):
+            return CHANGED
+        found = self.tensor_check.check_grads_of(self.checked, self.params, self.table.grad_row)
+        if found == MOVED:
+            self.table.grads_moved()
+        return found
+
     def _state_current(self, optimizer):
         state = optimizer.state
         if state is self.state and self.counted and state_changes() == self.seen_changes:
@@ -371,6 +393,11 @@ class GroupPlan:
         written = disjoint(kernel_written + self.reference_written)
         for bucket in self.buckets:
             bucket.watch(written)
+        # The common case, checked without a Python list of grads (current_whole_group): one
+        # bucket of plain tensors holding every param of the group.
+        self.whole_group = (len(self.buckets) == 1 and not self.reference_params and self.buckets[0].indices is None
+                            and not self.buckets[0].sharded and len(params) == len(group["params"])
+                            and all(type(p) in PLAIN_PARAM_TYPES for p in params))
 
     @staticmethod
     def _table_class(optimizer, group, device, dtype, kernels):
@@ -445,6 +472,18 @@ class GroupPlan:
             if not bucket.current(optimizer, bucket_grads):
                 return False
         return True
+
+    def current_whole_group(self, optimizer, group):
+        """For a whole_group plan: True while it steps the group's params with their grads now;
+        False when the group must be planned again; None where a param has no grad (current()
+        then takes the params that have one)."""
+        params = group["params"]
+        if len(params) != len(self.params) or not all(map(operator.is_, params, self.params)):
+            return False
+        if optimizer.structure(group) != self.structure:
+            return False
+        found = self.buckets[0].current_grads_of_params(optimizer)
+        return None if found == NO_GRAD else found != CHANGED
 
     def _reference_current(self, optimizer, group):
         """Whether the reference params' memory is where it was planned, and none of their grads

@@ -1,7 +1,8 @@
 // The check that a tensor table is not stale, in one pass over its tensors: each is still a
 // strided tensor of the same Python type, dtype, device, shape, strides and conjugate/negative
 // bits, and (for every tensor but the grads) at the same data pointer; grads that moved must not
-// overlap the memory the kernel writes. `python -m fusedopt.native` builds it; PythonTableCheck
+// overlap the memory the kernel writes. check_grads_of reads each grad from its param itself (no
+// Python list of grads to build first). `python -m fusedopt.native` builds it; PythonTableCheck
 // in fusedopt/plan.py is the same check in Python.
 #include <torch/extension.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -39,7 +40,7 @@ void record(PyObject* object, Recorded& recorded) {
   recorded.bytes = tensor.numel() * static_cast<int64_t>(tensor.element_size());
 }
 
-enum Comparison { kSame = 0, kChanged = 1, kMoved = 2 };
+enum Comparison { kSame = 0, kChanged = 1, kMoved = 2, kNoGrad = 3 };
 
 // kSame: as recorded; kMoved: the same layout at another address; kChanged: anything else.
 Comparison compare(PyObject* object, const Recorded& recorded) {
@@ -77,10 +78,40 @@ class TableCheck {
   // 0: every tensor as recorded; 2: only grads moved (their new addresses are recorded and
   // written into grad_row, an int64 host tensor); 1: anything else.
   int check(const py::list& fixed, const py::list& grads, at::Tensor& grad_row) {
-    PyObject* fixed_now = fixed.ptr();
     PyObject* grads_now = grads.ptr();
-    if (static_cast<size_t>(PyList_GET_SIZE(fixed_now)) != fixed_.size() ||
-        static_cast<size_t>(PyList_GET_SIZE(grads_now)) != grads_.size()) {
+    if (static_cast<size_t>(PyList_GET_SIZE(grads_now)) != grads_.size()) {
+      return kChanged;
+    }
+    return check_with(fixed, grad_row, [grads_now](size_t i) {
+      return py::reinterpret_borrow<py::object>(PyList_GET_ITEM(grads_now, i));
+    });
+  }
+
+  // check() with each grad read from its param (params[i].grad) instead of a Python list of
+  // grads: one pass less over memory that the kernel's last launch has pushed out of cache.
+  // 3: a param has no grad (the caller then looks at the grads itself).
+  int check_grads_of(const py::list& fixed, const py::list& params, at::Tensor& grad_row) {
+    PyObject* params_now = params.ptr();
+    if (static_cast<size_t>(PyList_GET_SIZE(params_now)) != grads_.size()) {
+      return kChanged;
+    }
+    for (size_t i = 0; i < grads_.size(); ++i) {
+      if (!THPVariable_Check(PyList_GET_ITEM(params_now, i))) {
+        return kChanged;
+      }
+    }
+    return check_with(fixed, grad_row, [params_now](size_t i) {
+      const at::Tensor& grad = THPVariable_Unpack(PyList_GET_ITEM(params_now, i)).grad();
+      return grad.defined() ? py::reinterpret_steal<py::object>(THPVariable_Wrap(grad)) : py::object();
+    });
+  }
+
+ private:
+  // The check, with grads_[i]'s tensor now given by grad_at(i) (an empty object: none).
+  template <typename GradAt>
+  int check_with(const py::list& fixed, at::Tensor& grad_row, GradAt grad_at) {
+    PyObject* fixed_now = fixed.ptr();
+    if (static_cast<size_t>(PyList_GET_SIZE(fixed_now)) != fixed_.size()) {
       return kChanged;
     }
     for (size_t i = 0; i < fixed_.size(); ++i) {
@@ -88,9 +119,14 @@ class TableCheck {
         return kChanged;
       }
     }
+    std::vector<py::object> grads_now(grads_.size());
     bool moved = false;
     for (size_t i = 0; i < grads_.size(); ++i) {
-      Comparison comparison = compare(PyList_GET_ITEM(grads_now, i), grads_[i]);
+      grads_now[i] = grad_at(i);
+      if (!grads_now[i]) {
+        return kNoGrad;
+      }
+      Comparison comparison = compare(grads_now[i].ptr(), grads_[i]);
       if (comparison == kChanged) {
         return kChanged;
       }
@@ -101,7 +137,7 @@ class TableCheck {
     }
     std::vector<int64_t> addresses(grads_.size());
     for (size_t i = 0; i < grads_.size(); ++i) {
-      addresses[i] = address_of(THPVariable_Unpack(PyList_GET_ITEM(grads_now, i)));
+      addresses[i] = address_of(THPVariable_Unpack(grads_now[i].ptr()));
       if (into_written_memory(addresses[i], addresses[i] + grads_[i].bytes)) {
         return kChanged;
       }
@@ -117,7 +153,6 @@ class TableCheck {
     return kMoved;
   }
 
- private:
   // Whether [start, end) overlaps a written span: the one starting last before `end` must end
   // before `start`.
   bool into_written_memory(int64_t start, int64_t end) const {
@@ -140,5 +175,6 @@ class TableCheck {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<TableCheck>(m, "TableCheck")
       .def(py::init<const py::list&, const py::list&, std::vector<int64_t>, std::vector<int64_t>>())
-      .def("check", &TableCheck::check);
+      .def("check", &TableCheck::check)
+      .def("check_grads_of", &TableCheck::check_grads_of);
 }

@@ -737,3 +737,39 @@ def test_the_compiled_and_the_python_table_checks_agree(table_check, layouts, mo
     assert [check.check(fixed, moved, row) for check, row in zip(checks, rows)] == [plan.MOVED] * 2
     assert rows[0].tolist() == rows[1].tolist() == [moved[0].data_ptr(), grads[1].data_ptr()]
     assert [check.check(fixed, moved, row) for check, row in zip(checks, rows)] == [plan.SAME] * 2
+
+
+def test_the_checks_reading_grads_from_their_params_answer_as_with_the_grads_given(table_check):
+    """check_grads_of(fixed, params) reads each params[i].grad itself: the same answer (and grad
+    row) as check(fixed, grads) for every kind of grad change, on the compiled and the Python
+    check; NO_GRAD where a param has none."""
+    from fusedopt import native, plan
+
+    fixed = [torch.nn.Parameter(torch.zeros(3, 4)), torch.zeros(4, 4)]
+    grads = [torch.zeros(3, 4), torch.zeros(4, 4)]
+    written = sorted(plan.memory_span(t, True, None)[:2] for t in fixed)
+    check_class = native.table_check_class()
+    makers = [lambda: plan.PythonTableCheck(fixed, grads, written)]
+    if check_class is not None:
+        makers.append(lambda: check_class(fixed, grads, [start for start, _ in written], [end for _, end in written]))
+    variants = {
+        "same": grads,
+        "grads moved": [torch.ones(3, 4), grads[1]],
+        "grad moved into a param": [fixed[0].detach(), grads[1]],
+        "grad strides": [grads[0], grads[1].t()],
+        "grad type": [torch.nn.Parameter(grads[0].clone()), grads[1]],
+        "sparse grad": [grads[0].to_sparse(), grads[1]],
+    }
+    for make in makers:
+        for name, now_grads in variants.items():
+            params = [torch.nn.Parameter(torch.zeros(g.shape, dtype=g.dtype)) for g in now_grads]
+            for p, g in zip(params, now_grads):
+                p.grad = g
+            rows = [torch.zeros(2, dtype=torch.int64) for _ in range(2)]
+            expected = make().check(fixed, now_grads, rows[0])
+            assert make().check_grads_of(fixed, params, rows[1]) == expected, name
+            assert torch.equal(rows[0], rows[1]), name
+        params = [torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.zeros(4, 4))]
+        params[0].grad = grads[0]
+        assert make().check_grads_of(fixed, params, torch.zeros(2, dtype=torch.int64)) == plan.NO_GRAD
+        assert make().check_grads_of(fixed, params[:1], torch.zeros(2, dtype=torch.int64)) == plan.CHANGED
