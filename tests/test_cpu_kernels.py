@@ -118,6 +118,31 @@ def test_fp32_trajectory_matches_float64_reference(rule):
     assert_matches_reference(fused, oracle, fused_params, rtol=rtol, atol=atol, where=rule)
 
 
+@pytest.mark.parametrize("case", RICH, ids=case_id)
+def test_large_buckets_walk_larger_blocks_with_the_same_results(case, monkeypatch):
+    """A bucket large enough for blocks of 65536 (fewer blocks, each a longer loop; odd sizes, so
+    that blocks end inside tensors) steps exactly as with blocks of 4096."""
+    import fusedopt.cpu
+
+    rule, options = case
+    sizes = (70_001, 4_097, 131_072, 3)
+    results = []
+    for blocks_per_thread in (10**9, 0):  # no growth: blocks of 4096; then the largest, 65536
+        monkeypatch.setattr(fusedopt.cpu, "BLOCKS_PER_THREAD", blocks_per_thread)
+        generator = torch.Generator().manual_seed(0)
+        params = [torch.randn(n, generator=generator).requires_grad_() for n in sizes]
+        optimizer = cpu_optimizer(rule, params, **options)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator)
+            optimizer.step()
+        assert on_cpu_kernels(optimizer)
+        results.append(([p.detach() for p in params], optimizer._plans[0].buckets[0].table.block))
+    (small_blocks, small), (large_blocks, large) = results
+    assert (small, large) == (4096, 65536)
+    assert all(torch.equal(a, b) for a, b in zip(small_blocks, large_blocks))
+
+
 @pytest.mark.parametrize("rule", RULES)
 def test_many_tensors_with_empty_ones_take_one_launch_per_step(rule):
     """300 tensors of 0 to 9000 elements, every tenth empty: one launch per step, torch's values."""
