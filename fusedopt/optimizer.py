@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 from . import compiled, distributed, epilogue, reference
 from .backends import load_kernels, resolve_backend, runs_on_kernels
 from .device_schedule import DeviceSchedule, advance_group_step
-from .plan import GroupPlan
+from .plan import GroupPlan, grad_of
 from .rounding import check_rounding_seed, keeps_master, param_rounding, rounded_reference_step
 from .state import counted, plain
 from .steps import STEP_NOT_A_TENSOR, as_float, as_step_tensor, scalar_step_tensor
@@ -26,9 +26,6 @@ def check_implementation_flags(defaults):
         raise RuntimeError("`fused` does not support `differentiable`")
     if defaults.get("differentiable"):
         raise NotImplementedError("fusedopt does not support differentiable=True; use torch.optim for it")
-
-
-_grad_of = operator.attrgetter("grad")
 
 
 def _closure_loss(closure):
@@ -354,7 +351,7 @@ class FusedOptimizer(Optimizer):
                 plans.append((index, group, plan))
                 continue
             params = group["params"]
-            grads = list(map(_grad_of, params))
+            grads = list(map(grad_of, params))
             if any(map(operator.is_, grads, itertools.repeat(None))):
                 params = [p for p, grad in zip(params, grads) if grad is not None]
                 grads = [grad for grad in grads if grad is not None]

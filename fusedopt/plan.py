@@ -28,7 +28,7 @@ from .backends import cpu_kernels_take, load_kernels
 from .state import is_counted, state_changes
 
 _data_ptr = torch.Tensor.data_ptr
-_grad_of = operator.attrgetter("grad")
+grad_of = operator.attrgetter("grad")
 # Param types whose .grad is the autograd grad itself (read by the compiled check in C++)
 PLAIN_PARAM_TYPES = (torch.Tensor, torch.nn.Parameter)
 
@@ -111,7 +111,7 @@ class PythonTableCheck:
     def check_grads_of(self, fixed, params, grad_row):
         """check(), with each grad read from its param (params[i].grad); NO_GRAD where a param has
         none."""
-        grads = list(map(_grad_of, params))
+        grads = list(map(grad_of, params))
         if any(map(operator.is_, grads, itertools.repeat(None))):
             return NO_GRAD
         return self.check(fixed, grads, grad_row)
@@ -461,9 +461,7 @@ class GroupPlan:
 
     def current(self, optimizer, group, params, grads):
         """True while this plan steps these params with these grads (see KernelBucket.current)."""
-        if len(params) != len(self.params) or not all(map(operator.is_, params, self.params)):
-            return False
-        if optimizer.structure(group) != self.structure:
+        if not self._planned_for(optimizer, group, params):
             return False
         if self.reference_params and self.buckets and not self._reference_current(optimizer, group):
             return False
@@ -477,13 +475,17 @@ class GroupPlan:
         """For a whole_group plan: True while it steps the group's params with their grads now;
         False when the group must be planned again; None where a param has no grad (current()
         then takes the params that have one)."""
-        params = group["params"]
-        if len(params) != len(self.params) or not all(map(operator.is_, params, self.params)):
-            return False
-        if optimizer.structure(group) != self.structure:
+        if not self._planned_for(optimizer, group, group["params"]):
             return False
         found = self.buckets[0].current_grads_of_params(optimizer)
         return None if found == NO_GRAD else found != CHANGED
+
+    def _planned_for(self, optimizer, group, params):
+        """Whether `params` are the very params this plan was made for, and the group's options
+        still make the same state tensors."""
+        if len(params) != len(self.params) or not all(map(operator.is_, params, self.params)):
+            return False
+        return optimizer.structure(group) == self.structure
 
     def _reference_current(self, optimizer, group):
         """Whether the reference params' memory is where it was planned, and none of their grads

@@ -95,13 +95,12 @@ class TableCheck {
     if (static_cast<size_t>(PyList_GET_SIZE(params_now)) != grads_.size()) {
       return kChanged;
     }
-    for (size_t i = 0; i < grads_.size(); ++i) {
-      if (!THPVariable_Check(PyList_GET_ITEM(params_now, i))) {
-        return kChanged;
-      }
-    }
     return check_with(fixed, grad_row, [params_now](size_t i) {
-      const at::Tensor& grad = THPVariable_Unpack(PyList_GET_ITEM(params_now, i)).grad();
+      PyObject* param = PyList_GET_ITEM(params_now, i);
+      if (!THPVariable_Check(param)) {
+        return py::object(py::none());  // not a tensor: compare() finds the grad changed
+      }
+      const at::Tensor& grad = THPVariable_Unpack(param).grad();
       return grad.defined() ? py::reinterpret_steal<py::object>(THPVariable_Wrap(grad)) : py::object();
     });
   }
