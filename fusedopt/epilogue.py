@@ -29,6 +29,8 @@ class StepScaling:
         self._on_device = {}
 
     def to(self, device):
+        if self.found_inf is None and self.grad_scale is None and self.clip_coef is None:
+            return self
         if device not in self._on_device:
             moved = [None if t is None else t.to(device, non_blocking=True)
                      for t in (self.found_inf, self.grad_scale, self.clip_coef)]

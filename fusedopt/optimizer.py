@@ -3,11 +3,13 @@ buckets keyed by (device, dtype) -> one backend call per bucket.
 """
 import collections
 import contextlib
+import functools
 import itertools
 import operator
 
 import torch
 from torch.optim import Optimizer
+from torch.optim import optimizer as torch_optimizer
 
 from . import compiled, distributed, epilogue, reference
 from .backends import load_kernels, resolve_backend, runs_on_kernels
@@ -36,6 +38,51 @@ def _closure_loss(closure):
         return closure()
 
 
+_NOT_RECORDED = contextlib.nullcontext()
+
+
+def _with_step_hooks(step, of_subclass=False):
+    """torch.optim's step wrapper (Optimizer.profile_hook_step: the step pre- and post-hooks,
+    the profiler's record and its entry point `_optimizer_step_code`), the record made only while
+    a profiler runs: out of a profile it is a third of torch's own fused SGD step on one small
+    tensor. Marked `hooked`, so that torch.optim does not wrap it again. One frame, so that a
+    compiled region breaks once in it (at the disabled step), as in torch's. A subclass's own
+    step (`of_subclass`) runs the hooks, and the step it calls through super() does not again."""
+
+    @functools.wraps(step, updated=())  # not step's __dict__: dynamo's mark that step is not traced
+    def wrapper(*args, **kwargs):
+        optimizer = args[0]
+        if optimizer._hooks_running:
+            return step(*args, **kwargs)
+        recorded = not torch.compiler.is_compiling() and torch.autograd._profiler_enabled()
+        with (torch.autograd.profiler.record_function(f"Optimizer.step#{type(optimizer).__name__}.step") if recorded
+              else _NOT_RECORDED):
+            for pre_hook in itertools.chain(torch_optimizer._global_optimizer_pre_hooks.values(),
+                                            optimizer._optimizer_step_pre_hooks.values()):
+                result = pre_hook(optimizer, args, kwargs)
+                if result is not None:
+                    if not (isinstance(result, tuple) and len(result) == 2):
+                        raise RuntimeError(
+                            f"{step} must return None or a tuple of (new_args, new_kwargs), but got {result}.")
+                    args, kwargs = result
+            if of_subclass:
+                optimizer._hooks_running = True
+                try:
+                    out = step(*args, **kwargs)
+                finally:
+                    del optimizer._hooks_running
+            else:
+                out = step(*args, **kwargs)
+            optimizer._optimizer_step_code()
+            for post_hook in itertools.chain(optimizer._optimizer_step_post_hooks.values(),
+                                             torch_optimizer._global_optimizer_post_hooks.values()):
+                post_hook(optimizer, args, kwargs)
+            return out
+
+    wrapper.hooked = True
+    return wrapper
+
+
 def _capturable_devices():
     try:
         from torch.optim.optimizer import _get_capturable_supported_devices
@@ -53,6 +100,14 @@ class FusedOptimizer(Optimizer):
     implementations of its rule: `reference_step` (plain torch) and `kernel_step` (Triton)."""
 
     has_step = True  # state['step'] exists (all rules but SGD)
+    _hooks_running = False  # True while a subclass's own step runs, its hooks run (_with_step_hooks)
+
+    def __init_subclass__(cls, **kwargs):
+        """A subclass's own step runs the step hooks once, as fusedopt's classes do."""
+        super().__init_subclass__(**kwargs)
+        step = cls.__dict__.get("step")
+        if callable(step) and not getattr(step, "hooked", False):
+            cls.step = _with_step_hooks(step, of_subclass=True)
 
     def __init__(self, params, defaults, backend=None, *, max_grad_norm=None, schedule=None, schedule_steps=None,
                  stochastic_rounding=False, master_weights=False, rounding_seed=0, unscale_in_step=True):
@@ -242,6 +297,7 @@ class FusedOptimizer(Optimizer):
         """Whether the kernels update `param` (else the reference does)."""
         return runs_on_kernels(self.backend, param.device)
 
+    @_with_step_hooks
     @torch.compiler.disable(recursive=False)
     def step(self, closure=None):
         """Perform a single optimization step; returns the closure's loss when one is given.
@@ -266,11 +322,16 @@ class FusedOptimizer(Optimizer):
                 self._launch(plans)
         return loss
 
-    @torch.compiler.disable
-    @torch.no_grad()
     def _step(self, closure=None):
+        """The eager step (no compiled region is running: nothing traces it), with grad off as
+        torch.no_grad() would turn it off, at a tenth of its cost."""
         loss = _closure_loss(closure)
-        self._step_plans(self._current_plans())
+        grad_was_enabled = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            self._step_plans(self._current_plans())
+        finally:
+            torch._C._set_grad_enabled(grad_was_enabled)
         return loss
 
     @torch.compiler.disable

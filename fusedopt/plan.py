@@ -310,9 +310,10 @@ class KernelBucket:
         scaling = scaling.to(self.device)
         launch = dict(scaling=scaling, group_step=group_step, param_rounding=optimizer.param_rounding)
         if self.steps is not None:
-            self.steps += 1
-            if scaling.found_inf is not None:
-                self.steps -= scaling.found_inf  # a skipped step does not count
+            if not self.table.counts_steps:
+                self.steps += 1
+                if scaling.found_inf is not None:
+                    self.steps -= scaling.found_inf  # a skipped step does not count
             optimizer.kernel_step(group, self.table, steps=self.steps, **launch)
             return
         optimizer.kernel_step(group, self.table, fresh_buffers=bool(self.fresh_states), **launch)

@@ -76,5 +76,5 @@ class RMSprop(FusedOptimizer):
     def kernel_step(self, group, table, steps, **launch):
         from . import kernels
 
-        kernels.rmsprop_step(table, **launch,
+        kernels.rmsprop_step(table, steps=steps, **launch,
                           **self.hyperparameters(group))

@@ -160,6 +160,7 @@ class TensorTable:
     """
 
     cpu_kernels = None  # whether CPU tensors are walked by the numba kernels (see holds_its_values)
+    counts_steps = False  # whether step() adds the step to `steps` itself (else they come incremented)
 
     def block_size(self, dtype):
         """Elements per block (one program of the launch)."""
@@ -248,8 +249,8 @@ class TensorTable:
         """One launch of the update kernel applying `rule` (an UpdateRule) to every tensor of the
         table: `scalars`, the rule's numbers for this launch; `options`, its constexpr flags;
         `present`, which of its state slots the table holds (their roles follow param and grad,
-        in slot order); `steps`, each tensor's step count, already incremented (rules that read
-        steps); `scaling` (found_inf, grad_scale, clip_coef: fusedopt.epilogue.StepScaling, on the
+        in slot order); `steps`, each tensor's step count (rules that read steps), already
+        incremented, unless the table's `counts_steps` says its launch adds the step itself; `scaling` (found_inf, grad_scale, clip_coef: fusedopt.epilogue.StepScaling, on the
         table's device) skips the step or unscales and clips the grads; `lr` may
         be a one-element tensor on the table's device; `group_step` (a GroupStep) brings a
         schedule and a rounding seed; `param_rounding` is "nearest", "stochastic" or "master"."""

@@ -53,7 +53,7 @@ def rmsprop_arguments(*, alpha, eps, weight_decay, momentum, centered, maximize)
 def rmsprop_step(table, *, lr, alpha, eps, weight_decay, momentum, centered, maximize, **launch):
     """One RMSprop step over a TensorTable whose roles are param, grad, square_avg
     [, momentum_buffer when momentum > 0] [, grad_avg when centered]; `launch` as TensorTable.step
-    takes it (scaling, group_step, param_rounding)."""
+    takes it (steps, which the update does not read, scaling, group_step, param_rounding)."""
     table.step(lr=lr, **launch,
                **rmsprop_arguments(alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
                                    centered=centered, maximize=maximize))

@@ -11,6 +11,7 @@ import textwrap
 import pytest
 import torch
 from torch.optim import lr_scheduler
+from torch.optim import optimizer as optimizer_module
 from torch.testing import assert_close
 
 import fusedopt
@@ -162,6 +163,78 @@ def test_step_hooks_run_once_per_step(name, backend, device):
         set_grads(params, step, seed=6)
         optimizer.step()
     assert calls == ["pre", "post", "pre", "post"]
+
+
+def _hook_log(optimizer_class, steps=2, **kwargs):
+    """What the step hooks saw over `steps` steps of a 2-tensor optimizer: global and own hooks,
+    a pre-hook that replaces the closure, a subclass whose step calls super().step()."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(3, 2)) for _ in range(2)]
+    optimizer = optimizer_class(params, lr=0.1, **kwargs)
+    log = []
+    handles = [optimizer_module.register_optimizer_step_pre_hook(lambda opt, a, k: log.append("global pre")),
+               optimizer_module.register_optimizer_step_post_hook(lambda opt, a, k: log.append("global post"))]
+    try:
+        optimizer.register_step_pre_hook(lambda opt, a, k: log.append(("pre", len(a), sorted(k))))
+
+        def replace_closure(opt, args, kwargs):
+            return (opt,), {"closure": lambda: log.append("replaced closure") or torch.tensor(2.0)}
+
+        optimizer.register_step_pre_hook(replace_closure)
+        optimizer.register_step_post_hook(lambda opt, a, k: log.append(("post", len(a), sorted(k))))
+        for _ in range(steps):
+            for p in params:
+                p.grad = torch.ones_like(p)
+            log.append(("loss", float(optimizer.step(lambda: torch.tensor(1.0)))))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return log, [p.detach() for p in params]
+
+
+def test_step_hooks_see_and_replace_what_torch_optims_hooks_do():
+    theirs, their_params = _hook_log(torch.optim.SGD, momentum=0.9)
+    ours, our_params = _hook_log(fusedopt.SGD, momentum=0.9)
+    assert ours == theirs
+    assert "replaced closure" in ours
+    for mine, their in zip(our_params, their_params):
+        assert_close(mine, their)
+
+
+def test_a_subclass_step_runs_the_hooks_as_torch_optims_subclass_does():
+    def subclass(base):
+        class Sub(base):
+            def step(self, closure=None):
+                return super().step(closure)
+        return Sub
+
+    # torch.optim's hooks run once where the base class's step is not yet wrapped (no instance of
+    # it made in this process), twice after: fusedopt's run once, whatever was made before
+    fusedopt.Adam([torch.nn.Parameter(torch.zeros(1))])
+    ours = _hook_log(subclass(fusedopt.Adam))[0]
+    assert ours == _hook_log(subclass(fusedopt.Adam))[0]
+    assert [entry for entry in ours if entry in ("global pre", "global post")] == ["global pre", "global post"] * 2
+    assert ours.count("replaced closure") == 2
+
+
+def test_a_pre_hook_returning_something_else_raises_runtime_error_like_torch():
+    for optimizer_class in (torch.optim.SGD, fusedopt.SGD):
+        p = torch.nn.Parameter(torch.randn(4))
+        p.grad = torch.ones(4)
+        optimizer = optimizer_class([p], lr=0.1)
+        optimizer.register_step_pre_hook(lambda opt, a, k: 3)
+        with pytest.raises(RuntimeError, match="must return None or a tuple"):
+            optimizer.step()
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_the_profiler_records_the_step_under_torch_optims_name(name):
+    p = torch.nn.Parameter(torch.randn(16))
+    p.grad = torch.ones(16)
+    optimizer = getattr(fusedopt, name)([p], lr=0.1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        optimizer.step()
+    assert f"Optimizer.step#{name}.step" in {event.name for event in profile.events()}
 
 
 # ---- param groups ----

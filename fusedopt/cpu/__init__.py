@@ -34,11 +34,13 @@ def cpu_block(elements, threads):
 STORAGE = {torch.float32: np.float32, torch.float64: np.float64, torch.bfloat16: np.uint16, torch.float16: np.int16}
 LIKE = {dtype: np.empty(0, storage) for dtype, storage in STORAGE.items()}
 MASTER_LIKE = np.empty(0, np.float32)
-NO_STEPS = np.zeros(1)
+NO_STEPS = np.zeros(1, np.float32)  # the steps of rules without: the dtype of torch's step counts
 
-# The numba kernel of each rule, by the rule's Triton update (the host computes the same scalars).
-KERNEL_NAMES = {sgd.SGD.update: "sgd_kernel", adam.ADAM.update: "adam_kernel", adagrad.ADAGRAD.update: "adagrad_kernel",
-                rmsprop.RMSPROP.update: "rmsprop_kernel", radam.RADAM.update: "radam_kernel"}
+# The numba kernel of each rule, by the name of the rule's Triton update (the host computes the
+# same scalars; a name, because hashing a Triton function costs a microsecond at every step).
+KERNEL_NAMES = {rule.update.__name__: f"{name}_kernel" for name, rule in (
+    ("sgd", sgd.SGD), ("adam", adam.ADAM), ("adagrad", adagrad.ADAGRAD), ("rmsprop", rmsprop.RMSPROP),
+    ("radam", radam.RADAM))}
 ROUNDING_CODES = {"nearest": 0, "stochastic": 1, "master": 2}
 
 _kernels = None  # fusedopt.cpu.kernels once imported; False where numba is unusable
@@ -46,6 +48,7 @@ _kernels = None  # fusedopt.cpu.kernels once imported; False where numba is unus
 # process when two threads enter parallel code at once; each launch uses every thread anyway.
 _launch_lock = threading.Lock()
 _checked = {}  # (rule, dtype): whether its kernel compiled
+_numba_threads = threading.local()  # .follows: the torch thread count this thread's numba count was set from
 
 
 def _warn(reason):
@@ -83,12 +86,14 @@ def available():
 
 
 def use_torch_threads():
-    """At most torch's thread count for numba's parallel loops."""
-    import numba
+    """At most torch's thread count for numba's parallel loops (numba's count is the calling
+    thread's own: it is set once per thread and per change of torch's)."""
+    torch_threads = torch.get_num_threads()
+    if getattr(_numba_threads, "follows", None) != torch_threads:
+        import numba
 
-    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-    if numba.get_num_threads() != threads:
-        numba.set_num_threads(threads)
+        numba.set_num_threads(min(torch_threads, numba.config.NUMBA_NUM_THREADS))
+        _numba_threads.follows = torch_threads
 
 
 class CpuTensorTable(multi_tensor.TensorTable):
@@ -97,6 +102,8 @@ class CpuTensorTable(multi_tensor.TensorTable):
     tables (the grad row, re-pointed in place, is seen at once)."""
 
     cpu_kernels = True
+    counts_steps = True  # the kernel adds the step to the step counts (in compiled code: a torch op
+    # after a pass over a large bucket, its caches cold, costs tens of microseconds)
 
     def block_size(self, dtype):
         return cpu_block(self._elements, torch.get_num_threads())
@@ -107,21 +114,27 @@ class CpuTensorTable(multi_tensor.TensorTable):
         self.table_array = self._host_table.numpy()
         self.block_array = self.host_block_table.numpy()
         self.like = LIKE[self.dtype]
+        self._steps = self._step_counts = None
+
+    def step_counts(self, steps):
+        """A numpy view of the bucket's step count buffer, made once per buffer."""
+        if steps is not self._steps:
+            self._steps, self._step_counts = steps, steps.numpy()
+        return self._step_counts
 
     def step(self, *, rule, lr, scalars, options, present, steps=None, scaling=None, group_step=None,
              param_rounding="nearest"):
         """TensorTable.step's contract, on the CPU: the launch's numbers are read on the host (the
         tensors are in host memory; there is nothing to synchronise) and the rule's numba kernel
-        makes one parallel pass over the table's blocks."""
-        if self.num_blocks == 0:
-            return
-        kernel = getattr(kernel_module(), KERNEL_NAMES[rule.update])
+        makes one parallel pass over the table's blocks, after adding this step to `steps` (the
+        counts before it: TensorTable.counts_steps), unless AMP skips the step."""
+        kernel = getattr(kernel_module(), KERNEL_NAMES[rule.update.__name__])
         multi_tensor.count_launch()
         arguments = (self.table_array, self.block_array, self.block, self.like, MASTER_LIKE,
-                     NO_STEPS if steps is None else steps.numpy().astype(np.float64),
+                     NO_STEPS if steps is None else self.step_counts(steps),
                      launch_numbers(self, lr, scaling, group_step),
                      np.array([float(value) for value in scalars], dtype=np.float64),
-                     launch_flags(self, rule, present, param_rounding, group_step))
+                     launch_flags(self, rule, present, param_rounding, group_step, steps is not None))
         run(kernel, arguments)
 
 
@@ -152,15 +165,15 @@ def launch_numbers(table, lr, scaling, group_step):
     return np.array([skip, inv_scale, clip, lr, float(from_memory or factors is not None)], dtype=np.float64)
 
 
-def launch_flags(table, rule, present, param_rounding, group_step):
-    """[state slots present (3), param rounding, reads steps, reads per-tensor integers, rounding
-    seed, group step count]."""
+def launch_flags(table, rule, present, param_rounding, group_step, counts_steps):
+    """[state slots present (3), param rounding, counts (and reads) steps, reads per-tensor
+    integers, rounding seed, group step count]."""
     present = (tuple(present) + (False, False, False))[:3]
     rounding = param_rounding if table.dtype == torch.bfloat16 else "nearest"
     seed = count = 0
     if rounding == "stochastic":
         seed, count = int(group_step.rounding_seed), int(float(group_step.count))
-    return np.array([*map(int, present), ROUNDING_CODES[rounding], int(rule.steps), int(rule.extra), seed, count],
+    return np.array([*map(int, present), ROUNDING_CODES[rounding], int(counts_steps), int(rule.extra), seed, count],
                     dtype=np.int64)
 
 
@@ -175,7 +188,7 @@ class ProbeTable:
     lr_in_memory = multi_tensor.TensorTable.lr_in_memory  # the same test, on self.device
 
     def step(self, *, rule, present, param_rounding="nearest", **unused):
-        kernel = getattr(kernel_module(), KERNEL_NAMES[rule.update])
+        kernel = getattr(kernel_module(), KERNEL_NAMES[rule.update.__name__])
         table = np.zeros((multi_tensor.FIRST_ADDRESS_ROW + 2 + len(present) + 1, 1), dtype=np.int64)
         run(kernel, (table, np.zeros((2, 0), dtype=np.int64), CPU_BLOCK, LIKE[self.dtype], MASTER_LIKE, NO_STEPS,
                      np.zeros(5), np.zeros(11), np.zeros(8, dtype=np.int64)))

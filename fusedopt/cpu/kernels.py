@@ -26,8 +26,9 @@ NUMEL_ROW, EXTRA_ROW, PARAM_ROW, GRAD_ROW, FIRST_STATE_ROW = 0, 1, 2, 3, 4
 # host computed from a number lr).
 SKIP, INV_SCALE, CLIP, LR, DEVICE_LR = range(5)
 # The launch's integers: which of the rule's state slots are present, the param rounding, whether
-# the rule reads step counts and per-tensor integers, and the stochastic rounding key.
-PRESENT0, PRESENT1, PRESENT2, ROUNDING, READS_STEPS, READS_EXTRA, SEED, COUNT = range(8)
+# the bucket has step counts (the launch adds the step to them) and per-tensor integers, and the
+# stochastic rounding key.
+PRESENT0, PRESENT1, PRESENT2, ROUNDING, COUNTS_STEPS, READS_EXTRA, SEED, COUNT = range(8)
 NEAREST, STOCHASTIC, MASTER = 0, 1, 2
 
 # error_model="numpy": IEEE division (x / 0 is inf or NaN, as in torch), no ZeroDivisionError branch in
@@ -289,10 +290,13 @@ def walk_rounded(element, coefs, param, master, grad, states, start, count, inv_
 def run_blocks(walk, element, block_scalars, table, blocks, block, like, master_like, steps, numbers, scalars, flags):
     """One parallel pass over the blocks (owner, start) of `blocks`: per block, the tensor's
     arrays from the table, the rule's numbers, and the walk over its elements."""
-    if numbers[SKIP] != 0:  # AMP found an inf or NaN: nothing is written
+    if numbers[SKIP] != 0:  # AMP found an inf or NaN: nothing is written, the step does not count
         return
     present0, present1, present2 = flags[PRESENT0] != 0, flags[PRESENT1] != 0, flags[PRESENT2] != 0
-    rounding, reads_steps, reads_extra = flags[ROUNDING], flags[READS_STEPS] != 0, flags[READS_EXTRA] != 0
+    rounding, counts_steps, reads_extra = flags[ROUNDING], flags[COUNTS_STEPS] != 0, flags[READS_EXTRA] != 0
+    if counts_steps:  # torch.optim's step += 1, in the counts' own dtype, before the update reads them
+        for tensor in range(steps.shape[0]):
+            steps[tensor] += 1
     seed, group_step = flags[SEED], flags[COUNT]
     inv_scale, clip = to_compute(numbers[INV_SCALE], like), to_compute(numbers[CLIP], like)
     lr, device_lr = numbers[LR], numbers[DEVICE_LR] != 0
@@ -319,7 +323,7 @@ def run_blocks(walk, element, block_scalars, table, blocks, block, like, master_
             master = tensor_array(table[row, tensor] + start * master_like.itemsize, count, master_like)
         else:
             master = tensor_array(table[PARAM_ROW, tensor], 0, master_like)
-        step = steps[tensor] if reads_steps else 0.0
+        step = np.float64(steps[tensor]) if counts_steps else 0.0
         extra = table[EXTRA_ROW, tensor] if reads_extra else 0
         coefs = block_scalars(lr, step, extra, scalars, device_lr, like)
         stream = rounding_stream(seed, group_step, tensor)
