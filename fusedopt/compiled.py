@@ -7,7 +7,14 @@ so nothing in a graph is reordered around the update, and runs the optimizer's e
 graph runs. Under functionalization (``aot_eager``, or where inductor cannot update in place) the
 graph hands it copies of the tensors: their values are stepped and written back to the copies, so
 the graph's own write-back leaves the user's tensors stepped once.
+
+It is never captured in a CUDA graph (``mode="reduce-overhead"``): a replay would skip the host
+work of each step (the table checks, the state it makes, the tensors held now) and write through
+the addresses of the step it captured. It carries torch's ``cudagraph_unsafe`` tag, so inductor
+runs the graph that holds it without CUDA graphs (on a torch without the tag: because the graph
+mutates inputs that are not static).
 """
+import inspect
 import itertools
 import weakref
 from typing import List
@@ -39,7 +46,15 @@ def register(optimizer):
     return handle
 
 
-@torch.library.custom_op("fusedopt::step", mutates_args=("params", "states"))
+def _never_captured():
+    """custom_op's tags that keep inductor from capturing the operator in a CUDA graph."""
+    tag = getattr(torch.Tag, "cudagraph_unsafe", None)
+    if tag is None or "tags" not in inspect.signature(torch.library.custom_op).parameters:
+        return {}
+    return {"tags": (tag,)}
+
+
+@torch.library.custom_op("fusedopt::step", mutates_args=("params", "states"), **_never_captured())
 def step(handle: int, params: List[torch.Tensor], grads: List[torch.Tensor], states: List[torch.Tensor],
          steps: List[torch.Tensor]) -> None:
     optimizer = _optimizers.get(handle)
