@@ -243,9 +243,10 @@ def step_targets(result):
 
 
 def _bound_note(fused, theirs, required):
-    """Where fusedopt's row runs near copy bandwidth: the share of it that `required` would need."""
+    """Where fusedopt's row runs near copy bandwidth (and not above it, from a cache): the share
+    of it that `required` would need."""
     fraction = fused.get("copy_fraction")
-    if not fraction or fraction < 0.5:
+    if not fraction or not 0.5 <= fraction <= 1.0:
         return ""
     needed = fraction * required * fused["median_ms"] / theirs["median_ms"]
     return f"; fusedopt at {fraction:.0%} of copy bandwidth, {required:.2f}x would need {needed:.0%}"

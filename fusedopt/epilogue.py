@@ -28,8 +28,12 @@ class StepScaling:
         self.clip_coef = clip_coef
         self._on_device = {}
 
+    def is_neutral(self):
+        """No AMP and no clipping: the grads are stepped as they are."""
+        return self.found_inf is None and self.grad_scale is None and self.clip_coef is None
+
     def to(self, device):
-        if self.found_inf is None and self.grad_scale is None and self.clip_coef is None:
+        if self.is_neutral():
             return self
         if device not in self._on_device:
             moved = [None if t is None else t.to(device, non_blocking=True)

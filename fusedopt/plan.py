@@ -193,6 +193,31 @@ def into(spans, start, end):
     return end > start and index >= 0 and spans[index][1] > start
 
 
+PLAIN_TYPES = frozenset({float, int, bool, str, type(None)})
+
+
+def launch_key(bucket, optimizer, group, scaling, group_step):
+    """What a repeatable bucket's launch is computed from, so that the last launch runs again as
+    it was while it stays the same: the group's values (but its params) and the param rounding.
+    None where the launch depends on more: AMP or clipping factors, a device schedule or
+    stochastic rounding, or a group value that is not a plain number, string or None (or a tuple
+    of them): a tensor is read at every launch, and only plain values compare by value alone."""
+    if not bucket.repeatable or group_step is not None or not scaling.is_neutral():
+        return None
+    values = []
+    for key, value in group.items():
+        if key == "params":
+            continue
+        if type(value) in (tuple, list):
+            if not all(type(item) in PLAIN_TYPES for item in value):
+                return None
+            value = tuple(value)
+        elif type(value) not in PLAIN_TYPES:
+            return None
+        values.append(value)
+    return tuple(values), optimizer.param_rounding
+
+
 class KernelBucket:
     """The tensors of one group on one (device, dtype), updated by one kernel launch per step.
 
@@ -250,6 +275,14 @@ class KernelBucket:
         self.state_values = state_values(optimizer.state, params) if self.keeps_state else None
         self.seen_changes = state_changes()
         self.counted = self.keeps_state and is_counted(optimizer.state, params)
+        # On the numba kernels (host arrays of arguments: the same numbers give the same launch;
+        # a Triton launch is one call anyway), the last launch can be run again as it was while
+        # what it was computed from stays the same (launch_key): not at SGD's first momentum
+        # step, nor where a subclass computes the launch in its own way.
+        self.repeatable = bool(self.table.cpu_kernels) and not self.fresh_states and all(
+            getattr(type(optimizer), name).__module__.startswith("fusedopt.")
+            for name in ("kernel_step", "hyperparameters"))
+        self.last_launch = None  # launch_key of the last launch, where it can be repeated
 
     def written_spans(self):
         """The memory its launch writes: params, states, masters and step counts."""
@@ -307,6 +340,15 @@ class KernelBucket:
         return True
 
     def launch(self, optimizer, group, scaling, group_step):
+        key = launch_key(self, optimizer, group, scaling, group_step)
+        if key is not None and key == self.last_launch:
+            self.table.relaunch()
+            return
+        self.last_launch = None
+        self._launch(optimizer, group, scaling, group_step)
+        self.last_launch = key
+
+    def _launch(self, optimizer, group, scaling, group_step):
         scaling = scaling.to(self.device)
         launch = dict(scaling=scaling, group_step=group_step, param_rounding=optimizer.param_rounding)
         if self.steps is not None:

@@ -273,6 +273,67 @@ def test_tensor_lr_changed_in_place_is_read_at_each_step(rule):
                generator=generator, rtol=rtol, atol=atol, before_step=change_lr)
 
 
+def _change_group(step, group, lr_tensor):
+    """The group value changed before `step`: each one a user may write between two steps (a
+    repeated launch must see every one of them)."""
+    if step == 2:
+        group["lr"] *= 0.5
+    elif step == 3 and "weight_decay" in group:
+        group["weight_decay"] = 0.05
+    elif step == 4:
+        for key, value in (("betas", (0.8, 0.99)), ("alpha", 0.9), ("lr_decay", 0.01), ("momentum", 0.5)):
+            if key in group and (key != "momentum" or group[key]):
+                group[key] = value
+    elif step == 5:
+        group["maximize"] = not group["maximize"]
+    elif step == 6:
+        group["note"] = torch.ones(3)  # a value the step does not read, and not a plain number
+    elif step == 7:
+        lr_tensor.fill_(group["lr"])
+        group["lr"] = lr_tensor
+    elif step in (8, 9):
+        group["lr"].mul_(0.5)
+    elif step == 10:
+        group["lr"] = float(group["lr"]) * 2
+        del group["note"]
+
+
+@pytest.mark.parametrize("rule, options", RICH, ids=map(case_id, RICH))
+def test_every_change_to_a_group_between_steps_is_stepped_with(rule, options):
+    """The numba buckets run the last launch again while the group's values are the same: an lr
+    (a number, then a tensor changed in place, then a number again), weight decay, betas and the
+    like, maximize, and a value the step ignores, changed between steps, give torch's steps."""
+    generator = torch.Generator().manual_seed(13)
+    params = make_params(torch.float32, "cpu", generator, odd_layouts=False)
+    lr_tensors = [torch.zeros(()), torch.zeros(())]
+
+    def change(step, fused, expected, fused_params, expected_params):
+        for optimizer, lr_tensor in zip((fused, expected), lr_tensors):
+            _change_group(step, optimizer.param_groups[0], lr_tensor)
+
+    rtol, atol = tolerance(torch.float32, "cpu", rule, options)
+    fused, _, _, _ = run_beside(rule, params, options, lambda ps: torch_optimizer(rule, ps, **options), steps=11,
+                                generator=generator, rtol=rtol, atol=atol, before_step=change, check_every=1)
+    assert on_cpu_kernels(fused)
+
+
+def test_a_subclass_computing_its_own_hyperparameters_is_asked_at_every_step():
+    """Where a subclass gives its own hyperparameters, no launch is repeated without asking it."""
+    class DecayingAdam(fusedopt.Adam):
+        def hyperparameters(self, group):
+            self.asked = getattr(self, "asked", 0) + 1
+            return dict(super().hyperparameters(group), lr=group["lr"] / self.asked)
+
+    p = torch.nn.Parameter(torch.zeros(64))
+    optimizer = DecayingAdam([p], lr=1.0, backend="numba")
+    for _ in range(3):
+        p.grad = torch.ones(64)
+        optimizer.step()
+    assert optimizer.asked == 3
+    # Adam's first steps on a constant grad move by the lr: 1 + 1/2 + 1/3
+    torch.testing.assert_close(p.detach(), torch.full((64,), -(1 + 1 / 2 + 1 / 3)))
+
+
 @pytest.mark.parametrize("rule", ["adamw", "sgd"])
 def test_device_schedule_equals_host_schedule(rule):
     generator = torch.Generator().manual_seed(10)
