@@ -100,7 +100,7 @@ class FusedOptimizer(Optimizer):
     implementations of its rule: `reference_step` (plain torch) and `kernel_step` (Triton)."""
 
     has_step = True  # state['step'] exists (all rules but SGD)
-    _hooks_running = False  # True while a subclass's own step runs, its hooks run (_with_step_hooks)
+    _hooks_running = False  # True while a subclass's own step runs, whose hooks have run (_with_step_hooks)
 
     def __init_subclass__(cls, **kwargs):
         """A subclass's own step runs the step hooks once, as fusedopt's classes do."""
