@@ -271,8 +271,10 @@ def test_inductor_never_captures_the_operator_in_a_cuda_graph():
     """A replay of a CUDA graph holding fusedopt::step would skip the step's host work (the table
     checks, the state it makes, the grads held now) and write through the addresses it captured:
     the operator carries the tag that inductor's capture checks (whole graph, or partitions) read."""
-    from torch._inductor.utils import is_cudagraph_unsafe_fx_node
-
+    is_cudagraph_unsafe_fx_node = getattr(pytest.importorskip("torch._inductor.utils"), "is_cudagraph_unsafe_fx_node",
+                                          None)
+    if is_cudagraph_unsafe_fx_node is None:
+        pytest.skip("this torch's inductor reads the tag elsewhere")
     graph = torch.fx.Graph()
     node = graph.call_function(torch.ops.fusedopt.step.default, (0, [], [], [], []))
     assert torch.Tag.cudagraph_unsafe in torch.ops.fusedopt.step.default.tags

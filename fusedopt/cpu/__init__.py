@@ -36,9 +36,9 @@ LIKE = {dtype: np.empty(0, storage) for dtype, storage in STORAGE.items()}
 MASTER_LIKE = np.empty(0, np.float32)
 NO_STEPS = np.zeros(1, np.float32)  # the steps of rules without: the dtype of torch's step counts
 
-# The numba kernel of each rule, by the name of the rule's Triton update (the host computes the
-# same scalars; a name, because hashing a Triton function costs a microsecond at every step).
-KERNEL_NAMES = {rule.update.__name__: f"{name}_kernel" for name, rule in (
+# The numba kernel of each rule, by the identity of the rule's Triton update (the host computes
+# the same scalars; the id, because hashing a Triton function costs a microsecond at every step).
+KERNEL_NAMES = {id(rule.update): f"{name}_kernel" for name, rule in (
     ("sgd", sgd.SGD), ("adam", adam.ADAM), ("adagrad", adagrad.ADAGRAD), ("rmsprop", rmsprop.RMSPROP),
     ("radam", radam.RADAM))}
 ROUNDING_CODES = {"nearest": 0, "stochastic": 1, "master": 2}
@@ -128,7 +128,7 @@ class CpuTensorTable(multi_tensor.TensorTable):
         tensors are in host memory; there is nothing to synchronise) and the rule's numba kernel
         makes one parallel pass over the table's blocks, after adding this step to `steps` (the
         counts before it: TensorTable.counts_steps), unless AMP skips the step."""
-        kernel = getattr(kernel_module(), KERNEL_NAMES[rule.update.__name__])
+        kernel = getattr(kernel_module(), KERNEL_NAMES[id(rule.update)])
         multi_tensor.count_launch()
         arguments = (self.table_array, self.block_array, self.block, self.like, MASTER_LIKE,
                      NO_STEPS if steps is None else self.step_counts(steps),
@@ -195,7 +195,7 @@ class ProbeTable:
     lr_in_memory = multi_tensor.TensorTable.lr_in_memory  # the same test, on self.device
 
     def step(self, *, rule, present, param_rounding="nearest", **unused):
-        kernel = getattr(kernel_module(), KERNEL_NAMES[rule.update.__name__])
+        kernel = getattr(kernel_module(), KERNEL_NAMES[id(rule.update)])
         table = np.zeros((multi_tensor.FIRST_ADDRESS_ROW + 2 + len(present) + 1, 1), dtype=np.int64)
         run(kernel, (table, np.zeros((2, 0), dtype=np.int64), CPU_BLOCK, LIKE[self.dtype], MASTER_LIKE, NO_STEPS,
                      np.zeros(5), np.zeros(11), np.zeros(8, dtype=np.int64)))
