@@ -1,6 +1,6 @@
-"""Compiling the numba CPU kernels ahead (python -m fusedopt.cpu): every numba CPU kernel (each rule, each param dtype) into
+"""python -m fusedopt.cpu: every numba CPU kernel (each rule, each param dtype) compiled into
 numba's on-disk cache, once per numba version and kernel source, so that no later process pays
-the compile at its first step. The kernels compile side by side in as many processes as there
+the compile at its first step. The kernels compile side by side, in as many processes as there
 are cores (one process per kernel: each writes its own cache index)."""
 import multiprocessing
 import os
@@ -56,4 +56,3 @@ def main():
     print(f"fusedopt: numba CPU kernels ready ({time.perf_counter() - start:.1f} s, {workers} "
           f"process{'es' if workers > 1 else ''})")
     return 0
-
