@@ -2,6 +2,10 @@
 Triton interpreter, which must be switched on before triton is first imported."""
 import os
 
+# inductor's compile workers are processes that import torch (seconds each) to compile the
+# tests' few small graphs: compile them in the test's own process.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
 import pytest
 import torch
 
@@ -12,7 +16,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 if os.environ.get("TRITON_INTERPRET") == "1":
     import interpreter_speedup
 
-    interpreter_speedup.patch_the_language_once_per_launch()
+    interpreter_speedup.speed_up()
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BACKENDS = ["torch", "triton"]
