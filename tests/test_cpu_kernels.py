@@ -441,33 +441,52 @@ def test_strided_param_goes_to_the_reference():
 # ---- threads ----
 
 
-THREADS_SCRIPT = r"""
-import sys, torch, fusedopt
-torch.set_num_threads(int(sys.argv[1]))
-generator = torch.Generator().manual_seed(13)
-params = [torch.randn(n, generator=generator, dtype=dtype).requires_grad_()
-          for n in (5, 4096 * 5 + 3, 100_000) for dtype in (torch.float32, torch.bfloat16)]
-optimizers = [fusedopt.AdamW(params[:2], lr=0.01, backend="numba", stochastic_rounding=True),
-              fusedopt.RMSprop(params[2:4], lr=0.01, centered=True, momentum=0.9, backend="numba"),
-              fusedopt.SGD(params[4:], lr=0.01, momentum=0.9, nesterov=True, backend="numba",
-                           stochastic_rounding=True)]
-for _ in range(3):
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=generator).to(p.dtype)
-    for optimizer in optimizers:
-        optimizer.step()
-torch.save([p.detach() for p in params], sys.argv[2])
+def stepped_at(threads):
+    """The params after 3 steps of three numba buckets (odd sizes, bf16 with stochastic rounding)
+    with torch (and so numba) at `threads` threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        generator = torch.Generator().manual_seed(13)
+        params = [torch.randn(n, generator=generator, dtype=dtype).requires_grad_()
+                  for n in (5, 4096 * 5 + 3, 100_000) for dtype in (torch.float32, torch.bfloat16)]
+        optimizers = [fusedopt.AdamW(params[:2], lr=0.01, backend="numba", stochastic_rounding=True),
+                      fusedopt.RMSprop(params[2:4], lr=0.01, centered=True, momentum=0.9, backend="numba"),
+                      fusedopt.SGD(params[4:], lr=0.01, momentum=0.9, nesterov=True, backend="numba",
+                                   stochastic_rounding=True)]
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator).to(p.dtype)
+            for optimizer in optimizers:
+                optimizer.step()
+        return [p.detach() for p in params]
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_results_are_bitwise_the_same_at_1_and_2_threads():
+    one, two = stepped_at(1), stepped_at(2)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+FIRST_LAUNCH_SCRIPT = r"""
+import numba, torch, fusedopt
+torch.set_num_threads(1)
+torch.get_num_threads()  # torch's OpenMP pool starts before numba's
+param = torch.randn(100_000, requires_grad=True)
+param.grad = torch.randn_like(param)
+fusedopt.SGD([param], lr=0.1, backend="numba").step()
+print(torch.get_num_threads(), numba.get_num_threads())
 """
 
 
-def test_results_are_bitwise_the_same_at_1_and_2_threads(tmp_path):
-    results = []
-    for threads in (1, 2):
-        out = tmp_path / f"{threads}.pt"
-        subprocess.run([sys.executable, "-c", THREADS_SCRIPT, str(threads), str(out)], check=True,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        results.append(torch.load(out))
-    assert all(torch.equal(a, b) for a, b in zip(*results))
+def test_the_first_launch_keeps_torchs_thread_count_and_runs_at_it():
+    """numba's OpenMP layer, started by the first launch, sets the OpenMP thread count it shares
+    with torch: torch's own count (the user's torch.set_num_threads) is put back."""
+    result = subprocess.run([sys.executable, "-c", FIRST_LAUNCH_SCRIPT], capture_output=True, text=True,
+                            timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["1", "1"]
 
 
 CONCURRENT_SCRIPT = r"""

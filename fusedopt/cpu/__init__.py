@@ -93,6 +93,9 @@ def use_torch_threads():
         import numba
 
         numba.set_num_threads(min(torch_threads, numba.config.NUMBA_NUM_THREADS))
+        if torch.get_num_threads() != torch_threads:
+            # numba's OpenMP layer, starting its threads, set the OpenMP count torch shares with it
+            torch.set_num_threads(torch_threads)
         _numba_threads.follows = torch_threads
 
 
