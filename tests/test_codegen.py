@@ -57,10 +57,10 @@ def codegen(request, code_generators):
 
 
 def expected_specializations():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "from fusedopt.kernels.codegen import specializations; print(len(list(specializations())))"
-    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                              check=True).stdout)
+    """Listing the specializations compiles nothing: the interpreter's kernels list the same."""
+    from fusedopt.kernels.codegen import specializations
+
+    return len(list(specializations()))
 
 
 def test_every_specialization_compiles(codegen):
