@@ -3,10 +3,6 @@ stepped side by side with torch.optim on the same inputs (closures, params witho
 param groups, add_param_group, learning rates changed by hand or by lr_scheduler, complex params,
 zero_grad, nn.Module training) and compared after every run."""
 import inspect
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -572,37 +568,3 @@ def test_backend_default_without_environment_variable_is_auto(name, monkeypatch)
 def test_backend_argument_wins_over_environment_variable(name, backend, device, monkeypatch):
     monkeypatch.setenv("FUSEDOPT_BACKEND", "torch" if backend == "triton" else "triton")
     assert build(fusedopt, name, as_params(make_values(25, device)), backend).backend == backend
-
-
-# ---- without triton ----
-
-STEP_WITHOUT_TRITON = """
-    import sys
-    sys.modules["triton"] = None  # `import triton` now raises ImportError
-    import torch
-    import fusedopt
-
-    for name in ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop"]:
-        for backend in ["torch", "auto", None]:
-            values = torch.randn(7, generator=torch.Generator().manual_seed(0))
-            ours, theirs = values.clone().requires_grad_(), values.clone().requires_grad_()
-            optimizer = getattr(fusedopt, name)([ours], lr=0.1, backend=backend)
-            reference = getattr(torch.optim, name)([theirs], lr=0.1)
-            for step in range(3):
-                grad = torch.randn(7, generator=torch.Generator().manual_seed(step + 1))
-                ours.grad, theirs.grad = grad.clone(), grad.clone()
-                optimizer.step()
-                reference.step()
-            assert not torch.equal(ours.detach(), values), (name, backend)
-            torch.testing.assert_close(ours.detach(), theirs.detach())
-    assert "triton" not in sys.modules or sys.modules["triton"] is None
-    print("ok")
-"""
-
-
-def test_import_and_torch_backend_work_without_triton():
-    env = {key: value for key, value in os.environ.items() if key != "FUSEDOPT_BACKEND"}
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(STEP_WITHOUT_TRITON)], env=env,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"

@@ -3,6 +3,7 @@ import dataclasses
 import io
 import math
 import os
+import runpy
 import pickle
 import struct
 import subprocess
@@ -740,11 +741,16 @@ def test_cli_bad_argument_raises_value_error_naming_it(tmp_path):
         )
 
 
-def test_cli_program_exits_2_on_an_unknown_name(tmp_path):
-    command = [sys.executable, "-m", "fusedopt.schedules", "plot", "warmup_cosin", "--total-steps", "10"]
-    result = subprocess.run(command + ["-o", str(tmp_path / "x.png")], capture_output=True, text=True)
-    assert result.returncode == 2
-    assert "warmup_cosin" in result.stderr and "warmup_cosine" in result.stderr
+def test_cli_program_exits_2_on_an_unknown_name(tmp_path, monkeypatch, capsys):
+    """The program as `python -m fusedopt.schedules` runs it (its __main__ module), in this process."""
+    argv = ["plot", "warmup_cosin", "--total-steps", "10", "-o", str(tmp_path / "x.png")]
+    monkeypatch.setattr(sys, "argv", ["python -m fusedopt.schedules", *argv])
+    monkeypatch.delitem(sys.modules, "fusedopt.schedules.__main__", raising=False)  # run afresh, as -m does
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_module("fusedopt.schedules", run_name="__main__", alter_sys=True)
+    assert exited.value.code == 2
+    stderr = capsys.readouterr().err
+    assert "warmup_cosin" in stderr and "warmup_cosine" in stderr
     assert not (tmp_path / "x.png").exists()
 
 
