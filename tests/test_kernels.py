@@ -139,7 +139,7 @@ def tiny_params(count, dtype, device, generator):
 def test_hundreds_of_tensors_take_one_launch_per_step(rule, device):
     options = STATEFUL[rule]
     generator = torch.Generator().manual_seed(4)
-    params = tiny_params(320, torch.float32, device, generator)
+    params = tiny_params(200, torch.float32, device, generator)
     launches = []
 
     def count(step, fused, expected, fused_params, torch_params):
