@@ -250,10 +250,11 @@ class TensorTable:
         table: `scalars`, the rule's numbers for this launch; `options`, its constexpr flags;
         `present`, which of its state slots the table holds (their roles follow param and grad,
         in slot order); `steps`, each tensor's step count (rules that read steps), already
-        incremented, unless the table's `counts_steps` says its launch adds the step itself; `scaling` (found_inf, grad_scale, clip_coef: fusedopt.epilogue.StepScaling, on the
-        table's device) skips the step or unscales and clips the grads; `lr` may
-        be a one-element tensor on the table's device; `group_step` (a GroupStep) brings a
-        schedule and a rounding seed; `param_rounding` is "nearest", "stochastic" or "master"."""
+        incremented, unless the table's `counts_steps` says its launch adds the step itself;
+        `scaling` (found_inf, grad_scale, clip_coef: fusedopt.epilogue.StepScaling, on the table's
+        device) skips the step or unscales and clips the grads; `lr` may be a one-element tensor
+        on the table's device; `group_step` (a GroupStep) brings a schedule and a rounding seed;
+        `param_rounding` is "nearest", "stochastic" or "master"."""
         found_inf, grad_scale, clip_coef, scaled = self.scaling_arguments(scaling)
         lr, schedule_arguments, lr_flags = self.lr_arguments(lr, group_step, param_rounding)
         self.launch(

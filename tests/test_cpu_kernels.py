@@ -38,6 +38,9 @@ from helpers import (
     OPTIMIZERS,
 )
 
+# where the subprocesses import fusedopt from
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 pytest.importorskip("numba")
 
 STEPS = 10
@@ -484,7 +487,7 @@ def test_the_first_launch_keeps_torchs_thread_count_and_runs_at_it():
     """numba's OpenMP layer, started by the first launch, sets the OpenMP thread count it shares
     with torch: torch's own count (the user's torch.set_num_threads) is put back."""
     result = subprocess.run([sys.executable, "-c", FIRST_LAUNCH_SCRIPT], capture_output=True, text=True,
-                            timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                            timeout=120, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["1", "1"]
 
@@ -518,11 +521,10 @@ def test_two_threads_stepping_at_once_get_their_own_results_on_any_threading_lay
     """numba's workqueue layer (taken where neither OpenMP nor TBB loads) aborts the process when
     two threads run parallel code at once: the launches take turns."""
     env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}
-    subprocess.run([sys.executable, "-c", CONCURRENT_SCRIPT], check=True, env=env, timeout=120,
-                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    subprocess.run([sys.executable, "-c", CONCURRENT_SCRIPT], check=True, env=env, timeout=120, cwd=REPO_ROOT)
 
 
-# ---- without numba ----
+# ---- compiling ahead ----
 
 
 def test_compiling_ahead_runs_every_kernel_side_by_side_and_succeeds(capsys):
@@ -533,6 +535,9 @@ def test_compiling_ahead_runs_every_kernel_side_by_side_and_succeeds(capsys):
 
     assert precompile.main() == 0, capsys.readouterr().err[-3000:]
     assert "numba CPU kernels ready" in capsys.readouterr().out
+
+
+# ---- without numba ----
 
 
 def test_missing_numba_warns_once_and_uses_the_reference(monkeypatch):
