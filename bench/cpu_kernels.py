@@ -1,10 +1,13 @@
-"""The numba CPU kernels against torch's fastest CPU implementation of each rule (fused=True; foreach
-for RMSprop, which has no fused), side by side on the same buffers, interleaved, medians; and the
-first step's latency in a new process, with numba's cache cold and warm.
+"""The numba CPU kernels against torch's fastest CPU implementation of each rule (fused=True where
+torch has it, else foreach; fusedopt's plain-torch reference for a rule torch.optim has not), side by
+side on the same buffers, interleaved, medians; and the first step's latency in a new process,
+with numba's cache cold and warm.
 
     python -m bench.cpu_kernels [--quick]
 """
 import argparse
+import functools
+import inspect
 import os
 import shutil
 import statistics
@@ -16,16 +19,21 @@ import time
 import torch
 
 import fusedopt
+from fusedopt.registry import RULES as REGISTRY
 
 SETS = {"2000 x 4K": [4096] * 2000, "150 x 50K": [50_000] * 150, "1 x 8M": [8_000_000]}
-RULES = {
-    "adam": (fusedopt.Adam, torch.optim.Adam, {}, "fused"),
-    "adamw": (fusedopt.AdamW, torch.optim.AdamW, {"weight_decay": 1e-2}, "fused"),
-    "sgd_momentum": (fusedopt.SGD, torch.optim.SGD, {"momentum": 0.9}, "fused"),
-    "adagrad": (fusedopt.Adagrad, torch.optim.Adagrad, {}, "fused"),
-    "rmsprop": (fusedopt.RMSprop, torch.optim.RMSprop, {}, "foreach"),
-    "radam": (fusedopt.RAdam, torch.optim.RAdam, {}, "foreach"),
-}
+
+
+def _fastest(twin):
+    """torch's fastest CPU implementation of a rule: fused=True where the class takes it, else foreach."""
+    return "fused" if "fused" in inspect.signature(twin).parameters else "foreach"
+
+
+# Each benchmark variant of the registry: (fusedopt's class, torch's, options, torch's implementation);
+# a rule torch.optim has not is timed against fusedopt's plain-torch reference.
+RULES = {variant.name: (info.optimizer, info.twin or functools.partial(info.optimizer, backend="torch"),
+                        variant.options, _fastest(info.twin) if info.twin else "reference")
+         for info in REGISTRY.values() for variant in info.benchmarks}
 
 
 def optimizers(rule, sizes):
@@ -34,11 +42,11 @@ def optimizers(rule, sizes):
     generator = torch.Generator().manual_seed(0)
     params = [torch.randn(n, generator=generator) for n in sizes]
     made = []
-    for factory, extra in ((ours, {"backend": "numba"}), (theirs, {flavour: True})):
+    for factory, extra in ((ours, {"backend": "numba"}), (theirs, {} if flavour == "reference" else {flavour: True})):
         copies = [p.clone().requires_grad_() for p in params]
         for p in copies:
             p.grad = torch.randn(p.shape, generator=generator) * 1e-3
-        made.append(factory(copies, lr=1e-3, **options, **extra))
+        made.append(factory(copies, **{"lr": 1e-3, **options, **extra}))
     return made
 
 

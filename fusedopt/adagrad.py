@@ -1,8 +1,58 @@
-"""Adagrad: defaults, argument checks and state layout of torch.optim.Adagrad."""
+"""Adagrad: the rule (its numbers and equations, which the kernels compile), and the defaults,
+argument checks and state layout of torch.optim.Adagrad."""
+from typing import NamedTuple
+
 import torch
 
 from . import reference
 from .optimizer import FusedOptimizer, reference_states, scalar_step_tensor
+from .spec import NoOptions, RuleSpec, StateSlot, grad_sign, sqrt, to_compute
+
+
+class AdagradLaunch(NamedTuple):
+    lr_decay: float
+    weight_decay: float
+    eps: float
+    grad_sign: float
+
+
+class AdagradBlock(NamedTuple):
+    decayed_lr: float  # lr / (1 + (step - 1) lr_decay)
+    weight_decay: float
+    eps: float
+    grad_sign: float
+
+
+def adagrad_options(group):
+    return NoOptions()
+
+
+def adagrad_launch_numbers(group, lr_on_device):
+    return AdagradLaunch(lr_decay=group["lr_decay"], weight_decay=group["weight_decay"], eps=group["eps"],
+                         grad_sign=grad_sign(group))
+
+
+def adagrad_block_numbers(lr, step, extra, n, DEVICE_LR, COMPUTE):
+    """The decayed lr, in fp64 once per block."""
+    return AdagradBlock(decayed_lr=to_compute(lr / (1 + (step - 1) * n.lr_decay), COMPUTE),
+                        weight_decay=to_compute(n.weight_decay, COMPUTE), eps=to_compute(n.eps, COMPUTE),
+                        grad_sign=to_compute(n.grad_sign, COMPUTE))
+
+
+def adagrad_update(param, grad, sum, b, options):
+    """sum += g^2;  p -= clr * g / (sqrt(sum) + eps)."""
+    grad = grad * b.grad_sign
+    if b.weight_decay != 0:
+        grad = grad + b.weight_decay * param
+    sum = sum + grad * grad
+    param = param - b.decayed_lr * (grad / (sqrt(sum) + b.eps))
+    return param, sum
+
+
+ADAGRAD = RuleSpec(
+    "adagrad", states=(StateSlot("sum", signed=False),),
+    Options=NoOptions, options=adagrad_options, Launch=AdagradLaunch, launch_numbers=adagrad_launch_numbers,
+    Block=AdagradBlock, block_numbers=adagrad_block_numbers, update=adagrad_update, steps=True)
 
 
 class Adagrad(FusedOptimizer):
@@ -19,6 +69,8 @@ class Adagrad(FusedOptimizer):
     through the reference implementation, as in torch. State per param (torch's layout, created
     at construction as torch does): ``step`` and ``sum`` (filled with initial_accumulator_value).
     """
+
+    spec = ADAGRAD
 
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
                  foreach=None, *, maximize=False, differentiable=False, fused=None, backend=None, **options):
@@ -51,12 +103,6 @@ class Adagrad(FusedOptimizer):
     def check_grad(self, grad):
         pass  # sparse grads are supported, through the reference
 
-    def structure(self, group):
-        return None
-
-    def state_keys(self, group):
-        return ["sum"]
-
     def init_state(self, param, group):
         state = self.state[param]
         value = group["initial_accumulator_value"]
@@ -71,9 +117,3 @@ class Adagrad(FusedOptimizer):
     def reference_step(self, group, params, grads, targets=None):
         reference.adagrad(params if targets is None else targets, grads, reference_states(self, params, "sum"),
                           reference_states(self, params, "step"), **self.reference_hyperparameters(group))
-
-    def kernel_step(self, group, table, steps, **launch):
-        from . import kernels
-
-        kernels.adagrad_step(table, steps, **launch,
-                          **self.hyperparameters(group))

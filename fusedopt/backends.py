@@ -6,7 +6,6 @@ without that, "auto": the Triton kernels for CUDA tensors, the numba kernels for
 """
 import os
 import sys
-import warnings
 
 import torch
 
@@ -45,23 +44,24 @@ def kernels_run_on_cpu():
 
 def cpu_kernels_take(backend, device):
     """Whether, under `backend`, the numba CPU kernels update params on `device`: CPU tensors under
-    "auto" and "numba", where numba is installed and compiles (else a one-line warning, once, and
-    the reference)."""
+    "auto" and "numba", where numba is installed (else a one-line warning, once, and the
+    reference)."""
     if device.type != "cpu" or backend not in ("auto", "numba"):
         return False
-    try:
-        from . import cpu
-    except ImportError as error:  # fusedopt.kernels (the tables) needs triton
-        global _cpu_import_error
-        if _cpu_import_error is None:
-            _cpu_import_error = error
-            warnings.warn(f"fusedopt: the numba CPU kernels are unavailable ({error}); CPU params use the "
-                          "plain-torch reference", RuntimeWarning, stacklevel=3)
-        return False
+    from . import cpu
+
     return cpu.available()
 
 
-_cpu_import_error = None
+def table_class(backend, device):
+    """The TensorTable of the kernels that update params on `device` under `backend` (where
+    runs_on_kernels says kernels do): the numba CPU kernels' (fusedopt.cpu) or the Triton
+    kernels'."""
+    if cpu_kernels_take(backend, device):
+        from .cpu import CpuTensorTable
+
+        return CpuTensorTable
+    return load_kernels().TensorTable
 
 
 def runs_on_kernels(backend, device):

@@ -67,8 +67,6 @@ class StepScaling:
         return grads
 
 
-NO_SCALING = StepScaling()
-
 
 class PendingClip:
     """The clip factor clip_grad_norm_ computed, kept for the next step, with what it was computed

@@ -12,12 +12,13 @@ from torch.optim import Optimizer
 from torch.optim import optimizer as torch_optimizer
 
 from . import compiled, distributed, epilogue, reference
-from .backends import load_kernels, resolve_backend, runs_on_kernels
+from .backends import resolve_backend, runs_on_kernels
 from .device_schedule import DeviceSchedule, advance_group_step
 from .plan import GroupPlan, grad_of
 from .rounding import check_rounding_seed, keeps_master, param_rounding, rounded_reference_step
 from .state import counted, plain
 from .steps import STEP_NOT_A_TENSOR, as_float, as_step_tensor, scalar_step_tensor
+from .tables import GroupStep, step_buffer
 
 
 def check_implementation_flags(defaults):
@@ -96,10 +97,12 @@ CAPTURABLE_DEVICES = _capturable_devices()
 
 
 class FusedOptimizer(Optimizer):
-    """Base of fusedopt's optimizers. A subclass gives its defaults and state layout, and the two
-    implementations of its rule: `reference_step` (plain torch) and `kernel_step` (Triton)."""
+    """Base of fusedopt's optimizers. A subclass gives its defaults and argument checks, its rule
+    as `spec` (a fusedopt.spec.RuleSpec: state slots, numbers and equations, which every kernel
+    backend compiles), and its plain-torch implementation, `reference_step`."""
 
-    has_step = True  # state['step'] exists (all rules but SGD)
+    spec = None  # the rule (fusedopt.spec.RuleSpec)
+    has_step = True  # state['step'] exists (all rules but SGD and Lion)
     _hooks_running = False  # True while a subclass's own step runs, whose hooks have run (_with_step_hooks)
 
     def __init_subclass__(cls, **kwargs):
@@ -172,8 +175,6 @@ class FusedOptimizer(Optimizer):
         count = advance_group_step(group, devices[0] if devices else None)
         if not devices:
             return {}
-        from .kernels import GroupStep
-
         steps = {}
         for device in devices:
             if device not in self._device_scalars:
@@ -198,23 +199,25 @@ class FusedOptimizer(Optimizer):
 
     # ---- what each rule provides ----
     def structure(self, group):
-        """The group options that change which state tensors exist (a rebuild when they change)."""
-        raise NotImplementedError
+        """The group's compile-time options of the rule (spec.Options), which also decide which
+        state tensors exist: a plan is made again when they change."""
+        return self.spec.options(group)
 
     def state_keys(self, group):
-        """Names of the state tensors the kernel reads and writes, in role order."""
-        raise NotImplementedError
+        """Names of the state tensors the kernel reads and writes, in role (slot) order."""
+        return self.spec.state_names(self.spec.options(group))
 
     def init_state(self, param, group):
-        """torch's lazy state: a step counter and zeros like the param for each state tensor."""
+        """torch's lazy state: a step counter (rules that count steps) and zeros like the param for
+        each state tensor."""
         state = self.state[param]
-        state["step"] = scalar_step_tensor(param.device if group.get("capturable") else None)
+        if self.has_step:
+            state["step"] = scalar_step_tensor(param.device if group.get("capturable") else None)
         for key in self.state_keys(group):
             state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
     def hyperparameters(self, group):
-        """The rule's keyword arguments for its kernel launcher; a tensor lr stays a tensor (the
-        kernel reads it from device memory)."""
+        """The rule's keyword arguments for its reference function; a tensor lr stays a tensor."""
         raise NotImplementedError
 
     def reference_hyperparameters(self, group):
@@ -232,14 +235,32 @@ class FusedOptimizer(Optimizer):
         """reference_step, with bf16 params updated through fp32 where param_rounding asks for it."""
         rounded_reference_step(self, group, params, grads)
 
-    def kernel_step(self, group, table, **step_info):
-        raise NotImplementedError
-
     def prepare_fresh_buffers(self, group, params, states):
-        """For a rule without step counts: make the state its kernel needs and flag each param
-        whose state starts at this step (the table's per-tensor integer). SGD's momentum buffers
+        """For a rule whose kernel reads a per-tensor integer (spec.extra): make the state its
+        kernel needs and flag each param whose state starts at this step. SGD's momentum buffers
         start from the grad; by default nothing is made and nothing flagged."""
         return [False] * len(params)
+
+    def kernel_state(self, group, params, device):
+        """The state a kernel bucket of `params` (each prepared by prepare_param) walks, made where
+        the kernel needs it: (the state tensors of each role, in slot order, then the fp32 master
+        copies; the step counts, as one buffer on `device` of which each state["step"] becomes a
+        view, so that the kernel reads them there and edits in place are seen; the flags of
+        prepare_fresh_buffers, or None)."""
+        masters = self.keeps_master(params[0])
+        keys = self.state_keys(group)
+        states = [self.state[p] for p in params] if (self.has_step or keys or masters) else [{} for _ in params]
+        steps = fresh = None
+        if self.has_step:
+            steps = step_buffer([state["step"] for state in states], device)
+            for index, state in enumerate(states):
+                state["step"] = steps[index]
+        if self.spec.extra:
+            fresh = self.prepare_fresh_buffers(group, params, states)
+        roles = [[state[key] for state in states] for key in keys]
+        if masters:
+            roles.append([state["master_param"] for state in states])
+        return roles, steps, fresh
 
     def buffers_started(self, states, skipped):
         """After a launch that had fresh buffers: it ran on them, or (skipped by AMP) it did not."""
@@ -488,7 +509,7 @@ class FusedOptimizer(Optimizer):
                 if bucket.complex and norm_type != 2:
                     leftover += [p.grad for p in bucket.params]
                     continue
-                contributions += bucket.grad_norm_partials(load_kernels(), norm_type, grad_scale)
+                contributions += bucket.grad_norm_partials(norm_type, grad_scale)
         if leftover:
             contributions += epilogue.torch_norm_partials(leftover, norm_type, grad_scale)
         return epilogue.total_grad_norm(contributions, norm_type, device, dtype)

@@ -24,7 +24,7 @@ import operator
 import torch
 
 from . import distributed, epilogue
-from .backends import cpu_kernels_take, load_kernels
+from .backends import load_kernels, table_class
 from .state import is_counted, state_changes
 
 _data_ptr = torch.Tensor.data_ptr
@@ -140,14 +140,6 @@ def state_values(state, params):
     return list(itertools.chain.from_iterable(map(dict.values, map(state.get, params))))
 
 
-def step_buffer(steps, device):
-    """One 1-D tensor on `device` holding the step counts (fp32, as torch's fused steps)."""
-    dtype = steps[0].dtype if steps[0].is_floating_point() else torch.float32
-    if any(step.device != steps[0].device for step in steps):
-        steps = [step.to(device) for step in steps]
-    return torch.stack([step.reshape(()) for step in steps]).to(device=device, dtype=dtype)
-
-
 def overlapping(spans):
     """Indices of the spans (start, end, writable, owner) that share memory with another span where
     either is written (grads may share memory among themselves): their owners go to the reference,
@@ -225,35 +217,18 @@ class KernelBucket:
     grad, states and master, and the shards are looked up again at every step."""
 
     def __init__(self, optimizer, group, params, grads, indices, table_class):
-        """`table_class`: the Triton kernels' TensorTable, or the numba CPU kernels' (fusedopt.cpu)."""
+        """`table_class`: the TensorTable of the kernel backend (fusedopt.backends.table_class)."""
         self.params = params
         self.device = distributed.local_tensor(params[0]).device
         self.indices = indices  # positions in the group's list of params with grads; None: all
         self.complex = any(p.is_complex() for p in params)
         self.sharded = any(map(distributed.is_dtensor, params))
+        self.options = optimizer.structure(group)  # the rule's compile-time options (the plan's structure)
+        roles, self.steps, fresh = optimizer.kernel_state(group, params, self.device)
         # No state entries where the rule keeps none (SGD without momentum), as in torch.
-        masters = optimizer.keeps_master(params[0])
-        self.keeps_state = bool(optimizer.has_step or optimizer.state_keys(group) or masters)
-        states = [optimizer.state[p] for p in params] if self.keeps_state else [{} for _ in params]
-        self.steps = None
-        self.fresh_states = []
-        extra = None
-        step_views = []
-        if optimizer.has_step:
-            # The step counts live on the params' device, as views into one buffer: the kernel
-            # reads each tensor's count there (edits in place are seen, nothing is synchronised),
-            # and the per-step increment is one op.
-            self.steps = step_buffer([state["step"] for state in states], self.device)
-            step_views = [self.steps[index] for index in range(len(params))]
-            for state, view in zip(states, step_views):
-                state["step"] = view
-        else:
-            fresh = optimizer.prepare_fresh_buffers(group, params, states)
-            self.fresh_states = [state for state, flag in zip(states, fresh) if flag]
-            extra = [int(flag) for flag in fresh]
-        roles = [[state[key] for state in states] for key in optimizer.state_keys(group)]
-        if masters:  # the fp32 master copies are the last role
-            roles.append([state["master_param"] for state in states])
+        self.keeps_state = bool(roles) or self.steps is not None
+        step_views = [] if self.steps is None else [optimizer.state[p]["step"] for p in params]
+        self.fresh_states = [optimizer.state[p] for p, flag in zip(params, fresh or ()) if flag]
         # What the table names: param and each role (fixed while the table lives), the grads
         # (re-pointed when they move), and the step views (the step buffer's).
         self.fixed = params + [tensor for role in roles for tensor in role]
@@ -261,7 +236,7 @@ class KernelBucket:
         self.checked = self.fixed + step_views
         local = distributed.local_tensor
         self.table = table_class(list(map(local, params)), list(map(local, grads)),
-                                         [list(map(local, role)) for role in roles], extra)
+                                 [list(map(local, role)) for role in roles], None if fresh is None else list(map(int, fresh)))
         self._local_fixed, self._local_grads = list(map(local, self.fixed)), list(map(local, grads))
         self.tensor_check = None  # made by watch(), once the group's written memory is known
         self.norm_groups = list(dict.fromkeys(map(distributed.norm_group, grads)))
@@ -277,11 +252,9 @@ class KernelBucket:
         self.counted = self.keeps_state and is_counted(optimizer.state, params)
         # On the numba kernels (host arrays of arguments: the same numbers give the same launch;
         # a Triton launch is one call anyway), the last launch can be run again as it was while
-        # what it was computed from stays the same (launch_key): not at SGD's first momentum
-        # step, nor where a subclass computes the launch in its own way.
-        self.repeatable = bool(self.table.cpu_kernels) and not self.fresh_states and all(
-            getattr(type(optimizer), name).__module__.startswith("fusedopt.")
-            for name in ("kernel_step", "hyperparameters"))
+        # what it was computed from stays the same (launch_key; the rule's launch numbers are a
+        # function of the group's values): not at SGD's first momentum step.
+        self.repeatable = self.table.cpu_kernels and not self.fresh_states
         self.last_launch = None  # launch_key of the last launch, where it can be repeated
 
     def written_spans(self):
@@ -349,20 +322,20 @@ class KernelBucket:
         self.last_launch = key
 
     def _launch(self, optimizer, group, scaling, group_step):
+        """The rule's numbers from the group, handed with its spec to the table: one launch."""
         scaling = scaling.to(self.device)
-        launch = dict(scaling=scaling, group_step=group_step, param_rounding=optimizer.param_rounding)
-        if self.steps is not None:
-            if not self.table.counts_steps:
-                self.steps += 1
-                if scaling.found_inf is not None:
-                    self.steps -= scaling.found_inf  # a skipped step does not count
-            optimizer.kernel_step(group, self.table, steps=self.steps, **launch)
-            return
-        optimizer.kernel_step(group, self.table, fresh_buffers=bool(self.fresh_states), **launch)
+        if self.steps is not None and not self.table.counts_steps:
+            self.steps += 1
+            if scaling.found_inf is not None:
+                self.steps -= scaling.found_inf  # a skipped step does not count
+        spec, lr = optimizer.spec, group["lr"]
+        self.table.step(spec, spec.launch_numbers(group, self.table.lr_in_memory(lr)), self.options, lr=lr,
+                        steps=self.steps, fresh=bool(self.fresh_states), scaling=scaling, group_step=group_step,
+                        param_rounding=optimizer.param_rounding)
         if self.fresh_states:  # the first step of these momentum buffers: did it run?
             optimizer.buffers_started(self.fresh_states, skipped=scaling.skipped())
 
-    def grad_norm_partials(self, kernels, norm_type, grad_scale):
+    def grad_norm_partials(self, norm_type, grad_scale):
         """[(partial, non-finite count, norm group)] of this bucket's grads: one reduction launch,
         the block partials summed (maxed) per norm group. On the numba CPU kernels' buckets: torch's
         per-tensor norms over the grads, the very numbers the reference path's composition gives."""
@@ -373,7 +346,7 @@ class KernelBucket:
                                device=self.device)
             return [(zero, zero, group) for group in self.norm_groups]
         scale = None if grad_scale is None else grad_scale.to(self.device, non_blocking=True).reshape(1)
-        partials = kernels.grad_norm_partials(self.table, norm_type, scale)
+        partials = load_kernels().grad_norm_partials(self.table, norm_type, scale)
         if self.block_norm_group is None:
             partial = partials[0].max() if norm_type == float("inf") else partials[0].sum()
             return [(partial, partials[1].sum(), self.norm_groups[0])]
@@ -402,13 +375,12 @@ class GroupPlan:
         for p, grad in zip(params, grads):
             optimizer.prepare_param(p, grad, group)
         on_kernels = [optimizer.runs_on_kernels(p) for p in params]
-        kernels = load_kernels() if any(on_kernels) else None
         # A param listed twice is stepped twice, one after the other, as torch does: the reference.
         counts = {}
         for p in params:
             counts[id(p)] = counts.get(id(p), 0) + 1
         candidates = [index for index, p in enumerate(params) if on_kernels[index] and counts[id(p)] == 1
-                      and id(p) not in in_other_groups and self._fits(optimizer, group, p, grads[index], kernels)]
+                      and id(p) not in in_other_groups and self._fits(optimizer, group, p, grads[index])]
         candidates = self._without_shared_memory(optimizer, group, params, grads, candidates)
         by_bucket = {}
         for index in candidates:
@@ -416,7 +388,7 @@ class GroupPlan:
             dtype = torch.view_as_real(local).dtype if local.is_complex() else local.dtype
             step = optimizer.state[params[index]].get("step") if optimizer.has_step else None
             by_bucket.setdefault((local.device, dtype, None if step is None else step.dtype), []).append(index)
-        table_classes = {key: self._table_class(optimizer, group, *key[:2], kernels) for key in by_bucket}
+        table_classes = {key: self._table_class(optimizer, *key[:2]) for key in by_bucket}
         # a rule whose CPU kernel did not compile for a dtype: the reference takes those params
         by_bucket = {key: indices for key, indices in by_bucket.items() if table_classes[key] is not None}
         on_bucket = {index for indices in by_bucket.values() for index in indices}
@@ -442,16 +414,12 @@ class GroupPlan:
                             and not self.buckets[0].sharded and len(params) == len(group["params"])
                             and all(type(p) in PLAIN_PARAM_TYPES for p in params))
 
-    @staticmethod
-    def _table_class(optimizer, group, device, dtype, kernels):
-        """The tensor table of a (device, dtype) bucket: the numba CPU kernels' (fusedopt.cpu) for
-        CPU tensors under "auto" and "numba", once the rule's kernel compiles for the dtype (None
-        where it does not), else the Triton kernels'."""
-        if not cpu_kernels_take(optimizer.backend, device):
-            return kernels.TensorTable
-        from . import cpu
-
-        return cpu.CpuTensorTable if cpu.kernel_ready(optimizer, group, dtype) else None
+    def _table_class(self, optimizer, device, dtype):
+        """The tensor table of a (device, dtype) bucket (fusedopt.backends.table_class), once the
+        backend's kernel of the rule is ready for the dtype (the numba kernels compile it now);
+        None where it is not."""
+        tables = table_class(optimizer.backend, device)
+        return tables if tables.ready(optimizer.spec, self.structure, optimizer.param_rounding, dtype) else None
 
     @staticmethod
     def _state_tensors(optimizer, group, param):
@@ -474,7 +442,7 @@ class GroupPlan:
         return [memory_span(tensor, True, None)[:2] for p in self.reference_params
                 for tensor in self._written_tensors(optimizer, group, p)]
 
-    def _fits(self, optimizer, group, param, grad, kernels):
+    def _fits(self, optimizer, group, param, grad):
         """Whether param, grad, states and master can be walked by a kernel: their local shards,
         for a DTensor param, whose grad and states must then be split as the param is."""
         states, master = self._state_tensors(optimizer, group, param)
@@ -485,9 +453,8 @@ class GroupPlan:
         if step is not None and step.dtype not in (torch.float32, torch.float64):
             return False  # counted in its own dtype, as torch does (a bf16 count stops at 256)
         local = distributed.local_tensor
-        on_cpu_kernels = cpu_kernels_take(optimizer.backend, local(param).device) or None
-        return kernels.fits_kernel(local(param), local(grad), list(map(local, states)),
-                                   None if master is None else local(master), cpu_kernels=on_cpu_kernels)
+        return table_class(optimizer.backend, local(param).device).fits(
+            local(param), local(grad), list(map(local, states)), None if master is None else local(master))
 
     def _without_shared_memory(self, optimizer, group, params, grads, candidates):
         """The candidates whose memory (param, states, master, step count written; grad read)

@@ -1,8 +1,96 @@
-"""RAdam: defaults, argument checks and state layout of torch.optim.RAdam."""
+"""RAdam: the rule (its numbers and equations, which the kernels compile), and the defaults,
+argument checks and state layout of torch.optim.RAdam."""
+from typing import NamedTuple
 
 from . import reference
-from .adam import check_moments_arguments
-from .optimizer import FusedOptimizer, reference_states
+from .adam import adam_launch_numbers, check_moments_arguments
+from .optimizer import FusedOptimizer, as_float, reference_states
+from .spec import NoOptions, RuleSpec, StateSlot, exp2, lerp, maximum, sqrt, to_compute
+
+
+class RadamLaunch(NamedTuple):
+    """RAdam's numbers for one launch: Adam's (fusedopt.adam.AdamLaunch), and rho_inf, in double
+    on the host."""
+
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+    eps: float
+    coupled_weight_decay: float
+    decoupled_weight_decay: float
+    param_scale: float  # 1 - lr * wd from the host's lr (1 where the kernel reads the lr)
+    grad_sign: float
+    log2_beta1: float
+    log2_beta2: float
+    rho_inf: float  # the length of the approximated SMA's limit, 2 / (1 - beta2) - 1
+
+
+class RadamBlock(NamedTuple):
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+    eps: float
+    coupled_weight_decay: float
+    param_scale: float
+    grad_sign: float
+    step_size: float
+    rectified: bool  # whether the variance is tractable (rho_t > 5)
+
+
+def radam_options(group):
+    return NoOptions()
+
+
+def radam_launch_numbers(group, lr_on_device):
+    """Adam's numbers (by name), and rho_inf."""
+    return RadamLaunch(**adam_launch_numbers(group, lr_on_device)._asdict(),
+                       rho_inf=2 / (1 - as_float(group["betas"][1])) - 1)
+
+
+def radam_block_numbers(lr, step, extra, n, DEVICE_LR, COMPUTE):
+    """In fp64 once per block: the length of the approximated SMA, rho_t = rho_inf - 2 t b2^t /
+    (1 - b2^t), and the step size lr / (1 - b1^t), times the rectification r_t sqrt(1 - b2^t)
+    where rho_t > 5; the decoupled 1 - lr * wd from the lr read on the device (else the host's)."""
+    beta2_power = exp2(step * n.log2_beta2)
+    bias_correction2 = 1 - beta2_power
+    rho_t = n.rho_inf - 2 * step * beta2_power / bias_correction2
+    rectified = rho_t > 5
+    # clamped: where not rectified, the square root's argument may be negative (and is not used)
+    rect = sqrt(maximum((rho_t - 4) * (rho_t - 2) * n.rho_inf / ((n.rho_inf - 4) * (n.rho_inf - 2) * rho_t), 0.0))
+    step_size = lr / (1 - exp2(step * n.log2_beta1))
+    if rectified:
+        step_size = step_size * rect * sqrt(bias_correction2)
+    param_scale = to_compute(n.param_scale, COMPUTE)
+    if DEVICE_LR:
+        param_scale = to_compute(1 - lr * n.decoupled_weight_decay, COMPUTE)
+    return RadamBlock(
+        one_minus_beta1=to_compute(n.one_minus_beta1, COMPUTE), beta2=to_compute(n.beta2, COMPUTE),
+        one_minus_beta2=to_compute(n.one_minus_beta2, COMPUTE), eps=to_compute(n.eps, COMPUTE),
+        coupled_weight_decay=to_compute(n.coupled_weight_decay, COMPUTE), param_scale=param_scale,
+        grad_sign=to_compute(n.grad_sign, COMPUTE), step_size=to_compute(step_size, COMPUTE), rectified=rectified)
+
+
+def radam_update(param, grad, exp_avg, exp_avg_sq, b, options):
+    """m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  p -= step_size * m / (sqrt(v) + eps) where the
+    variance is tractable (rho_t > 5), else p -= step_size * m."""
+    grad = grad * b.grad_sign
+    if b.coupled_weight_decay != 0:
+        grad = grad + b.coupled_weight_decay * param
+    if b.param_scale != 1:  # decoupled weight decay: p *= 1 - lr * wd
+        param = param * b.param_scale
+    exp_avg = lerp(exp_avg, grad, b.one_minus_beta1)
+    exp_avg_sq = exp_avg_sq * b.beta2 + b.one_minus_beta2 * grad * grad
+    if b.rectified:
+        param = param - b.step_size * (exp_avg / (sqrt(exp_avg_sq) + b.eps))
+    else:
+        param = param - b.step_size * exp_avg
+    return param, exp_avg, exp_avg_sq
+
+
+RADAM = RuleSpec(
+    "radam", states=(StateSlot("exp_avg", signed=True), StateSlot("exp_avg_sq", signed=False)),
+    Options=NoOptions, options=radam_options, Launch=RadamLaunch, launch_numbers=radam_launch_numbers,
+    Block=RadamBlock, block_numbers=radam_block_numbers, update=radam_update, steps=True)
 
 
 class RAdam(FusedOptimizer):
@@ -21,9 +109,11 @@ class RAdam(FusedOptimizer):
 
     Args: as torch.optim.RAdam (lr, betas, eps, weight_decay, decoupled_weight_decay; foreach,
     maximize, capturable; differentiable=True raises NotImplementedError), plus ``backend``
-    ("auto", "triton", "torch") and the epilogue options of every fusedopt optimizer.
+    (see :class:`fusedopt.Adam`) and the epilogue options of every fusedopt optimizer.
     State per param (torch's layout): ``step``, ``exp_avg``, ``exp_avg_sq``.
     """
+
+    spec = RADAM
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, decoupled_weight_decay=False,
                  *, foreach=None, maximize=False, capturable=False, differentiable=False, backend=None, **options):
@@ -40,12 +130,6 @@ class RAdam(FusedOptimizer):
                                ("decoupled_weight_decay", False), ("capturable", False)):
                 group.setdefault(key, value)
 
-    def structure(self, group):
-        return None
-
-    def state_keys(self, group):
-        return ["exp_avg", "exp_avg_sq"]
-
     def lerped_state_keys(self, group):
         return ("exp_avg",)
 
@@ -58,8 +142,3 @@ class RAdam(FusedOptimizer):
         reference.radam(params if targets is None else targets, grads, reference_states(self, params, "exp_avg"),
                         reference_states(self, params, "exp_avg_sq"), reference_states(self, params, "step"),
                         **self.reference_hyperparameters(group))
-
-    def kernel_step(self, group, table, steps, **launch):
-        from . import kernels
-
-        kernels.radam_step(table, steps, **launch, **self.hyperparameters(group))

@@ -1,8 +1,82 @@
-"""RMSprop: defaults, argument checks and state layout of torch.optim.RMSprop."""
+"""RMSprop: the rule (its numbers and equations, which the kernels compile), and the defaults,
+argument checks and state layout of torch.optim.RMSprop."""
+from typing import NamedTuple
+
 import torch
 
 from . import reference
 from .optimizer import FusedOptimizer, reference_states
+from .spec import RuleSpec, StateSlot, fma, grad_sign, lerp, sqrt, to_compute
+
+
+class RmspropOptions(NamedTuple):
+    momentum: bool
+    centered: bool
+
+
+class RmspropLaunch(NamedTuple):
+    alpha: float
+    one_minus_alpha: float
+    eps: float
+    weight_decay: float
+    momentum: float
+    grad_sign: float
+
+
+class RmspropBlock(NamedTuple):
+    lr: float
+    alpha: float
+    one_minus_alpha: float
+    eps: float
+    weight_decay: float
+    momentum: float
+    grad_sign: float
+
+
+def rmsprop_options(group):
+    return RmspropOptions(momentum=group["momentum"] > 0, centered=bool(group["centered"]))
+
+
+def rmsprop_launch_numbers(group, lr_on_device):
+    return RmspropLaunch(alpha=group["alpha"], one_minus_alpha=1 - group["alpha"], eps=group["eps"],
+                         weight_decay=group["weight_decay"], momentum=group["momentum"], grad_sign=grad_sign(group))
+
+
+def rmsprop_block_numbers(lr, step, extra, n, DEVICE_LR, COMPUTE):
+    """The launch's numbers and the lr, in the math dtype."""
+    return RmspropBlock(lr=to_compute(lr, COMPUTE), alpha=to_compute(n.alpha, COMPUTE),
+                        one_minus_alpha=to_compute(n.one_minus_alpha, COMPUTE), eps=to_compute(n.eps, COMPUTE),
+                        weight_decay=to_compute(n.weight_decay, COMPUTE), momentum=to_compute(n.momentum, COMPUTE),
+                        grad_sign=to_compute(n.grad_sign, COMPUTE))
+
+
+def rmsprop_update(param, grad, square_avg, momentum_buffer, grad_avg, b, options):
+    """sq = a sq + (1-a) g^2;  avg = sqrt(sq - gavg^2 if centered else sq) + eps;
+    buf = mu buf + g / avg, p -= lr buf  (without momentum: p -= lr g / avg)."""
+    grad = grad * b.grad_sign
+    if b.weight_decay != 0:
+        grad = grad + b.weight_decay * param
+    square_avg = square_avg * b.alpha + b.one_minus_alpha * grad * grad
+    if options.centered:
+        grad_avg = lerp(grad_avg, grad, b.one_minus_alpha)
+        # one rounding, as torch's addcmul(grad_avg, grad_avg, value=-1) (sq - gavg^2 cancels)
+        avg = sqrt(fma(-grad_avg, grad_avg, square_avg)) + b.eps
+    else:
+        avg = sqrt(square_avg) + b.eps
+    if options.momentum:
+        momentum_buffer = b.momentum * momentum_buffer + grad / avg
+        param = param - b.lr * momentum_buffer
+    else:
+        param = param - b.lr * (grad / avg)
+    return param, square_avg, momentum_buffer, grad_avg
+
+
+RMSPROP = RuleSpec(
+    "rmsprop",
+    states=(StateSlot("square_avg", signed=False), StateSlot("momentum_buffer", signed=True, present_when="momentum"),
+            StateSlot("grad_avg", signed=True, present_when="centered")),
+    Options=RmspropOptions, options=rmsprop_options, Launch=RmspropLaunch, launch_numbers=rmsprop_launch_numbers,
+    Block=RmspropBlock, block_numbers=rmsprop_block_numbers, update=rmsprop_update)
 
 
 class RMSprop(FusedOptimizer):
@@ -20,6 +94,8 @@ class RMSprop(FusedOptimizer):
     foreach accepted and recorded), plus ``backend``. State per param (torch's layout): ``step``,
     ``square_avg``, ``momentum_buffer`` when momentum > 0, ``grad_avg`` when centered.
     """
+
+    spec = RMSPROP
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
                  capturable=False, foreach=None, maximize=False, differentiable=False, backend=None,
@@ -48,17 +124,6 @@ class RMSprop(FusedOptimizer):
                                ("differentiable", False), ("capturable", False)):
                 group.setdefault(key, value)
 
-    def structure(self, group):
-        return group["momentum"] > 0, group["centered"]
-
-    def state_keys(self, group):
-        keys = ["square_avg"]
-        if group["momentum"] > 0:
-            keys.append("momentum_buffer")
-        if group["centered"]:
-            keys.append("grad_avg")
-        return keys
-
     def lerped_state_keys(self, group):
         return ("grad_avg",) if group["centered"] else ()
 
@@ -72,9 +137,3 @@ class RMSprop(FusedOptimizer):
                           reference_states(self, params, "momentum_buffer"),
                           reference_states(self, params, "grad_avg"), reference_states(self, params, "step"),
                           **self.reference_hyperparameters(group))
-
-    def kernel_step(self, group, table, steps, **launch):
-        from . import kernels
-
-        kernels.rmsprop_step(table, steps=steps, **launch,
-                          **self.hyperparameters(group))

@@ -1,10 +1,81 @@
-"""SGD with momentum: defaults, argument checks and state layout of torch.optim.SGD."""
+"""SGD with momentum, dampening and Nesterov: the rule (its numbers and equations, which the
+kernels compile), and the defaults, argument checks and state layout of torch.optim.SGD."""
 import weakref
+from typing import NamedTuple
 
 import torch
 
 from . import reference
 from .optimizer import FusedOptimizer, as_float, reference_states
+from .spec import RuleSpec, StateSlot, grad_sign, to_compute
+
+
+class SgdOptions(NamedTuple):
+    momentum: bool
+
+
+class SgdLaunch(NamedTuple):
+    weight_decay: float
+    momentum: float
+    one_minus_dampening: float
+    nesterov: float  # 1 or 0
+    grad_sign: float
+
+
+class SgdBlock(NamedTuple):
+    lr: float
+    weight_decay: float
+    momentum: float
+    nesterov: float
+    grad_sign: float
+    buffer_decay: float  # buf = buffer_decay * buf + grad_share * g
+    grad_share: float
+
+
+def sgd_options(group):
+    return SgdOptions(momentum=group["momentum"] != 0)
+
+
+def sgd_launch_numbers(group, lr_on_device):
+    return SgdLaunch(weight_decay=as_float(group["weight_decay"]), momentum=group["momentum"],
+                     one_minus_dampening=1 - group["dampening"], nesterov=float(group["nesterov"]),
+                     grad_sign=grad_sign(group))
+
+
+def sgd_block_numbers(lr, step, extra, n, DEVICE_LR, COMPUTE):
+    """buf = decay * buf + share * g: mu and 1 - dampening, or 0 and 1 for a buffer that starts
+    at this step (the per-tensor integer; the new buffer holds zeros, so that it takes the grad
+    exactly)."""
+    buffer_decay = to_compute(n.momentum, COMPUTE)
+    grad_share = to_compute(n.one_minus_dampening, COMPUTE)
+    if extra != 0:
+        buffer_decay = to_compute(0.0, COMPUTE)
+        grad_share = to_compute(1.0, COMPUTE)
+    return SgdBlock(lr=to_compute(lr, COMPUTE), weight_decay=to_compute(n.weight_decay, COMPUTE),
+                    momentum=to_compute(n.momentum, COMPUTE), nesterov=to_compute(n.nesterov, COMPUTE),
+                    grad_sign=to_compute(n.grad_sign, COMPUTE), buffer_decay=buffer_decay, grad_share=grad_share)
+
+
+def sgd_update(param, grad, momentum_buffer, b, options):
+    """buf = g on the first step, else mu buf + (1 - dampening) g;  d = g + mu buf (Nesterov) or buf;
+    p -= lr d  (without momentum: p -= lr g)."""
+    grad = grad * b.grad_sign
+    if b.weight_decay != 0:
+        grad = grad + b.weight_decay * param
+    if options.momentum:
+        momentum_buffer = b.buffer_decay * momentum_buffer + b.grad_share * grad
+        if b.nesterov != 0:
+            grad = grad + b.momentum * momentum_buffer
+        else:
+            grad = momentum_buffer
+    param = param - b.lr * grad
+    return param, momentum_buffer
+
+
+SGD_RULE = RuleSpec(
+    "sgd", states=(StateSlot("momentum_buffer", signed=True, present_when="momentum"),),
+    Options=SgdOptions, options=sgd_options, Launch=SgdLaunch, launch_numbers=sgd_launch_numbers,
+    Block=SgdBlock, block_numbers=sgd_block_numbers, update=sgd_update, extra=True)
 
 
 class SGD(FusedOptimizer):
@@ -17,11 +88,12 @@ class SGD(FusedOptimizer):
         \theta_t &= \theta_{t-1} - \gamma g_t
 
     Args: as torch.optim.SGD (lr, momentum, dampening, weight_decay, nesterov, maximize;
-    foreach and fused accepted and recorded), plus ``backend`` ("auto", "triton", "torch").
+    foreach and fused accepted and recorded), plus ``backend`` (see :class:`fusedopt.Adam`).
     Sparse gradients go through the reference implementation, as torch's for-loop does.
     State per param (torch's layout): ``momentum_buffer`` when momentum != 0.
     """
 
+    spec = SGD_RULE
     has_step = False
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
@@ -54,12 +126,6 @@ class SGD(FusedOptimizer):
 
     def check_grad(self, grad):
         pass  # sparse grads are supported, through the reference
-
-    def structure(self, group):
-        return group["momentum"] != 0
-
-    def state_keys(self, group):
-        return ["momentum_buffer"] if group["momentum"] != 0 else []
 
     def init_state(self, param, group):
         pass  # the momentum buffer is created by the first step, from the grad
@@ -105,9 +171,3 @@ class SGD(FusedOptimizer):
                 state = self.state[param]
                 if state.get("momentum_buffer") is not buffer:  # a new buffer (no needless state change)
                     state["momentum_buffer"] = buffer
-
-    def kernel_step(self, group, table, fresh_buffers, **launch):
-        from . import kernels
-
-        kernels.sgd_step(table, fresh_buffers=fresh_buffers, **launch,
-                          **self.hyperparameters(group))

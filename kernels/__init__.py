@@ -1,14 +1,10 @@
-"""fusedopt.kernels: multi-tensor Triton kernels for the optimizer update rules.
+"""fusedopt.kernels: the Triton backend. One multi-tensor update kernel, which compiles each rule's
+equations (fusedopt.spec) for a whole tensor table per launch, and the grad-norm reduction.
 
-They take tensor tables and numbers, and know nothing of optimizer classes or param groups.
+They take tensor tables, rule specs and numbers, and know nothing of optimizer classes or param
+groups.
 """
-from .adagrad import adagrad_step
-from .adam import adam_step
 from .grad_norm import grad_norm_partials, norm_kind
-from .multi_tensor import GroupStep, TensorTable, fits_kernel, launch_count
-from .radam import radam_step
-from .rmsprop import rmsprop_step
-from .sgd import sgd_step
+from .multi_tensor import GroupStep, TensorTable, launch_count
 
-__all__ = ["TensorTable", "GroupStep", "fits_kernel", "launch_count", "adam_step", "adagrad_step",
-           "radam_step", "rmsprop_step", "sgd_step", "grad_norm_partials", "norm_kind"]
+__all__ = ["TensorTable", "GroupStep", "launch_count", "grad_norm_partials", "norm_kind"]

@@ -18,46 +18,47 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .adagrad import adagrad_arguments
-from .adam import adam_arguments
 from .grad_norm import INF_NORM, P_NORM, TWO_NORM, grad_norm_kernel
-from .multi_tensor import NUM_WARPS, block_size, kernel_dtype, update_kernel
-from .radam import radam_arguments
-from .rmsprop import rmsprop_arguments
-from .sgd import sgd_arguments
+from .multi_tensor import NUM_WARPS, block_size, kernel_dtype, rule_functions, update_kernel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 TABLE_ARGS = ("tensor_table", "block_table")
 COUNT_ARGS = ("num_tensors", "num_blocks")
 
-# Each rule's variants that change its code, named by their flags, with the update kernel's
-# arguments for them (the launcher's own function: the same rule, numbers, flags and states).
-ADAM = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, maximize=False)
-SGD = dict(weight_decay=0.0, dampening=0.0, nesterov=False, maximize=False)
-RMSPROP = dict(alpha=0.99, eps=1e-8, weight_decay=0.0, maximize=False)
-RULE_VARIANTS = {
-    "sgd": [(dict(MOMENTUM=m, FRESH_BUFFERS=f), sgd_arguments(**SGD, momentum=0.9 if m else 0.0, fresh_buffers=f))
-            for m, f in [(False, False), (True, False), (True, True)]],
-    "adam": [(dict(AMSGRAD=a), adam_arguments(**ADAM, amsgrad=a)) for a in (False, True)],
-    "adagrad": [({}, adagrad_arguments(lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False))],
-    "rmsprop": [(dict(MOMENTUM=m, CENTERED=c), rmsprop_arguments(**RMSPROP, momentum=0.9 if m else 0.0, centered=c))
-                for m, c in itertools.product((False, True), (False, True))],
-    "radam": [({}, radam_arguments(**ADAM))],
-}
+
+def rule_specs():
+    """The spec of every rule in fusedopt's registry (rules that share one, such as Adam and AdamW,
+    once), by name."""
+    from ..registry import RULES
+
+    return {info.optimizer.spec.name: info.optimizer.spec for info in RULES.values()}
+
+
+def code_variants(spec):
+    """Each variant of a rule's code, named by its flags: every value of its options, and with the
+    per-tensor integer read (spec.extra) on its richest one."""
+    variants = [({name.upper(): value for name, value in zip(options._fields, options)}, options, False)
+                for options in spec.option_variants()]
+    if spec.extra:
+        flags, options, _ = variants[-1]
+        variants.append(({**flags, "EXTRA": True}, options, True))
+    return variants
+
+
 # The epilogue's flags: grads scaled (AMP, clipping), the lr read from memory (a tensor lr, a
 # schedule's factor, both), the bf16 param's rounding (stochastic, or an fp32 master copy), on
 # each rule's richest variant; the rounding variants for bf16 only.
 PARAM_ROUNDING = ("STOCHASTIC", "MASTER")
 PLAIN = dict(SCALED_GRADS=False, LR_TENSOR=False, SCHEDULED=False, STOCHASTIC=False, MASTER=False)
 KERNEL_OPTIONS = {}
-for _rule, _variants in RULE_VARIANTS.items():
-    _sets = [({**flags, **PLAIN, "SCALED_GRADS": scaled}, arguments)
-             for flags, arguments in _variants for scaled in (False, True)]
+for _name, _spec in rule_specs().items():
+    _sets = [({**flags, **PLAIN, "SCALED_GRADS": scaled}, (_spec, options, extra))
+             for flags, options, extra in code_variants(_spec) for scaled in (False, True)]
     _richest_flags, _richest = _sets[-1]
     _sets += [({**_richest_flags, "LR_TENSOR": t, "SCHEDULED": s}, _richest) for t, s in ((True, False), (False, True),
                                                                                           (True, True))]
     _sets += [({**_richest_flags, "SCHEDULED": True, rounding: True}, _richest) for rounding in PARAM_ROUNDING]
-    KERNEL_OPTIONS[_rule] = (update_kernel, _sets)
+    KERNEL_OPTIONS[_name] = (update_kernel, _sets)
 KERNEL_OPTIONS["grad_norm"] = (grad_norm_kernel, [(dict(NORM=kind), None) for kind in (TWO_NORM, INF_NORM, P_NORM)])
 NORM_NAMES = {TWO_NORM: "l2", INF_NORM: "linf", P_NORM: "lp"}
 # Pointer arguments other than the tables: (element type, element type for fp64 kernels).
@@ -72,7 +73,7 @@ class Specialization:
     dtype: str
     aligned: bool
     options: dict
-    arguments: dict = None  # the update kernel's rule, scalars, options and present states
+    arguments: tuple = None  # the update kernel's (rule spec, options, per-tensor integer read)
 
     @property
     def name(self):
@@ -98,10 +99,11 @@ def compile_specialization(spec, arch):
     if spec.arguments is None:
         constexprs.update(spec.options)
     else:
-        rule = spec.arguments["rule"]
+        rule, options, extra = spec.arguments
+        update, block_numbers = rule_functions(rule)
         constexprs.update({name: value for name, value in spec.options.items() if name in kernel.arg_names},
-                          UPDATE=rule.update, BLOCK_SCALARS=rule.block_scalars, OPTIONS=spec.arguments["options"],
-                          STATES=spec.arguments["present"], STEPS=rule.steps, EXTRA=rule.extra)
+                          UPDATE=update, BLOCK_NUMBERS=block_numbers, OPTIONS=options, STATES=rule.present(options),
+                          STEPS=rule.steps, EXTRA=extra)
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -112,8 +114,9 @@ def compile_specialization(spec, arch):
             signature[name] = "i32"
         elif name == "lr" and spec.options.get("LR_TENSOR"):
             signature[name] = "*" + POINTER_ARGS["clip_coef"][torch_dtype == torch.float64]
-        elif name == "scalars":  # Python floats, as the launcher passes them
-            signature[name] = tuple("fp32" for _ in spec.arguments["scalars"])
+        elif name == "numbers":  # the rule's Launch NamedTuple of Python floats, as the launcher passes it
+            launch = spec.arguments[0].Launch
+            signature[name] = launch._make("fp32" for _ in launch._fields)
         elif name in POINTER_ARGS:
             signature[name] = "*" + POINTER_ARGS[name][torch_dtype == torch.float64]
         else:

@@ -1,33 +1,20 @@
-"""The one multi-tensor mechanism: device-side pointer tables and a block map, so that a single
-launch updates a whole list of tensors, plus the small @triton.jit helpers every rule kernel uses.
+"""The Triton backend of the one multi-tensor mechanism: the tensor table's launch (one program per
+block of every tensor in a bucket), the one update kernel every rule runs through, the shared
+@triton.jit helpers, and each rule's equations (fusedopt.spec) compiled with Triton's arithmetic.
 """
 import os
-from typing import NamedTuple, Optional
+import types
 
 import triton
 import triton.language as tl
 import torch
 
+from .. import tables
+from ..spec import ARITHMETIC
+from ..tables import GroupStep, count_launch, launch_count  # noqa: F401 (the kernels' API)
+
 # Whether triton.jit defines the kernels below for its interpreter (they then take CPU tensors).
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-# Rows of the per-tensor table (int64, one column per tensor).
-NUMEL_ROW = 0  # elements in the tensor (real elements: a complex tensor counts twice)
-EXTRA_ROW = 1  # one per-tensor integer a rule may need (SGD's fresh-buffer flag)
-FIRST_ADDRESS_ROW = 2  # then one row of addresses per role: param, grad, each state
-
-_launches = 0
-
-
-def launch_count():
-    """Total number of kernel launches (updates and grad-norm reductions) made in this process."""
-    return _launches
-
-
-def count_launch():
-    global _launches
-    _launches += 1
-
 
 # 8 warps over 2048 elements: 8 elements per thread, two 16-byte accesses per fp32 stream, which
 # keeps Adam with AMSGrad (5 streams) well under the register limit on sm_80 and sm_90.
@@ -48,168 +35,88 @@ def kernel_dtype(dtype):
     }[dtype]
 
 
-def real_view(tensor):
-    """Complex tensors are updated as their real view, like torch.optim does."""
-    return torch.view_as_real(tensor) if tensor.is_complex() else tensor
+# ---- the arithmetic a rule's equations use (fusedopt.spec), in Triton ----
+
+@triton.jit
+def _sqrt(x):
+    return tl.sqrt(x)
 
 
-def is_dense(tensor):
-    """True when the elements fill one gap-free span of memory (any dim order)."""
-    if tensor.is_contiguous():
-        return True
-    expected = 1
-    for size, stride in sorted(zip(tensor.shape, tensor.stride()), key=lambda d: d[1]):
-        if size == 1:
-            continue
-        if stride != expected:
-            return False
-        expected *= size
-    return True
+@triton.jit
+def _exp2(x):
+    return tl.exp2(x)
 
 
-def same_layout(reference, other, dtype=None):
-    """`other` can be walked element by element alongside `reference`'s memory span (and holds
-    `dtype`, default `reference`'s)."""
-    return (
-        other.shape == reference.shape
-        and other.dtype == (reference.dtype if dtype is None else dtype)
-        and other.device == reference.device
-        and not other.is_sparse
-        and (other.stride() == reference.stride() or (reference.is_contiguous() and other.is_contiguous()))
-    )
+@triton.jit
+def _lerp(start, end, weight):
+    return start + weight * (end - start)
 
 
-def holds_its_values(tensor, cpu_kernels=None):
-    """A tensor whose own memory holds its values as they read: not a wrapper subclass (a DTensor,
-    a FakeTensor: its data pointer names no memory of its own, and its size may not be its
-    shard's), nor a lazily conjugated or negated view, nor on a device the kernels cannot reach
-    (the CPU: with `cpu_kernels`, the numba kernels; by default, the Triton interpreter)."""
-    on_cpu = INTERPRETED if cpu_kernels is None else cpu_kernels
-    return (
-        type(tensor).__torch_dispatch__ is torch._C._disabled_torch_dispatch_impl
-        and (tensor.device.type == "cuda" or (tensor.device.type == "cpu" and on_cpu))
-        and not tensor.is_conj()
-        and not tensor.is_neg()
-    )
+@triton.jit
+def _fma(a, b, c):
+    return tl.fma(a, b, c)
 
 
-def fits_kernel(param, grad, states, master=None, *, cpu_kernels=None):
-    """Whether (param, grad, states and an fp32 master copy) can go through a kernel: plain tensors
-    holding their values, one dense span each, laid out alike (`cpu_kernels`: see holds_its_values)."""
-    if not all(holds_its_values(t, cpu_kernels) for t in (param, grad, *states, *([] if master is None else [master]))):
-        return False
-    param = real_view(param)
-    if param.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        return False
-    if grad.is_sparse or not is_dense(param):
-        return False
-    if master is not None and not same_layout(param, master, torch.float32):
-        return False
-    return all(same_layout(param, real_view(t)) for t in (grad, *states))
+@triton.jit
+def _maximum(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
-def check_span(tensor, cpu_kernels=None):
-    """Raise unless `tensor` holds its values and the dense span a kernel walks from its data
-    pointer (numel elements) lies inside its own storage: the last line of defence against a
-    kernel reading or writing memory that is not the tensor's."""
-    if not holds_its_values(tensor, cpu_kernels) or not is_dense(tensor):
-        raise RuntimeError(f"fusedopt: a {type(tensor).__name__} of shape {tuple(tensor.shape)} and strides "
-                           f"{tensor.stride()} cannot be walked by a kernel as one span of its own memory")
-    if tensor.numel() and tensor.untyped_storage().nbytes() < (
-            tensor.storage_offset() + tensor.numel()) * tensor.element_size():
-        raise RuntimeError(f"fusedopt: a tensor of shape {tuple(tensor.shape)} reaches past the end of its storage")
+@triton.jit
+def _sign(x):
+    signs = tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0)).to(x.dtype)
+    return tl.where(x != x, x, signs)  # NaN stays NaN
 
 
-class UpdateRule(NamedTuple):
-    """What an update rule gives the one update kernel (`update_kernel`):
-
-    - `update`, a @triton.jit (param, grad, states, block_scalars, OPTIONS) -> (param, states):
-      the rule's arithmetic on one block of elements (fp32, fp64 for fp64 tables), `states` a
-      tuple in `state_slots` order;
-    - `block_scalars`, a @triton.jit (lr, step, extra, scalars, OPTIONS, DEVICE_LR, COMPUTE) ->
-      tuple: the numbers `update` needs, computed once per block from the lr (a number as it
-      came, or read from memory when DEVICE_LR), the tensor's step count (fp64; with `steps`),
-      its per-tensor integer (with `extra`) and the launch's `scalars`; COMPUTE is the math dtype;
-    - `state_slots`: the names of the states it can keep, in table order (a launch says which
-      are present; the fp32 master copy, if any, comes after them);
-    - `steps`: whether it reads each tensor's step count; `extra`: its per-tensor integer."""
-
-    update: object
-    block_scalars: object
-    state_slots: tuple
-    steps: bool = False
-    extra: bool = False
+@triton.jit
+def _to_compute(x, COMPUTE: tl.constexpr):
+    # tl.full: also for a number the interpreter passes through as a Python float
+    return tl.full((), x, COMPUTE)
 
 
-class GroupStep(NamedTuple):
-    """What the kernels read at a param group's step count `count` (one fp32 element on the
-    table's device: the step() calls so far, this one included): a learning-rate schedule's
-    `factors` (fp64, the factor of each step from 0, the last one held past the end), and the
-    seed of stochastic rounding (one int64 element); either may be None."""
+# `tl` too: the interpreter patches the triton.language it finds among a function's globals
+TRITON_ARITHMETIC = dict(tl=tl, sqrt=_sqrt, exp2=_exp2, lerp=_lerp, fma=_fma, maximum=_maximum, sign=_sign,
+                         to_compute=_to_compute)
+assert set(TRITON_ARITHMETIC) - {"tl"} == set(ARITHMETIC)
 
-    count: torch.Tensor
-    factors: Optional[torch.Tensor] = None
-    rounding_seed: Optional[torch.Tensor] = None
+_rule_functions = {}  # a rule's update function -> (update, block_numbers) as @triton.jit functions
 
 
-class TensorTable:
-    """Pointer tables and block map for one bucket (same device and dtype) of tensors.
+def with_arithmetic(function, arithmetic):
+    """`function`, its arithmetic names (fusedopt.spec.ARITHMETIC) bound to `arithmetic`: the same
+    code and module globals otherwise."""
+    bound = types.FunctionType(function.__code__, {**function.__globals__, **arithmetic}, function.__name__,
+                               function.__defaults__, function.__closure__)
+    bound.__qualname__, bound.__module__, bound.__doc__ = function.__qualname__, function.__module__, function.__doc__
+    return bound
 
-    Built once, uploaded in one copy, and reused while the tensors keep their storage; only
-    the grad row is refreshed (one more copy) when a grad is re-allocated.
-    """
 
-    cpu_kernels = None  # whether CPU tensors are walked by the numba kernels (see holds_its_values)
-    counts_steps = False  # whether step() adds the step to `steps` itself (else they come incremented)
+def rule_functions(spec):
+    """The rule's (update, block_numbers), compiled by Triton with its arithmetic, made once."""
+    functions = _rule_functions.get(spec.update)
+    if functions is None:
+        functions = _rule_functions[spec.update] = tuple(
+            triton.jit(with_arithmetic(function, TRITON_ARITHMETIC)) for function in (spec.update, spec.block_numbers))
+    return functions
+
+
+class TensorTable(tables.TensorTable):
+    """A bucket's tensor table (fusedopt.tables), launched by the Triton kernels: on CUDA tensors,
+    and on CPU tensors through the Triton interpreter."""
+
+    walks_cpu_tensors = INTERPRETED
 
     def block_size(self, dtype):
-        """Elements per block (one program of the launch)."""
         return block_size(dtype)
 
     def __init__(self, params, grads, states, extra=None):
-        """params, grads: lists of tensors; states: list of per-role lists (one per state
-        tensor kind, each aligned with params); extra: optional per-tensor integers."""
-        for tensor in (*params, *grads, *(t for role in states for t in role)):
-            check_span(real_view(tensor), self.cpu_kernels)
-        params = [real_view(p) for p in params]
-        self.device = params[0].device
-        self.dtype = params[0].dtype
-        self.block = self.block_size(self.dtype)
-        self.num_tensors = len(params)
-        numels = [p.numel() for p in params]
-        rows = [numels, list(extra) if extra is not None else [0] * len(params)]
-        rows += [[t.data_ptr() for t in role] for role in (params, [real_view(g) for g in grads])]
-        rows += [[real_view(t).data_ptr() for t in role] for role in states]
-        self._host_table = torch.tensor(rows, dtype=torch.int64)
-        grad_row = FIRST_ADDRESS_ROW + 1
-        self.grad_row = self._host_table[grad_row]  # the grad addresses on the host, re-pointed in place
-        self._other_addresses_aligned = all(
-            address % 16 == 0 for row in rows[FIRST_ADDRESS_ROW:grad_row] + rows[grad_row + 1:] for address in row
-        )
-        self.aligned = self._other_addresses_aligned and all(a % 16 == 0 for a in rows[grad_row])
-
-        starts, owners = [], []
-        for index, numel in enumerate(numels):
-            count = triton.cdiv(numel, self.block)
-            starts.extend(range(0, count * self.block, self.block))
-            owners.extend([index] * count)
-        self.num_blocks = len(starts)
-        self.host_block_table = torch.tensor([owners, starts], dtype=torch.int64)
-        self.block_table = self.host_block_table.to(self.device, non_blocking=True)
+        super().__init__(params, grads, states, extra)
         # 0 and 1 on the device, for absent grad-scaling factors (made here, not during a capture)
         self.neutral = torch.tensor([0.0, 1.0]).to(self.device, non_blocking=True)
-        self.tensor_table = self._upload(self._host_table)
 
-    def _upload(self, host_table):
-        if self.device.type == "cuda":
-            host_table = host_table.pin_memory()
-        return host_table.to(self.device, non_blocking=True)
-
-    def grads_moved(self):
-        """`grad_row` was rewritten with new grad addresses (e.g. after zero_grad(set_to_none=True)):
-        upload the table again."""
-        self.tensor_table = self._upload(self._host_table)  # a new device copy on CUDA
-        self.aligned = self._other_addresses_aligned and not bool((self.grad_row % 16).any())
+    @classmethod
+    def ready(cls, spec, options, param_rounding, dtype):
+        return True  # compiled at the first launch, by Triton's own cache
 
     def scaling_arguments(self, scaling):
         """The kernel arguments (found_inf, grad_scale, clip_coef, SCALED_GRADS) for `scaling`: the
@@ -221,10 +128,6 @@ class TensorTable:
             for value, default in zip(scaling, (0, 1, 1))
         )
         return found_inf, grad_scale, clip_coef, True
-
-    def lr_in_memory(self, lr):
-        """Whether the kernel reads `lr` from memory: a tensor on this table's device."""
-        return torch.is_tensor(lr) and lr.device == self.device
 
     def lr_arguments(self, lr, group_step, param_rounding):
         """(lr, (schedule, group_step, schedule_length, rounding_seed), constexprs LR_TENSOR,
@@ -244,25 +147,18 @@ class TensorTable:
         return lr, arguments, dict(LR_TENSOR=lr_tensor, SCHEDULED=factors is not None,
                                    STOCHASTIC=rounding == "stochastic", MASTER=rounding == "master")
 
-    def step(self, *, rule, lr, scalars, options, present, steps=None, scaling=None, group_step=None,
+    def step(self, spec, numbers, options, *, lr, steps=None, fresh=False, scaling=None, group_step=None,
              param_rounding="nearest"):
-        """One launch of the update kernel applying `rule` (an UpdateRule) to every tensor of the
-        table: `scalars`, the rule's numbers for this launch; `options`, its constexpr flags;
-        `present`, which of its state slots the table holds (their roles follow param and grad,
-        in slot order); `steps`, each tensor's step count (rules that read steps), already
-        incremented, unless the table's `counts_steps` says its launch adds the step itself;
-        `scaling` (found_inf, grad_scale, clip_coef: fusedopt.epilogue.StepScaling, on the table's
-        device) skips the step or unscales and clips the grads; `lr` may be a one-element tensor
-        on the table's device; `group_step` (a GroupStep) brings a schedule and a rounding seed;
-        `param_rounding` is "nearest", "stochastic" or "master"."""
+        """fusedopt.tables.TensorTable.step: one launch of the update kernel."""
         found_inf, grad_scale, clip_coef, scaled = self.scaling_arguments(scaling)
         lr, schedule_arguments, lr_flags = self.lr_arguments(lr, group_step, param_rounding)
+        update, block_numbers = rule_functions(spec)
         self.launch(
             update_kernel,
             self.tensor_table if steps is None else steps, found_inf, grad_scale, clip_coef, *schedule_arguments,
-            lr, tuple(float(value) for value in scalars),
-            UPDATE=rule.update, BLOCK_SCALARS=rule.block_scalars, OPTIONS=tuple(options), STATES=tuple(present),
-            STEPS=rule.steps, EXTRA=rule.extra, SCALED_GRADS=scaled, **lr_flags,
+            lr, numbers._make(map(float, numbers)),
+            UPDATE=update, BLOCK_NUMBERS=block_numbers, OPTIONS=options, STATES=spec.present(options),
+            STEPS=spec.steps, EXTRA=fresh, SCALED_GRADS=scaled, **lr_flags,
         )
 
     def launch(self, kernel, *arguments, **constexprs):
@@ -286,13 +182,19 @@ class TensorTable:
 
 # ---- device-side helpers shared by every rule kernel ----
 
+# The rows of the tensor table (fusedopt.tables), as the kernels read them
+NUMEL_ROW = tl.constexpr(tables.NUMEL_ROW)
+EXTRA_ROW = tl.constexpr(tables.EXTRA_ROW)
+FIRST_ADDRESS_ROW = tl.constexpr(tables.FIRST_ADDRESS_ROW)
+
+
 @triton.jit
-def locate_block(tensor_table, block_table, num_blocks, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+def locate_block(tensor_table, block_table, num_tensors, num_blocks, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     """This program's tensor, its element offsets, the tensor's size, and whether the block is full."""
     block = tl.program_id(0)
     tensor = tl.load(block_table + block)
     start = tl.load(block_table + num_blocks + block)
-    numel = tl.load(tensor_table + tensor)  # NUMEL_ROW
+    numel = tl.load(tensor_table + NUMEL_ROW * num_tensors + tensor)
     if ALIGNED:
         start = tl.multiple_of(start, BLOCK)
     offsets = start + tl.arange(0, BLOCK)
@@ -342,13 +244,13 @@ def tensor_step(steps_ptr, tensor):
 @triton.jit
 def tensor_extra(tensor_table, num_tensors, tensor):
     """The per-tensor integer of EXTRA_ROW."""
-    return tl.load(tensor_table + num_tensors + tensor)
+    return tl.load(tensor_table + EXTRA_ROW * num_tensors + tensor)
 
 
 @triton.jit
 def tensor_pointer(tensor_table, num_tensors, tensor, role, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     """Typed pointer to the first element of `tensor` for a role (0 param, 1 grad, 2.. states)."""
-    address = tl.load(tensor_table + (2 + role) * num_tensors + tensor)  # FIRST_ADDRESS_ROW + role
+    address = tl.load(tensor_table + (FIRST_ADDRESS_ROW + role) * num_tensors + tensor)
     pointer = address.to(tl.pointer_type(DTYPE))
     if ALIGNED:
         pointer = tl.multiple_of(pointer, 16)
@@ -430,7 +332,7 @@ def store_block(pointer, offsets, numel, values, FULL: tl.constexpr):
 # ---- the one update kernel ----
 
 @triton.jit
-def update_block(param_ptr, master_ptr, grad_ptr, state_ptrs, offsets, numel, block_scalars, inv_scale, clip_factor,
+def update_block(param_ptr, master_ptr, grad_ptr, state_ptrs, offsets, numel, block_numbers, inv_scale, clip_factor,
                  rounding_seed, tensor, group_step, UPDATE: tl.constexpr, OPTIONS: tl.constexpr, STATES: tl.constexpr,
                  SCALED_GRADS: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, FULL: tl.constexpr):
     """Load one block of param, grad and the present states, apply the rule, store them back."""
@@ -442,12 +344,12 @@ def update_block(param_ptr, master_ptr, grad_ptr, state_ptrs, offsets, numel, bl
             states = states + (load_block(state_ptrs[slot], offsets, numel, FULL),)
         else:
             states = states + (grad,)  # a state the launch has not: the rule does not read it
-    param, states = UPDATE(param, grad, states, block_scalars, OPTIONS)
-    store_param(param_ptr, master_ptr, offsets, numel, param, rounding_seed, tensor, group_step, MASTER, STOCHASTIC,
-                FULL)
+    updated = UPDATE(param, grad, *states, block_numbers, OPTIONS)  # (param, *states)
+    store_param(param_ptr, master_ptr, offsets, numel, updated[0], rounding_seed, tensor, group_step, MASTER,
+                STOCHASTIC, FULL)
     for slot in tl.static_range(len(STATES)):
         if STATES[slot]:
-            store_block(state_ptrs[slot], offsets, numel, states[slot], FULL)
+            store_block(state_ptrs[slot], offsets, numel, updated[1 + slot], FULL)
 
 
 @triton.jit(do_not_specialize=["num_tensors", "num_blocks"])
@@ -460,10 +362,10 @@ def update_kernel(
     schedule, group_step, schedule_length,  # the lr schedule's factors (SCHEDULED), the group's step count
     rounding_seed,  # int64 seed of stochastic rounding (STOCHASTIC)
     lr,  # a number, or a one-element tensor (LR_TENSOR)
-    scalars,  # the rule's numbers for this launch (a tuple)
-    UPDATE: tl.constexpr,  # the rule's per-element update (UpdateRule.update)
-    BLOCK_SCALARS: tl.constexpr,  # the rule's per-block numbers (UpdateRule.block_scalars)
-    OPTIONS: tl.constexpr,  # the rule's flags (a tuple)
+    numbers,  # the rule's numbers for this launch (its RuleSpec.Launch)
+    UPDATE: tl.constexpr,  # the rule's update (RuleSpec.update, compiled: rule_functions)
+    BLOCK_NUMBERS: tl.constexpr,  # the rule's per-block numbers (RuleSpec.block_numbers, compiled)
+    OPTIONS: tl.constexpr,  # the rule's compile-time options (its RuleSpec.Options)
     STATES: tl.constexpr,  # which of the rule's state slots the table holds (a tuple of bools)
     STEPS: tl.constexpr,  # read each tensor's step count
     EXTRA: tl.constexpr,  # read each tensor's integer of EXTRA_ROW
@@ -474,7 +376,7 @@ def update_kernel(
     MASTER: tl.constexpr,  # an fp32 master copy of the param is the role after the states
     DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    tensor, offsets, numel, full = locate_block(tensor_table, block_table, num_blocks, BLOCK, ALIGNED)
+    tensor, offsets, numel, full = locate_block(tensor_table, block_table, num_tensors, num_blocks, BLOCK, ALIGNED)
     skip, inv_scale, clip_factor = False, 1.0, 1.0
     if SCALED_GRADS:
         skip, inv_scale, clip_factor = grad_scaling(found_inf, grad_scale, clip_coef)
@@ -500,15 +402,15 @@ def update_kernel(
         if EXTRA:
             extra = tensor_extra(tensor_table, num_tensors, tensor)
         if LR_TENSOR or SCHEDULED:  # read here, so that a captured graph sees the lr change
-            block_scalars = BLOCK_SCALARS(device_lr(lr, schedule, group_step, schedule_length, LR_TENSOR, SCHEDULED),
-                                          step, extra, scalars, OPTIONS, True, COMPUTE)
+            block_numbers = BLOCK_NUMBERS(device_lr(lr, schedule, group_step, schedule_length, LR_TENSOR, SCHEDULED),
+                                          step, extra, numbers, True, COMPUTE)
         else:  # a number lr is passed on as it came: the interpreter would round a copy of it to fp32
-            block_scalars = BLOCK_SCALARS(lr, step, extra, scalars, OPTIONS, False, COMPUTE)
+            block_numbers = BLOCK_NUMBERS(lr, step, extra, numbers, False, COMPUTE)
         if full:
-            update_block(param_ptr, master_ptr, grad_ptr, state_ptrs, offsets, numel, block_scalars, inv_scale,
+            update_block(param_ptr, master_ptr, grad_ptr, state_ptrs, offsets, numel, block_numbers, inv_scale,
                          clip_factor, rounding_seed, tensor, group_step, UPDATE, OPTIONS, STATES, SCALED_GRADS, MASTER,
                          STOCHASTIC, True)
         else:
-            update_block(param_ptr, master_ptr, grad_ptr, state_ptrs, offsets, numel, block_scalars, inv_scale,
+            update_block(param_ptr, master_ptr, grad_ptr, state_ptrs, offsets, numel, block_numbers, inv_scale,
                          clip_factor, rounding_seed, tensor, group_step, UPDATE, OPTIONS, STATES, SCALED_GRADS, MASTER,
                          STOCHASTIC, False)

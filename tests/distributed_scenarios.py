@@ -34,6 +34,7 @@ if __name__ == "__main__":  # a rank: the Triton interpreter must be on before t
 import argparse
 import contextlib
 import datetime
+import functools
 import gc
 import json
 import math
@@ -61,15 +62,8 @@ BACKENDS = ("torch", "triton", "numba")
 PLUMBING_BACKENDS = ("torch", "numba")
 RULES = tuple(REGISTRY)
 CLASSES = {name: (info.optimizer, info.torch_optimizer) for name, info in REGISTRY.items()}
-# Options that give each rule's every state tensor something to do (a rule not listed: its
-# registry's richest options).
-OPTIONS = {name: dict(lr=info.default_lr, **info.richest[0]) for name, info in REGISTRY.items()} | {
-    "sgd": dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
-    "adam": dict(lr=0.02, weight_decay=0.01, amsgrad=True),
-    "adamw": dict(lr=0.02, weight_decay=0.1),
-    "adagrad": dict(lr=0.05, lr_decay=0.01, weight_decay=0.01, initial_accumulator_value=0.1),
-    "rmsprop": dict(lr=0.01, momentum=0.9, centered=True, weight_decay=0.01),
-}
+# Options that give each rule's every state tensor something to do (the registry's).
+OPTIONS = {name: dict(info.api_options) for name, info in REGISTRY.items()}
 NORM_TYPES = (2.0, 1.0, 3.5, math.inf)
 MESHES = ("fsdp", "hsdp")
 SCALERS = ("grad_scaler", "sharded_grad_scaler")
@@ -253,9 +247,17 @@ def fused_optimizer(rule, params, backend, **extra):
     return CLASSES[rule][0](params, backend=backend, **{**OPTIONS[rule], **extra})
 
 
+def oracle_class(rule):
+    """torch.optim's class of the rule, or where torch.optim has none, fusedopt's on its
+    plain-torch reference path."""
+    info = REGISTRY[rule]
+    return info.twin or functools.partial(info.optimizer, backend="torch")
+
+
 def torch_optimizer(rule, params, **extra):
-    """torch.optim's for-loop implementation: the oracle."""
-    return CLASSES[rule][1](params, foreach=False, **{**OPTIONS[rule], **extra})
+    """The oracle: torch.optim's for-loop implementation, or where torch.optim has no such rule,
+    fusedopt's reference (RuleInfo.oracle)."""
+    return REGISTRY[rule].oracle(params, **{**OPTIONS[rule], **extra})
 
 
 def train_step(model, optimizer, step, scale=1.0):
@@ -907,7 +909,7 @@ def zero_trajectory(rule, backend, bucket_view):
     fused_model, torch_model = ddp_model(), ddp_model()
     fused = ZeroRedundancyOptimizer(fused_model.parameters(), optimizer_class=CLASSES[rule][0],
                                     parameters_as_bucket_view=bucket_view, backend=backend, **OPTIONS[rule])
-    expected = ZeroRedundancyOptimizer(torch_model.parameters(), optimizer_class=CLASSES[rule][1],
+    expected = ZeroRedundancyOptimizer(torch_model.parameters(), optimizer_class=oracle_class(rule),
                                        parameters_as_bucket_view=bucket_view, foreach=False, **OPTIONS[rule])
     for step in range(STEPS):
         train_step(fused_model, fused, step)

@@ -1,5 +1,7 @@
 """Shared test utilities: builders of parameter sets and gradients, runners that drive a fusedopt
-optimizer beside torch.optim or beside the float64 reference, and one verbose allclose."""
+optimizer beside its oracle (torch.optim, or for a rule torch.optim lacks, fusedopt's reference) or
+beside the float64 reference, and one verbose allclose."""
+import functools
 import inspect
 
 import torch
@@ -36,9 +38,11 @@ def reference_optimizer(rule, params, **options):
 
 
 def torch_optimizer(rule, params, **options):
-    """torch.optim's single-tensor (for-loop) implementation of `rule`, the trajectory to match."""
+    """The oracle of `rule`, the trajectory to match: torch.optim's single-tensor (for-loop)
+    implementation, or where torch.optim has no such rule, fusedopt's plain-torch reference
+    (RuleInfo.oracle)."""
     options.setdefault("lr", DEFAULT_LR[rule])
-    return OPTIMIZERS[rule][1](params, foreach=False, **options)
+    return REGISTRY[rule].oracle(params, **options)
 
 
 # ---- parameter sets ----
@@ -200,7 +204,7 @@ def case_id(case):
 
 def launches_during(fn):
     """How many kernel launches (Triton's or numba's) fn() made."""
-    from fusedopt.kernels import launch_count
+    from fusedopt.tables import launch_count
 
     before = launch_count()
     fn()
@@ -361,6 +365,7 @@ def capture_cuda_graph(warm_up_step, step):
 # ---- side-by-side runs with torch.optim on a few small params (API and checkpoint tests) ----
 
 NAMES = [info.optimizer.__name__ for info in REGISTRY.values()]  # the classes, by name
+BY_CLASS = {info.optimizer.__name__: info for info in REGISTRY.values()}  # the registry, by class name
 TOL = dict(rtol=1e-5, atol=1e-6)
 SMALL_SHAPES = [(4, 3), (5,), ()]
 
@@ -385,11 +390,18 @@ def set_grads(params, step, seed, frozen=()):
         p.grad = None if index in frozen else noise + 0.5 * p.detach()
 
 
+def oracle_class(name):
+    """What fusedopt's class `name` is compared with: torch.optim's class of the same name, or
+    where torch.optim has none, fusedopt's on its plain-torch reference path."""
+    info = BY_CLASS[name]
+    return info.twin or functools.partial(info.optimizer, backend="torch")
+
+
 def build(library, name, params, backend=None, **options):
-    """`library`'s (fusedopt or torch.optim) optimizer class `name`; fusedopt's on `backend`."""
+    """fusedopt's optimizer class `name` on `backend`, or (library torch.optim) its oracle_class."""
     if library is fusedopt:
         return getattr(fusedopt, name)(params, backend=backend, **options)
-    return getattr(torch.optim, name)(params, **options)
+    return oracle_class(name)(params, **options)
 
 
 def assert_states_match(actual, expected, **tolerance):

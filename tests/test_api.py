@@ -11,22 +11,14 @@ from torch.optim import optimizer as optimizer_module
 from torch.testing import assert_close
 
 import fusedopt
-from fusedopt.registry import RULES
-from helpers import SMALL_SHAPES, NAMES, TOL, as_params, assert_states_match, build, make_values, set_grads
+from helpers import BY_CLASS, SMALL_SHAPES, NAMES, TOL, as_params, assert_states_match, build, make_values, set_grads
 
 # The API is host logic that every kernel backend shares: the reference and the device's fastest
 # kernels, with Triton's too where a test is about the kernels' cached tensor tables (conftest).
 BACKENDS = ["torch", "kernels"]
 
-# One option set per class that uses every state tensor of the rule (for a rule not listed, the
-# registry's stateful options).
-OPTIONS = {info.optimizer.__name__: dict(lr=info.default_lr, **info.stateful) for info in RULES.values()} | {
-    "SGD": dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01),
-    "Adam": dict(lr=0.05, betas=(0.8, 0.95), weight_decay=0.1, amsgrad=True),
-    "AdamW": dict(lr=0.05, weight_decay=0.1),
-    "Adagrad": dict(lr=0.1, lr_decay=0.05, initial_accumulator_value=0.2),
-    "RMSprop": dict(lr=0.01, momentum=0.5, centered=True, weight_decay=0.1),
-}
+# One option set per class that uses every state tensor of the rule (the registry's api_options).
+OPTIONS = {name: dict(info.api_options) for name, info in BY_CLASS.items()}
 
 
 # ---- inputs and side-by-side runs ----
@@ -223,7 +215,7 @@ def test_a_pre_hook_returning_something_else_raises_runtime_error_like_torch():
             optimizer.step()
 
 
-@pytest.mark.parametrize("name", ["SGD", "Adam"])
+@pytest.mark.parametrize("name", NAMES)
 def test_the_profiler_records_the_step_under_torch_optims_name(name):
     p = torch.nn.Parameter(torch.randn(16))
     p.grad = torch.ones(16)
@@ -236,14 +228,7 @@ def test_the_profiler_records_the_step_under_torch_optims_name(name):
 # ---- param groups ----
 
 # A second group with other hyperparameters (and, where the rule has them, other state tensors).
-SECOND_GROUP = {
-    "SGD": dict(lr=0.05, momentum=0.0, weight_decay=0.0),
-    "Adam": dict(lr=0.01, betas=(0.9, 0.99), amsgrad=False, maximize=True),
-    "AdamW": dict(lr=0.01, weight_decay=0.5, amsgrad=True),
-    "Adagrad": dict(lr=0.3, lr_decay=0.0, weight_decay=0.1, eps=1e-6),
-    "RMSprop": dict(lr=0.02, momentum=0.0, centered=False, alpha=0.9),
-    "RAdam": dict(lr=0.01, betas=(0.9, 0.99), weight_decay=0.1, decoupled_weight_decay=True),
-}
+SECOND_GROUP = {name: info.second_group for name, info in BY_CLASS.items()}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -297,14 +282,7 @@ def test_tensor_lr_changed_in_place_takes_effect_at_next_step(name, backend, dev
 
 
 # Other hyperparameters changed by hand (those torch reads at every step without new state).
-CHANGED_BY_HAND = {
-    "SGD": [dict(momentum=0.5, dampening=0.3), dict(weight_decay=0.1), dict(nesterov=True, dampening=0.0)],
-    "Adam": [dict(betas=(0.5, 0.9)), dict(eps=1e-3, weight_decay=0.0), dict(maximize=True)],
-    "AdamW": [dict(betas=(0.5, 0.9)), dict(weight_decay=0.3), dict(eps=1e-2)],
-    "Adagrad": [dict(lr_decay=0.5), dict(weight_decay=0.2), dict(eps=1e-2, maximize=True)],
-    "RMSprop": [dict(alpha=0.5), dict(momentum=0.9, eps=1e-3), dict(weight_decay=0.0, maximize=True)],
-    "RAdam": [dict(betas=(0.5, 0.9)), dict(weight_decay=0.3, decoupled_weight_decay=True), dict(eps=1e-2, maximize=True)],
-}
+CHANGED_BY_HAND = {name: info.changed_by_hand for name, info in BY_CLASS.items()}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -319,9 +297,9 @@ def test_other_hyperparameters_changed_by_hand_take_effect_at_next_step(name, ba
 
 
 SCHEDULER_STEPS = 8
-# Options for the scheduler runs: SGD and RMSprop with momentum, so that cycling schedulers have
-# a momentum to cycle (Adam and AdamW cycle beta1).
-SCHEDULED_OPTIONS = dict(OPTIONS, SGD=dict(lr=0.1, momentum=0.9), RMSprop=dict(lr=0.01, momentum=0.5))
+# Options for the scheduler runs: those above, which give SGD and RMSprop a momentum for cycling
+# schedulers to cycle (Adam and AdamW cycle beta1).
+SCHEDULED_OPTIONS = OPTIONS
 
 
 def _cycles_momentum(optimizer):
@@ -514,10 +492,12 @@ def test_optimizer_is_a_torch_optimizer(name, backend, device):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_defaults_equal_torch_defaults(name, backend, device):
+    """torch.optim's defaults, or for a rule torch.optim lacks, those the registry states."""
     ours = build(fusedopt, name, as_params(make_values(20, device)), backend)
-    theirs = build(torch.optim, name, as_params(make_values(20, device)))
-    assert ours.defaults == theirs.defaults
-    assert list(ours.defaults) == list(theirs.defaults)
+    info = BY_CLASS[name]
+    expected = info.twin(as_params(make_values(20, device))).defaults if info.twin else info.defaults
+    assert ours.defaults == expected
+    assert list(ours.defaults) == list(expected)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -530,7 +510,7 @@ def test_defaults_with_every_option_equal_torch_defaults(name, backend, device):
 def _switch_cases():
     cases = []
     for name in NAMES:
-        has_fused = "fused" in inspect.signature(getattr(torch.optim, name)).parameters
+        has_fused = "fused" in inspect.signature(getattr(fusedopt, name)).parameters
         for foreach in (None, False, True):
             for fused in ((None, False, True) if has_fused else (None,)):
                 if foreach and fused:

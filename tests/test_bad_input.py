@@ -1,6 +1,7 @@
 """Specification of bad input: invalid arguments, params and gradients fail as in torch.optim
 (the same exception type, computed by calling torch.optim with the same input), switches fusedopt
 cannot honour raise NotImplementedError, and sparse gradients behave as in torch."""
+import functools
 import inspect
 import os
 import subprocess
@@ -12,18 +13,29 @@ import torch
 from torch.testing import assert_close
 
 import fusedopt
-from fusedopt.registry import RULES
+from helpers import BY_CLASS, NAMES, oracle_class
 
 # torch.optim.Adagrad builds sparse tensors without invariant checks; its warning says nothing here.
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse invariant checks")
 
-NAMES = [info.optimizer.__name__ for info in RULES.values()]
 TOL = dict(rtol=1e-5, atol=1e-6)
+# The classes that take sparse grads (through the reference, as torch does), and those that refuse them
+SPARSE = [name for name, info in BY_CLASS.items() if info.sparse_options]
+DENSE_ONLY = [name for name in NAMES if name not in SPARSE]
+# The classes that take capturable=True
+CAPTURABLE = [name for name in NAMES if "capturable" in inspect.signature(getattr(fusedopt, name)).parameters]
 
 
 def make_params(seed=0, shapes=((4, 3), (5,)), device="cpu"):
     generator = torch.Generator().manual_seed(seed)
     return [torch.randn(shape, generator=generator).to(device).requires_grad_() for shape in shapes]
+
+
+def torch_like(name):
+    """The torch.optim class of the rule `name`, or where torch.optim has none, its base class
+    (what a bad list of params or groups meets first in every optimizer)."""
+    twin = BY_CLASS[name].twin
+    return twin or (lambda params, **options: torch.optim.Optimizer(params, dict(lr=1e-3, **options)))
 
 
 def torch_exception(build):
@@ -46,98 +58,31 @@ def assert_raises_like_torch(build_theirs, build_ours):
 
 # ---- constructor arguments ----
 
-TENSOR_PAIR = torch.tensor([0.1, 0.2])
-SHARED_INVALID = [
-    dict(lr=-1e-3),
-    dict(lr=torch.tensor(-1e-3)),
-    dict(lr=TENSOR_PAIR),
-    dict(weight_decay=-0.1),
-    dict(lr="0.1"),
-    dict(lr=None),
-    dict(unknown_option=1),
-]
-INVALID = {
-    "SGD": SHARED_INVALID + [
-        dict(momentum=-0.5),
-        dict(nesterov=True),
-        dict(nesterov=True, momentum=0.9, dampening=0.1),
-        dict(fused=True, foreach=True),
-        dict(fused=True, differentiable=True),
-        dict(amsgrad=True),
-    ],
-    "Adam": SHARED_INVALID + [
-        dict(eps=-1e-8),
-        dict(lr=float("nan")),
-        dict(betas=(-0.1, 0.999)),
-        dict(betas=(1.0, 0.999)),
-        dict(betas=(0.9, 1.0)),
-        dict(betas=(0.9, -0.5)),
-        dict(betas=(0, 0.999)),
-        dict(betas=(0.9, 0)),
-        dict(betas=(0.9,)),
-        dict(betas=0.9),
-        dict(betas=(torch.tensor(0.9), 0.999)),
-        dict(betas=(torch.tensor([0.9, 0.9]), torch.tensor(0.999))),
-        dict(betas=(torch.tensor(0.9), torch.tensor([0.99, 0.99]))),
-        dict(lr=torch.tensor(1e-3), foreach=True),
-        dict(betas=(torch.tensor(0.9), torch.tensor(0.999)), foreach=True),
-        dict(fused=True, foreach=True),
-        dict(fused=True, differentiable=True),
-        dict(momentum=0.9),
-    ],
-    "Adagrad": SHARED_INVALID + [
-        dict(lr_decay=-0.1),
-        dict(initial_accumulator_value=-0.1),
-        dict(eps=-1e-10),
-        dict(lr=float("nan")),
-        dict(fused=True, foreach=True),
-        dict(fused=True, differentiable=True),
-    ],
-    "RMSprop": SHARED_INVALID + [
-        dict(eps=-1e-8),
-        dict(momentum=-0.1),
-        dict(alpha=-0.1),
-        dict(lr=float("nan")),
-        dict(fused=True),
-    ],
-}
-INVALID["AdamW"] = [options for options in INVALID["Adam"] if "momentum" not in options] + [
-    dict(decoupled_weight_decay=False),
-]
-INVALID["RAdam"] = SHARED_INVALID + [
-    dict(eps=-1e-8),
-    dict(lr=float("nan")),
-    dict(betas=(-0.1, 0.999)),
-    dict(betas=(1.0, 0.999)),
-    dict(betas=(0.9, 1.0)),
-    dict(betas=(0.9,)),
-    dict(betas=0.9),
-    dict(fused=True),
-    dict(amsgrad=True),
-]
-
 
 def _id(name, options):
     text = ",".join(f"{key}={value}" for key, value in options.items())
     return f"{name}-{text}".replace(" ", "").replace("\n", "")
 
 
-INVALID_CASES = [pytest.param(name, options, id=_id(name, options)) for name in NAMES for options in INVALID[name]]
+INVALID_CASES = [pytest.param(name, case, id=_id(name, case.options))
+                 for name, info in BY_CLASS.items() for case in info.error_inputs]
 
 
-@pytest.mark.parametrize("name, options", INVALID_CASES)
-def test_invalid_constructor_argument_raises_torch_exception_type(name, options, backend, device):
-    assert_raises_like_torch(
-        lambda: getattr(torch.optim, name)(make_params(), **options),
-        lambda: getattr(fusedopt, name)(make_params(), backend=backend, **options),
-    )
+@pytest.mark.parametrize("name, case", INVALID_CASES)
+def test_invalid_constructor_argument_raises_torch_exception(name, case, backend, device):
+    """The registry's bad input raises its exception type with a message that says what is wrong,
+    as torch.optim does (checked against torch.optim's own class where it has the rule)."""
+    if BY_CLASS[name].twin is not None:
+        assert torch_exception(lambda: BY_CLASS[name].twin(make_params(), **case.options)) is case.error
+    with pytest.raises(case.error, match=case.match):
+        getattr(fusedopt, name)(make_params(), backend=backend, **case.options)
 
 
 UNSUPPORTED_SWITCHES = [
     pytest.param(name, switch, id=f"{name}-{switch}")
     for name in NAMES
     for switch in ("differentiable",)
-    if switch in inspect.signature(getattr(torch.optim, name)).parameters
+    if switch in inspect.signature(getattr(fusedopt, name)).parameters
 ]
 
 
@@ -192,7 +137,7 @@ BAD_PARAMS = {
 @pytest.mark.parametrize("make_bad", BAD_PARAMS.values(), ids=BAD_PARAMS.keys())
 def test_bad_params_raise_torch_exception_type(name, make_bad, backend, device):
     assert_raises_like_torch(
-        lambda: getattr(torch.optim, name)(make_bad()),
+        lambda: torch_like(name)(make_bad()),
         lambda: getattr(fusedopt, name)(make_bad(), backend=backend),
     )
 
@@ -203,7 +148,7 @@ def test_add_param_group_with_a_param_already_present_raises_like_torch(name, ba
         optimizer.add_param_group({"params": [optimizer.param_groups[0]["params"][0]], "lr": 0.5})
 
     assert_raises_like_torch(
-        lambda: add_again(getattr(torch.optim, name)(make_params())),
+        lambda: add_again(torch_like(name)(make_params())),
         lambda: add_again(getattr(fusedopt, name)(make_params(), backend=backend)),
     )
 
@@ -214,7 +159,7 @@ def test_add_param_group_with_a_non_leaf_raises_like_torch(name, backend, device
         optimizer.add_param_group({"params": _non_leaf()})
 
     assert_raises_like_torch(
-        lambda: add_non_leaf(getattr(torch.optim, name)(make_params())),
+        lambda: add_non_leaf(torch_like(name)(make_params())),
         lambda: add_non_leaf(getattr(fusedopt, name)(make_params(), backend=backend)),
     )
 
@@ -243,9 +188,22 @@ def run_with_grads(optimizer, params, grad_makers, steps, seed):
         optimizer.step()
 
 
-def _step_sparse_after(dense_steps, name, device, library, **extra):
+def assert_raises_as_torch_does(expected, name, run, backend):
+    """run(torch.optim's class of the rule) raises `expected`, and run(fusedopt's) the same type;
+    for a rule torch.optim has not, fusedopt's raises `expected`."""
+    twin = BY_CLASS[name].twin
+    ours = functools.partial(getattr(fusedopt, name), backend=backend)
+    if twin is None:
+        with pytest.raises(expected):
+            run(ours)
+        return
+    assert torch_exception(lambda: run(functools.partial(twin, foreach=False))) is expected
+    assert_raises_like_torch(lambda: run(functools.partial(twin, foreach=False)), lambda: run(ours))
+
+
+def _step_sparse_after(dense_steps, device, optimizer_class):
     params = make_params(seed=1, shapes=((6, 3),), device=device)
-    optimizer = getattr(library, name)(params, **extra)
+    optimizer = optimizer_class(params)
     generator = torch.Generator().manual_seed(1)
     for _ in range(dense_steps):
         params[0].grad = dense_grad((6, 3), generator, device)
@@ -254,50 +212,37 @@ def _step_sparse_after(dense_steps, name, device, library, **extra):
     optimizer.step()
 
 
-@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop", "RAdam"])
+@pytest.mark.parametrize("name", CAPTURABLE)
 @pytest.mark.parametrize("backend", ["torch", "numba"])
 def test_capturable_with_cpu_params_raises_assertion_error_like_torch(name, backend):
     """torch.optim takes capturable=True, then refuses CPU params at step() (CUDA graphs capture
     device work); the Triton interpreter, which runs the CUDA kernels on CPU tensors, takes them."""
-    def step(library, **extra):
+    def step(optimizer_class):
         param = torch.nn.Parameter(torch.ones(3))
-        optimizer = getattr(library, name)([param], lr=0.1, capturable=True, **extra)
+        optimizer = optimizer_class([param], lr=0.1, capturable=True)
         param.grad = torch.ones(3)
         optimizer.step()
 
-    assert torch_exception(lambda: step(torch.optim, foreach=False)) is AssertionError
-    assert_raises_like_torch(lambda: step(torch.optim, foreach=False), lambda: step(fusedopt, backend=backend))
+    assert_raises_as_torch_does(AssertionError, name, step, backend)
 
 
-@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop"])
-def test_sparse_grad_at_first_step_raises_runtime_error_like_torch(name, backend, device):
-    assert torch_exception(lambda: _step_sparse_after(0, name, device, torch.optim)) is RuntimeError
-    assert_raises_like_torch(lambda: _step_sparse_after(0, name, device, torch.optim),
-                             lambda: _step_sparse_after(0, name, device, fusedopt, backend=backend))
+@pytest.mark.parametrize("name", DENSE_ONLY)
+@pytest.mark.parametrize("dense_steps", [0, 2])
+def test_sparse_grad_raises_runtime_error_like_torch(name, dense_steps, backend, device):
+    """At the first step, or after dense steps."""
+    assert_raises_as_torch_does(RuntimeError, name, functools.partial(_step_sparse_after, dense_steps, device),
+                                backend)
 
 
-@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop"])
-def test_sparse_grad_after_dense_steps_raises_runtime_error_like_torch(name, backend, device):
-    assert torch_exception(lambda: _step_sparse_after(2, name, device, torch.optim)) is RuntimeError
-    assert_raises_like_torch(lambda: _step_sparse_after(2, name, device, torch.optim),
-                             lambda: _step_sparse_after(2, name, device, fusedopt, backend=backend))
-
-
-SPARSE_OPTIONS = [
-    pytest.param("SGD", dict(lr=0.1), id="SGD"),
-    pytest.param("SGD", dict(lr=0.1, momentum=0.9, dampening=0.2), id="SGD-momentum"),
-    pytest.param("SGD", dict(lr=0.1, momentum=0.9, nesterov=True, maximize=True), id="SGD-nesterov-maximize"),
-    pytest.param("Adagrad", dict(lr=0.1), id="Adagrad"),
-    pytest.param("Adagrad", dict(lr=0.1, lr_decay=0.1, initial_accumulator_value=0.2, maximize=True),
-                 id="Adagrad-lr_decay-initial_accumulator_value-maximize"),
-]
+SPARSE_OPTIONS = [pytest.param(name, options, id="-".join([name, *options]))
+                  for name in SPARSE for options in BY_CLASS[name].sparse_options]
 
 
 def _compare_with_torch(name, options, backend, device, grad_makers, steps=4, seed=3):
     shapes = [(6, 3)] * len(grad_makers)
     ours_params, theirs_params = make_params(seed, shapes, device), make_params(seed, shapes, device)
     ours = getattr(fusedopt, name)(ours_params, backend=backend, **options)
-    theirs = getattr(torch.optim, name)(theirs_params, **options)
+    theirs = oracle_class(name)(theirs_params, **options)
     run_with_grads(ours, ours_params, grad_makers, steps, seed)
     run_with_grads(theirs, theirs_params, grad_makers, steps, seed)
     for got, want in zip(ours_params, theirs_params):
@@ -336,7 +281,7 @@ def test_nesterov_grad_turning_sparse_after_a_dense_buffer_raises_like_torch(bac
     # torch adds the dense momentum buffer to the sparse grad, which torch cannot do.
     def run(library, **extra):
         params = make_params(seed=5, shapes=((6, 3),), device=device)
-        optimizer = getattr(library, "SGD")(params, lr=0.1, momentum=0.9, nesterov=True, **extra)
+        optimizer = library.SGD(params, lr=0.1, momentum=0.9, nesterov=True, **extra)
         generator = torch.Generator().manual_seed(5)
         params[0].grad = dense_grad((6, 3), generator, device)
         optimizer.step()
@@ -346,15 +291,15 @@ def test_nesterov_grad_turning_sparse_after_a_dense_buffer_raises_like_torch(bac
     assert_raises_like_torch(lambda: run(torch.optim), lambda: run(fusedopt, backend=backend))
 
 
-@pytest.mark.parametrize("name", ["SGD", "Adagrad"])
+@pytest.mark.parametrize("name", SPARSE)
 def test_sparse_grad_with_weight_decay_raises_like_torch(name, backend, device):
-    def step_sparse(library, **extra):
+    def step_sparse(optimizer_class):
         params = make_params(seed=4, shapes=((6, 3),), device=device)
-        optimizer = getattr(library, name)(params, lr=0.1, weight_decay=0.1, **extra)
+        optimizer = optimizer_class(params, lr=0.1, weight_decay=0.1)
         params[0].grad = sparse_grad((6, 3), torch.Generator().manual_seed(4), device)
         optimizer.step()
 
-    assert_raises_like_torch(lambda: step_sparse(torch.optim), lambda: step_sparse(fusedopt, backend=backend))
+    assert_raises_as_torch_does(RuntimeError, name, step_sparse, backend)
 
 
 # ---- the triton backend where it cannot run ----

@@ -13,11 +13,10 @@ from helpers import (assert_optimizers_match, assign_grads, capture_cuda_graph, 
 
 from conftest import kernels_runnable
 
-# The rules whose torch.optim class takes capturable=True.
+# The rules that take capturable=True (as their torch.optim class does).
 CAPTURABLE = {name: info.optimizer for name, info in REGISTRY.items()
-              if "capturable" in inspect.signature(info.torch_optimizer.__init__).parameters}
-TORCH = {name: REGISTRY[name].torch_optimizer for name in CAPTURABLE}
-ALL_RULES = {name: (info.optimizer, info.torch_optimizer, info.stateful) for name, info in REGISTRY.items()}
+              if "capturable" in inspect.signature(info.optimizer.__init__).parameters}
+ALL_RULES = {name: (info.optimizer, info.oracle, info.stateful) for name, info in REGISTRY.items()}
 SHAPES = [(7,), (33, 17), (4097,)]
 
 
@@ -56,11 +55,11 @@ def test_capturable_keeps_steps_on_the_params_device(rule, triton_device):
 def test_tensor_lr_changed_in_place_matches_torch(rule, triton_device):
     """A tensor lr is read by the kernel each step: changing it in place takes effect at the next
     step, as torch.optim with the same tensor lr (for-loop implementation) does."""
-    fused_class, torch_class, options = ALL_RULES[rule]
+    fused_class, oracle, options = ALL_RULES[rule]
     params, twins, generator = params_and_twins(triton_device, 2)
     lr, twin_lr = torch.tensor(0.02, device=triton_device), torch.tensor(0.02)
     fused = fused_class(params, lr=lr, backend="triton", **options)
-    expected = torch_class(twins, lr=twin_lr, foreach=False, **options)
+    expected = oracle(twins, lr=twin_lr, **options)
     for step in range(4):
         grads = make_grads(params, generator)
         assign_grads(params, grads)
@@ -110,7 +109,7 @@ def test_capturable_checkpoint_loads_into_torch_and_back(rule, triton_device):
     with torch.no_grad():
         for twin, p in zip(twins, params):
             twin.copy_(p)
-    expected = TORCH[rule](twins, lr=0.01, capturable=torch_capturable, foreach=False)
+    expected = REGISTRY[rule].oracle(twins, lr=0.01, capturable=torch_capturable)
     expected.load_state_dict(copy.deepcopy(fused.state_dict()))  # as through torch.save / torch.load
     for group in expected.param_groups:
         group["capturable"] = torch_capturable  # torch's capturable path takes no CPU tensors

@@ -16,6 +16,7 @@ import torch
 
 import fusedopt
 from fusedopt import backends, schedules
+from fusedopt.registry import RULES as REGISTRY
 from helpers import (
     GRID,
     RICH,
@@ -261,7 +262,7 @@ def test_tensor_lr_changed_in_place_is_read_at_each_step(rule):
     generator = torch.Generator().manual_seed(9)
     params = make_params(torch.float32, "cpu", generator, odd_layouts=False)
     options = dict(STATEFUL[rule], weight_decay=0.1)
-    if rule in ("adam", "radam"):
+    if "decoupled_weight_decay" in REGISTRY[rule].option_values:
         options["decoupled_weight_decay"] = True
     lr = torch.tensor(DEFAULT_LR[rule])
     lr_values = [DEFAULT_LR[rule] * factor for factor in (1.0, 0.5, 0.25, 2.0)]
@@ -320,19 +321,21 @@ def test_every_change_to_a_group_between_steps_is_stepped_with(rule, options):
     assert on_cpu_kernels(fused)
 
 
-def test_a_subclass_computing_its_own_hyperparameters_is_asked_at_every_step():
-    """Where a subclass gives its own hyperparameters, no launch is repeated without asking it."""
+def test_a_subclass_setting_group_values_in_its_step_is_stepped_with_them():
+    """The kernels' numbers come from the group's values (the rule's spec): a subclass that sets
+    them in its own step() is stepped with the values of each step, never with a repeated launch's."""
     class DecayingAdam(fusedopt.Adam):
-        def hyperparameters(self, group):
-            self.asked = getattr(self, "asked", 0) + 1
-            return dict(super().hyperparameters(group), lr=group["lr"] / self.asked)
+        def step(self, closure=None):
+            self.steps_taken = getattr(self, "steps_taken", 0) + 1
+            for group in self.param_groups:
+                group["lr"] = 1.0 / self.steps_taken
+            return super().step(closure)
 
     p = torch.nn.Parameter(torch.zeros(64))
     optimizer = DecayingAdam([p], lr=1.0, backend="numba")
     for _ in range(3):
         p.grad = torch.ones(64)
         optimizer.step()
-    assert optimizer.asked == 3
     # Adam's first steps on a constant grad move by the lr: 1 + 1/2 + 1/3
     torch.testing.assert_close(p.detach(), torch.full((64,), -(1 + 1 / 2 + 1 / 3)))
 

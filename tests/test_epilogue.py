@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import fusedopt
+from fusedopt.registry import RULES as REGISTRY
 from helpers import (
     DEFAULT_LR,
     OPTIMIZERS,
@@ -568,7 +569,7 @@ def test_torch_path_params_beside_kernel_params_are_unscaled_and_clipped(rule, k
     options = STATEFUL[rule]
     dense = make_params(torch.float32, device, generator, shapes=[(7,), (4097,), (33, 17)], odd_layouts=False,
                         complex_params=False)
-    sparse = rule in ("sgd", "adagrad")
+    sparse = bool(REGISTRY[rule].sparse_options)
     embeddings = [nn.Embedding(9, 5, sparse=True).to(device) for _ in range(2)] if sparse else []
     table = randn((9, 5), torch.float32, device, generator)
     for embedding in embeddings:
@@ -597,7 +598,7 @@ def test_torch_path_params_beside_kernel_params_are_unscaled_and_clipped(rule, k
                 embeddings[index].weight.grad = None
                 (embeddings[index](indices) * weights).sum().mul(scaler.get_scale()).backward()
         assert fused_params[2].grad.stride() != fused_params[2].stride()
-        assert not fusedopt.kernels.fits_kernel(fused_params[2], fused_params[2].grad, [])
+        assert not fusedopt.kernels.TensorTable.fits(fused_params[2], fused_params[2].grad, [])
         if sparse:
             assert fused_params[3].grad.is_sparse
         norm = fused_amp_step(fused, scalers[0], 1.0)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import fusedopt
+from fusedopt.registry import RULES as REGISTRY
 from helpers import (
     GRID,
     RICH,
@@ -157,14 +158,8 @@ def test_each_param_group_takes_one_launch_per_step(rule, device):
     its own hyperparameters (torch's trajectory)."""
     generator = torch.Generator().manual_seed(5)
     base = STATEFUL[rule]
-    # the rule's own hyperparameters where listed; lr, weight decay and maximize for every rule
-    variants = {
-        "sgd": [{"lr": 0.1}, {"lr": 0.01, "weight_decay": 0.2}, {"momentum": 0.5, "dampening": 0.1}],
-        "adam": [{"lr": 0.1}, {"betas": (0.5, 0.9), "weight_decay": 0.2}, {"eps": 1e-3, "maximize": True}],
-        "adamw": [{"lr": 0.1}, {"betas": (0.5, 0.9), "weight_decay": 0.2}, {"eps": 1e-3, "maximize": True}],
-        "adagrad": [{"lr": 0.1}, {"lr_decay": 0.3, "weight_decay": 0.2}, {"eps": 1e-3, "maximize": True}],
-        "rmsprop": [{"lr": 0.1}, {"alpha": 0.5, "weight_decay": 0.2}, {"eps": 1e-3, "maximize": True}],
-    }.get(rule, [{"lr": 0.1}, {"lr": 0.01, "weight_decay": 0.2}, {"maximize": True}])
+    # another lr, and the rule's values that torch reads at every step (the registry's)
+    variants = [{"lr": 0.1}, *REGISTRY[rule].changed_by_hand]
     params = [make_params(torch.float32, device, generator, shapes=[(7,), (3, 5)], odd_layouts=False,
                           complex_params=False) for _ in variants]
     fused_lists = [clone_params(group) for group in params]
@@ -479,8 +474,8 @@ def test_lr_scheduler_gives_torchs_trajectory(rule, scheduler, device):
 # is a tensor or scheduled (all read from memory), how bf16 params are rounded, element type,
 # alignment, block.
 RUNTIME_ARGUMENTS = ["steps", "found_inf", "grad_scale", "clip_coef", "schedule", "group_step", "schedule_length",
-                     "rounding_seed", "lr", "scalars"]
-CONSTEXPR_ARGUMENTS = {"UPDATE", "BLOCK_SCALARS", "OPTIONS", "STATES", "STEPS", "EXTRA", "SCALED_GRADS", "LR_TENSOR",
+                     "rounding_seed", "lr", "numbers"]
+CONSTEXPR_ARGUMENTS = {"UPDATE", "BLOCK_NUMBERS", "OPTIONS", "STATES", "STEPS", "EXTRA", "SCALED_GRADS", "LR_TENSOR",
                        "SCHEDULED", "STOCHASTIC", "MASTER", "DTYPE", "ALIGNED", "BLOCK"}
 DEVICE_SCALARS = {"steps", "found_inf", "grad_scale", "clip_coef", "lr", "schedule", "group_step", "rounding_seed"}
 
@@ -551,10 +546,12 @@ def test_hyperparameters_reach_the_kernel_as_floats(rule, device, monkeypatch):
     names = kernel.arg_names[4:]
     for arguments, constexprs in seen:
         kinds = {name: type(value).__name__ for name, value in zip(names, arguments)}
-        scalars = kinds.pop("scalars")
+        kinds.pop("numbers")
+        numbers = arguments[names.index("numbers")]
         # device scalars (step counts, AMP and clip factors, a tensor lr) are pointers; the rest floats
         assert all(kind == ("Tensor" if name in DEVICE_SCALARS else "float") for name, kind in kinds.items()), kinds
-        assert scalars == "tuple" and all(type(value) is float for value in arguments[names.index("scalars")])
+        # the rule's launch numbers: its Launch NamedTuple, every field a float
+        assert type(numbers) is fused.spec.Launch and all(type(value) is float for value in numbers)
         assert all(type(flag) is bool for flag in (*constexprs["OPTIONS"], *constexprs["STATES"]))
 
 

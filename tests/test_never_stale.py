@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fusedopt
+from fusedopt import tables as host_tables
 from fusedopt.kernels import multi_tensor
 
 from fusedopt.registry import RULES as REGISTRY
@@ -228,18 +229,18 @@ def test_state_step_set_to_a_number_raises_runtime_error_like_torch(rule, backen
         twins.fused.step()
 
 
-@pytest.mark.parametrize("rule, key, value", [("adam", "amsgrad", True), ("adamw", "amsgrad", True),
-                                              ("rmsprop", "momentum", 0.9), ("rmsprop", "centered", True)])
-def test_state_option_switched_on_after_steps_raises_key_error_like_torch(rule, key, value, backend, device):
+@pytest.mark.parametrize("rule, late", [pytest.param(rule, late, id=f"{rule}-{'-'.join(late)}")
+                                        for rule, info in REGISTRY.items() for late in info.late_state_options])
+def test_state_option_switched_on_after_steps_raises_key_error_like_torch(rule, late, backend, device):
     twins = Twins(rule, backend, [(5,), (2, 3)], options=dict(lr=0.01), device=device)
     twins.step(2)
-    twins.both(lambda optimizer, params: optimizer.param_groups[0].__setitem__(key, value))
+    twins.both(lambda optimizer, params: optimizer.param_groups[0].update(late))
     twins.give_grads()
     assert raised(twins.expected.step) is KeyError
     before = snapshot(twins.fused, twins.fused_params)
     with pytest.raises(KeyError):
         twins.fused.step()
-    assert_unchanged(twins.fused, twins.fused_params, before, f"{rule} {key}")
+    assert_unchanged(twins.fused, twins.fused_params, before, f"{rule} {late}")
 
 
 def test_sgd_momentum_switched_on_after_steps_starts_its_buffer_like_torch(backend, device):
@@ -509,8 +510,8 @@ def test_wrapper_subclass_params_never_reach_a_kernel(backend, device, monkeypat
     from torch.testing._internal.two_tensor import TwoTensor
 
     tables = []
-    build = multi_tensor.TensorTable.__init__
-    monkeypatch.setattr(multi_tensor.TensorTable, "__init__",
+    build = host_tables.TensorTable.__init__
+    monkeypatch.setattr(host_tables.TensorTable, "__init__",
                         lambda self, params, grads, states, extra=None: (tables.append((params, grads, states)),
                                                                          build(self, params, grads, states, extra))[1])
     generator = torch.Generator().manual_seed(0)
@@ -671,8 +672,8 @@ def test_unchanged_tensors_keep_their_table(backend, device, monkeypatch):
     if backend == "torch":
         pytest.skip("the torch backend builds no tables")
     builds = []
-    build = multi_tensor.TensorTable.__init__
-    monkeypatch.setattr(multi_tensor.TensorTable, "__init__",
+    build = host_tables.TensorTable.__init__
+    monkeypatch.setattr(host_tables.TensorTable, "__init__",
                         lambda self, *args, **kwargs: (builds.append(1), build(self, *args, **kwargs))[1])
     twins = Twins("adam", backend, [(7,), (3, 4), (9, 9)], device=device)
     twins.step(5)  # new grad tensors at every step: the grad row is re-pointed

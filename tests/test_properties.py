@@ -5,6 +5,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fusedopt.registry import RULES as REGISTRY
 from helpers import (
     ReferenceOptimizer,
     assert_matches_reference,
@@ -19,62 +20,31 @@ from helpers import (
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16}
 
 
-def rates(low, high):
-    return st.floats(low, high, allow_nan=False, allow_infinity=False)
+class HypothesisPick:
+    """fusedopt.registry.Pick on a hypothesis `draw`: what a rule's random_options draws from."""
 
+    def __init__(self, draw):
+        self.draw = draw
 
-def zero_or(strategy):
-    return st.one_of(st.just(0.0), strategy)
+    def rate(self, low, high):
+        return self.draw(st.floats(low, high, allow_nan=False, allow_infinity=False))
 
+    def zero_or(self, low, high):
+        return self.draw(st.one_of(st.just(0.0), st.floats(low, high, allow_nan=False, allow_infinity=False)))
 
-@st.composite
-def sgd_options(draw):
-    momentum = draw(zero_or(rates(0.1, 0.95)))
-    nesterov = momentum > 0 and draw(st.booleans())
-    return dict(lr=draw(rates(1e-4, 0.1)), momentum=momentum, nesterov=nesterov,
-                dampening=0.0 if nesterov else draw(zero_or(rates(0.0, 0.5))),
-                weight_decay=draw(zero_or(rates(0.0, 0.5))), maximize=draw(st.booleans()))
+    def boolean(self):
+        return self.draw(st.booleans())
 
-
-@st.composite
-def adam_options(draw, decoupled=None):
-    options = dict(lr=draw(rates(1e-4, 0.1)), betas=(draw(rates(0.0, 0.99)), draw(rates(0.9, 0.9999))),
-                   eps=draw(st.sampled_from([1e-8, 1e-6, 1e-3])), weight_decay=draw(zero_or(rates(0.0, 0.5))),
-                   amsgrad=draw(st.booleans()), maximize=draw(st.booleans()))
-    if decoupled is None:
-        options["decoupled_weight_decay"] = draw(st.booleans())
-    return options
+    def choice(self, values):
+        return self.draw(st.sampled_from(values))
 
 
 @st.composite
-def adagrad_options(draw):
-    return dict(lr=draw(rates(1e-4, 0.1)), lr_decay=draw(zero_or(rates(0.0, 0.5))),
-                weight_decay=draw(zero_or(rates(0.0, 0.5))), initial_accumulator_value=draw(zero_or(rates(0.0, 1.0))),
-                eps=draw(st.sampled_from([1e-10, 1e-6])), maximize=draw(st.booleans()))
+def cases(draw):
+    """A rule of the registry and random options for it (its random_options)."""
+    rule = draw(st.sampled_from(list(REGISTRY)))
+    return rule, REGISTRY[rule].random_options(HypothesisPick(draw))
 
-
-@st.composite
-def rmsprop_options(draw):
-    return dict(lr=draw(rates(1e-4, 0.05)), alpha=draw(rates(0.5, 0.999)), eps=draw(st.sampled_from([1e-8, 1e-6])),
-                weight_decay=draw(zero_or(rates(0.0, 0.5))), momentum=draw(zero_or(rates(0.1, 0.95))),
-                centered=draw(st.booleans()), maximize=draw(st.booleans()))
-
-
-@st.composite
-def radam_options(draw):
-    return dict(lr=draw(rates(1e-4, 0.1)), betas=(draw(rates(0.0, 0.99)), draw(rates(0.9, 0.9999))),
-                eps=draw(st.sampled_from([1e-8, 1e-6, 1e-3])), weight_decay=draw(zero_or(rates(0.0, 0.5))),
-                decoupled_weight_decay=draw(st.booleans()), maximize=draw(st.booleans()))
-
-
-cases = st.one_of(
-    st.tuples(st.just("sgd"), sgd_options()),
-    st.tuples(st.just("adam"), adam_options()),
-    st.tuples(st.just("adamw"), adam_options(decoupled=True)),
-    st.tuples(st.just("adagrad"), adagrad_options()),
-    st.tuples(st.just("rmsprop"), rmsprop_options()),
-    st.tuples(st.just("radam"), radam_options()),
-)
 
 # 0-dim, 1-D of 1 to 300 elements, or 2-D of at most 300.
 shapes = st.one_of(
@@ -87,7 +57,7 @@ shapes = st.one_of(
 # `device` is a plain string fixture: sharing it between examples is harmless.
 @settings(max_examples=50, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(case=cases, shape_list=st.lists(shapes, min_size=1, max_size=3), dtype_name=st.sampled_from(list(DTYPES)),
+@given(case=cases(), shape_list=st.lists(shapes, min_size=1, max_size=3), dtype_name=st.sampled_from(list(DTYPES)),
        steps=st.integers(1, 6), grad_scale=st.sampled_from([1e-2, 1.0, 1e2]), seed=st.integers(0, 2**31 - 1))
 def test_kernels_match_the_float64_reference(case, shape_list, dtype_name, steps, grad_scale, seed, device):
     """Params and every state after 1-6 kernel steps equal the float64 reference's, the latter

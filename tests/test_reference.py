@@ -242,20 +242,19 @@ def without_weight_decay(rule):
     return [options for options in REGISTRY[rule].every_combination() if options["weight_decay"] == 0]
 
 
+# The rules that take sparse grads (the registry's)
+SPARSE_RULES = [rule for rule, info in REGISTRY.items() if info.sparse_options]
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")  # raised inside torch.optim.Adagrad
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("options", without_weight_decay("sgd"), ids=option_id)
-def test_sgd_with_sparse_grads_follows_torch_sgd(options, dtype):
-    assert_sparse_trajectories_match("sgd", options, dtype)
+@pytest.mark.parametrize("rule, options", [pytest.param(rule, options, id=f"{rule}-{option_id(options)}")
+                                           for rule in SPARSE_RULES for options in without_weight_decay(rule)])
+def test_sparse_grads_follow_torch(rule, options, dtype):
+    assert_sparse_trajectories_match(rule, options, dtype)
 
 
-@pytest.mark.filterwarnings("ignore:Sparse invariant checks")  # raised inside torch.optim
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("options", without_weight_decay("adagrad"), ids=option_id)
-def test_adagrad_with_sparse_grads_follows_torch_adagrad(options, dtype):
-    assert_sparse_trajectories_match("adagrad", options, dtype)
-
-
-@pytest.mark.parametrize("rule", ["sgd", "adagrad"])
+@pytest.mark.parametrize("rule", SPARSE_RULES)
 def test_sparse_grad_with_weight_decay_raises_like_torch(rule):
     options = dict(richest(rule), maximize=False)
     param = torch.randn(10, 3, requires_grad=True)

@@ -16,6 +16,7 @@ import torch
 from torch.optim import lr_scheduler as torch_lr
 
 from fusedopt import schedules as S
+from helpers import NAMES, oracle_class
 from fusedopt.schedules.__main__ import main as cli_main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -646,7 +647,7 @@ def fusedopt_class(name):
         ),
     ],
 )
-@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop"])
+@pytest.mark.parametrize("name", NAMES)
 class TestFusedoptOptimizers:
     def test_scheduled_run_matches_torch_optim_with_the_same_schedule(self, name, backend):
         cls = fusedopt_class(name)
@@ -659,7 +660,7 @@ class TestFusedoptOptimizers:
         ours_param = torch.nn.Parameter(start.clone())
         torch_param = torch.nn.Parameter(start.clone())
         ours_opt = cls([ours_param], lr=0.05, backend=backend)
-        torch_opt = getattr(torch.optim, name)([torch_param], lr=0.05)
+        torch_opt = oracle_class(name)([torch_param], lr=0.05)
         ours = S.warmup_cosine(ours_opt, warmup_steps=3, total_steps=10, min_lr=1e-3)
         theirs = S.warmup_cosine(torch_opt, warmup_steps=3, total_steps=10, min_lr=1e-3)
         for step in range(12):

@@ -2,6 +2,7 @@
 moves between torch.optim and fusedopt (both ways, through torch.save / torch.load) without
 leaving the trajectory of an uninterrupted torch.optim run."""
 import collections
+import inspect
 import copy
 import io
 import pickle
@@ -13,33 +14,17 @@ from torch.testing import assert_close
 import fusedopt
 from fusedopt.optimizer import FusedOptimizer
 from fusedopt.registry import RULES
-from helpers import NAMES, TOL, as_params, assert_states_match, build, make_values, set_grads
+from helpers import NAMES, TOL, as_params, assert_states_match, build, make_values, oracle_class, set_grads
 
 # Checkpoints are host logic that every kernel backend shares: the reference and the device's
 # fastest kernels, with Triton's too where a test is about the kernels' cached tensor tables.
 BACKENDS = ["torch", "kernels"]
 
 
-# Option sets per class: the plain rule and the options that add or change state tensors; for a
-# rule not listed, its option grid (fusedopt.registry).
-OPTIONS = [
-    ("SGD", dict(lr=0.1)),
-    ("SGD", dict(lr=0.1, momentum=0.9, dampening=0.25, weight_decay=0.01)),
-    ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True, maximize=True)),
-    ("Adam", dict(lr=0.05)),
-    ("Adam", dict(lr=0.05, betas=(0.8, 0.95), weight_decay=0.1, amsgrad=True)),
-    ("Adam", dict(lr=0.05, weight_decay=0.1, decoupled_weight_decay=True)),
-    ("AdamW", dict(lr=0.05)),
-    ("AdamW", dict(lr=0.05, weight_decay=0.1, amsgrad=True, maximize=True)),
-    ("Adagrad", dict(lr=0.1)),
-    ("Adagrad", dict(lr=0.1, lr_decay=0.05, weight_decay=0.1, initial_accumulator_value=0.2)),
-    ("RMSprop", dict(lr=0.01)),
-    ("RMSprop", dict(lr=0.01, momentum=0.9, weight_decay=0.1)),
-    ("RMSprop", dict(lr=0.01, centered=True)),
-    ("RMSprop", dict(lr=0.01, alpha=0.9, momentum=0.5, centered=True, maximize=True)),
-]
-OPTIONS += [(info.optimizer.__name__, dict(lr=info.default_lr, **options)) for info in RULES.values()
-            if info.optimizer.__name__ not in {name for name, _ in OPTIONS} for options in info.option_grid]
+# Option sets per class (the registry's): the plain rule, and its richest options, which add or
+# change state tensors.
+OPTIONS = [(info.optimizer.__name__, dict(lr=info.default_lr, **options)) for info in RULES.values()
+           for options in ({}, *info.richest)]
 
 
 def _case_id(name, options):
@@ -50,8 +35,8 @@ def _case_id(name, options):
 CASES = [pytest.param(name, options, id=_case_id(name, options)) for name, options in OPTIONS]
 # The option set of each class with the most state tensors (the last of its cases).
 RICHEST_CASES = [[case for case in CASES if case.values[0] == name][-1] for name in NAMES]
-# torch supports fused=True on CPU for these.
-FUSED_CASES = [case for case in CASES if case.values[0] in ("SGD", "Adam", "AdamW", "Adagrad")]
+# torch supports fused=True (on the CPU too) for the classes that take it.
+FUSED_CASES = [case for case in CASES if "fused" in inspect.signature(getattr(fusedopt, case.values[0])).parameters]
 
 
 # ---- inputs and runs ----
@@ -93,7 +78,7 @@ def resume(library, name, options, backend, buffer, **extra):
 
 def uninterrupted_torch_run(name, options, steps, seed, device, **extra):
     params = as_params(make_values(seed, device))
-    optimizer = getattr(torch.optim, name)(params, **options, **extra)
+    optimizer = oracle_class(name)(params, **options, **extra)
     train(optimizer, params, 0, steps, seed)
     return params, optimizer
 
@@ -167,13 +152,13 @@ def test_checkpoint_from_torch_fused_loads_into_fusedopt(name, options, backend,
 def test_torch_checkpoint_with_different_step_counts_per_param_continues_in_fusedopt(name, options, backend, device):
     # Param 1 had no grad for the first two steps: its step count (and state) lags behind.
     params = as_params(make_values(13, device))
-    torch_optimizer = getattr(torch.optim, name)(params, **options)
+    torch_optimizer = oracle_class(name)(params, **options)
     train(torch_optimizer, params, 0, 2, seed=13, frozen={1})
     train(torch_optimizer, params, 2, 2, seed=13)
     params, optimizer = resume(fusedopt, name, options, backend, save(params, torch_optimizer))
     train(optimizer, params, 4, 4, seed=13)
     want_params = as_params(make_values(13, device))
-    want_optimizer = getattr(torch.optim, name)(want_params, **options)
+    want_optimizer = oracle_class(name)(want_params, **options)
     train(want_optimizer, want_params, 0, 2, seed=13, frozen={1})
     train(want_optimizer, want_params, 2, 6, seed=13)
     assert_params_match(params, want_params)
@@ -183,7 +168,7 @@ def test_torch_checkpoint_with_different_step_counts_per_param_continues_in_fuse
 @pytest.mark.parametrize("name, options", CASES)
 def test_checkpoint_hyperparameters_override_those_of_the_constructor(name, options, backend, device):
     params = as_params(make_values(14, device))
-    torch_optimizer = getattr(torch.optim, name)(params, **options)
+    torch_optimizer = oracle_class(name)(params, **options)
     train(torch_optimizer, params, 0, 3, seed=14)
     # Built with the class defaults (other lr, no momentum/amsgrad/centered), then loaded.
     params, optimizer = resume(fusedopt, name, {}, backend, save(params, torch_optimizer))
@@ -198,7 +183,7 @@ def test_checkpoint_hyperparameters_override_those_of_the_constructor(name, opti
 def test_legacy_checkpoint_with_number_steps_loads_like_torch(name, options, backend, device):
     # torch.optim before 1.12 saved state["step"] as a Python number; torch.optim still loads it.
     params = as_params(make_values(15, device))
-    torch_optimizer = getattr(torch.optim, name)(params, **options)
+    torch_optimizer = oracle_class(name)(params, **options)
     train(torch_optimizer, params, 0, 3, seed=15)
     legacy = copy.deepcopy(torch_optimizer.state_dict())
     for state in legacy["state"].values():
@@ -221,7 +206,7 @@ def test_legacy_checkpoint_with_number_steps_loads_like_torch(name, options, bac
 def test_loading_a_checkpoint_mid_training_replaces_the_state(name, options, backend, device):
     # The checkpoint: torch.optim after 4 steps of run 5.
     torch_params = as_params(make_values(5, device))
-    torch_optimizer = getattr(torch.optim, name)(torch_params, **options)
+    torch_optimizer = oracle_class(name)(torch_params, **options)
     train(torch_optimizer, torch_params, 0, 4, seed=5)
     buffer = save(torch_params, torch_optimizer)
     # fusedopt trains its own run first (its tensor tables are built), then loads the checkpoint
@@ -329,7 +314,7 @@ def _layout_runs(name, options, backend, device):
     values = make_values(8, device, dtypes=(torch.float32, torch.float64))
     ours_params, theirs_params = as_params(values), as_params(values)
     ours = build(fusedopt, name, ours_params, backend, **options)
-    theirs = getattr(torch.optim, name)(theirs_params, **options)
+    theirs = oracle_class(name)(theirs_params, **options)
     train(ours, ours_params, 0, 3, seed=8)
     train(theirs, theirs_params, 0, 3, seed=8)
     return ours.state_dict(), theirs.state_dict()
@@ -383,7 +368,7 @@ def test_adam_param_groups_name_decoupled_weight_decay(backend, device):
 @pytest.mark.parametrize("name, options", CASES)
 def test_state_dict_before_any_step_equals_torch(name, options, backend, device):
     ours = build(fusedopt, name, as_params(make_values(10, device)), backend, **options).state_dict()
-    theirs = getattr(torch.optim, name)(as_params(make_values(10, device)), **options).state_dict()
+    theirs = oracle_class(name)(as_params(make_values(10, device)), **options).state_dict()
     assert ours["param_groups"] == theirs["param_groups"]
     assert_states_match(ours["state"], theirs["state"], rtol=0, atol=0)
 

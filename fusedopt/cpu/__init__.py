@@ -1,8 +1,9 @@
-"""The numba CPU backend: a TensorTable whose step() runs the rule's numba kernel (one parallel
-pass over every block of every tensor of a bucket) instead of a Triton launch.
+"""The numba CPU backend: a TensorTable (fusedopt.tables) whose step() runs the rule's numba kernel
+(one parallel pass over every block of every tensor of a bucket), found by the rule's spec.
 
 Imported when a CPU bucket is first planned, not by `import fusedopt`; numba itself is imported
-by `available()`. Where numba is missing or cannot compile, one warning and the reference path.
+by `available()`. Needs no Triton. Where numba is missing or cannot compile, one warning and the
+reference path.
 """
 import os
 import threading
@@ -11,7 +12,7 @@ import warnings
 import numpy as np
 import torch
 
-from ..kernels import adagrad, adam, multi_tensor, radam, rmsprop, sgd
+from .. import tables
 
 # Elements per block (a prange task): at least CPU_BLOCK, so that two threads have enough tasks
 # on a set of 4K tensors; doubled up to MAX_CPU_BLOCK while every thread keeps BLOCKS_PER_THREAD
@@ -36,18 +37,11 @@ LIKE = {dtype: np.empty(0, storage) for dtype, storage in STORAGE.items()}
 MASTER_LIKE = np.empty(0, np.float32)
 NO_STEPS = np.zeros(1, np.float32)  # the steps of rules without: the dtype of torch's step counts
 
-# The numba kernel of each rule, by the identity of the rule's Triton update (the host computes
-# the same scalars; the id, because hashing a Triton function costs a microsecond at every step).
-KERNEL_NAMES = {id(rule.update): f"{name}_kernel" for name, rule in (
-    ("sgd", sgd.SGD), ("adam", adam.ADAM), ("adagrad", adagrad.ADAGRAD), ("rmsprop", rmsprop.RMSPROP),
-    ("radam", radam.RADAM))}
-ROUNDING_CODES = {"nearest": 0, "stochastic": 1, "master": 2}
-
 _kernels = None  # fusedopt.cpu.kernels once imported; False where numba is unusable
 # One launch at a time: numba's workqueue layer (where neither OpenMP nor TBB loads) aborts the
 # process when two threads enter parallel code at once; each launch uses every thread anyway.
 _launch_lock = threading.Lock()
-_checked = {}  # (rule, dtype): whether its kernel compiled
+_checked = {}  # (rule, options, rounding, dtype): whether its kernel compiled
 _numba_threads = threading.local()  # .follows: the torch thread count this thread's numba count was set from
 
 
@@ -99,11 +93,12 @@ def use_torch_threads():
         _numba_threads.follows = torch_threads
 
 
-class CpuTensorTable(multi_tensor.TensorTable):
+class CpuTensorTable(tables.TensorTable):
     """The tensor table of a CPU bucket: the same rows of sizes and addresses and the same block
     map as the Triton kernels', walked by the numba kernels through numpy views of its host
     tables (the grad row, re-pointed in place, is seen at once)."""
 
+    walks_cpu_tensors = True
     cpu_kernels = True
     counts_steps = True  # the kernel adds the step to the step counts (in compiled code: a torch op
     # after a pass over a large bucket, its caches cold, costs tens of microseconds)
@@ -119,33 +114,45 @@ class CpuTensorTable(multi_tensor.TensorTable):
         self.like = LIKE[self.dtype]
         self._steps = self._step_counts = None
 
+    @classmethod
+    def ready(cls, spec, options, param_rounding, dtype):
+        """Whether the rule's kernel runs on `dtype` tables: compiled (or loaded from numba's cache)
+        now, before any state is touched; one warning and False where it fails."""
+        return kernel_ready(spec, options, rounding_of(param_rounding, dtype), dtype)
+
     def step_counts(self, steps):
         """A numpy view of the bucket's step count buffer, made once per buffer."""
         if steps is not self._steps:
             self._steps, self._step_counts = steps, steps.numpy()
         return self._step_counts
 
-    def step(self, *, rule, lr, scalars, options, present, steps=None, scaling=None, group_step=None,
+    def step(self, spec, numbers, options, *, lr, steps=None, fresh=False, scaling=None, group_step=None,
              param_rounding="nearest"):
-        """TensorTable.step's contract, on the CPU: the launch's numbers are read on the host (the
-        tensors are in host memory; there is nothing to synchronise) and the rule's numba kernel
-        makes one parallel pass over the table's blocks, after adding this step to `steps` (the
-        counts before it: TensorTable.counts_steps), unless AMP skips the step."""
-        kernel = getattr(kernel_module(), KERNEL_NAMES[id(rule.update)])
-        multi_tensor.count_launch()
+        """fusedopt.tables.TensorTable.step, on the CPU: the launch's numbers are read on the host
+        (the tensors are in host memory; there is nothing to synchronise) and the rule's numba
+        kernel makes one parallel pass over the table's blocks, after adding this step to `steps`
+        (the counts before it: TensorTable.counts_steps), unless AMP skips the step."""
+        rounding = rounding_of(param_rounding, self.dtype)
+        kernel = kernel_module().kernel_for(spec, options, rounding)
+        tables.count_launch()
         arguments = (self.table_array, self.block_array, self.block, self.like, MASTER_LIKE,
                      NO_STEPS if steps is None else self.step_counts(steps),
                      launch_numbers(self, lr, scaling, group_step),
-                     np.array([float(value) for value in scalars], dtype=np.float64),
-                     launch_flags(self, rule, present, param_rounding, group_step, steps is not None))
+                     np.fromiter(map(float, numbers), np.float64, len(numbers)),  # the Launch's fields, in order
+                     launch_flags(rounding, group_step, steps is not None, fresh))
         self._last_launch = kernel, arguments
         run(kernel, arguments)
 
     def relaunch(self):
         """The last launch again, with the same numbers (KernelBucket.launch asks where nothing
         they were computed from has changed)."""
-        multi_tensor.count_launch()
+        tables.count_launch()
         run(*self._last_launch)
+
+
+def rounding_of(param_rounding, dtype):
+    """How a kernel stores updated params of `dtype`: bf16 as asked, the others to nearest."""
+    return param_rounding if dtype == torch.bfloat16 else "nearest"
 
 
 def run(kernel, arguments):
@@ -175,53 +182,36 @@ def launch_numbers(table, lr, scaling, group_step):
     return np.array([skip, inv_scale, clip, lr, float(from_memory or factors is not None)], dtype=np.float64)
 
 
-def launch_flags(table, rule, present, param_rounding, group_step, counts_steps):
-    """[state slots present (3), param rounding, counts (and reads) steps, reads per-tensor
-    integers, rounding seed, group step count]."""
-    present = (tuple(present) + (False, False, False))[:3]
-    rounding = param_rounding if table.dtype == torch.bfloat16 else "nearest"
+def launch_flags(rounding, group_step, counts_steps, reads_extra):
+    """[counts (and reads) steps, reads per-tensor integers, rounding seed, group step count]."""
     seed = count = 0
     if rounding == "stochastic":
         seed, count = int(group_step.rounding_seed), int(float(group_step.count))
-    return np.array([*map(int, present), ROUNDING_CODES[rounding], int(counts_steps), int(rule.extra), seed, count],
-                    dtype=np.int64)
+    return np.array([int(counts_steps), int(reads_extra), seed, count], dtype=np.int64)
 
 
-class ProbeTable:
-    """Stands for a bucket's table in a kernel_step call made only to compile (or load from numba's
-    cache) the kernel the rule will run on `dtype`: step() runs it over no blocks."""
-
-    def __init__(self, dtype):
-        self.dtype = dtype
-        self.device = torch.device("cpu")
-
-    lr_in_memory = multi_tensor.TensorTable.lr_in_memory  # the same test, on self.device
-
-    def step(self, *, rule, present, param_rounding="nearest", **unused):
-        kernel = getattr(kernel_module(), KERNEL_NAMES[id(rule.update)])
-        table = np.zeros((multi_tensor.FIRST_ADDRESS_ROW + 2 + len(present) + 1, 1), dtype=np.int64)
-        run(kernel, (table, np.zeros((2, 0), dtype=np.int64), CPU_BLOCK, LIKE[self.dtype], MASTER_LIKE, NO_STEPS,
-                     np.zeros(5), np.zeros(11), np.zeros(8, dtype=np.int64)))
+def probe_arguments(spec, dtype):
+    """Arguments of a launch over no blocks, of the types a `dtype` bucket's launch has: running
+    the kernel on them compiles it (or loads it from the cache) and touches nothing."""
+    table = np.zeros((tables.FIRST_STATE_ROW + len(spec.states) + 1, 1), dtype=np.int64)
+    return (table, np.zeros((2, 0), dtype=np.int64), CPU_BLOCK, LIKE[dtype], MASTER_LIKE, NO_STEPS, np.zeros(5),
+            np.zeros(len(spec.Launch._fields)), np.zeros(4, dtype=np.int64))
 
 
-def kernel_ready(optimizer, group, dtype):
-    """Whether the numba kernel of `optimizer`'s rule runs on `dtype` tables: compiled (or loaded
-    from the cache) now, before any state is touched; one warning and False where it fails."""
+def kernel_ready(spec, options, rounding, dtype):
+    """Whether the kernel of `spec` under `options`, storing params by `rounding`, runs on `dtype`
+    tables: compiled (or loaded from numba's cache) now; one warning and False where it fails."""
     if kernel_module() is None:
         return False
-    key = (type(optimizer).kernel_step, optimizer.param_rounding, dtype)
+    key = (spec.update, options, rounding, dtype)
     if key in _checked:
         return _checked[key]
-    launch = dict(scaling=None, group_step=None, param_rounding=optimizer.param_rounding)
     try:
-        if optimizer.has_step:
-            optimizer.kernel_step(group, ProbeTable(dtype), steps=None, **launch)
-        else:
-            optimizer.kernel_step(group, ProbeTable(dtype), fresh_buffers=False, **launch)
+        run(kernel_module().kernel_for(spec, options, rounding), probe_arguments(spec, dtype))
     except Exception as error:  # a numba typing or lowering error: this rule and dtype use the reference
         _checked[key] = False
-        _warn(f"{type(optimizer).__name__} on {dtype} did not compile: {type(error).__name__}: "
-              f"{str(error).splitlines()[0] if str(error) else ''}")
+        _warn(f"{spec.name} ({', '.join(spec.state_names(options)) or 'no state'}; {rounding}) on {dtype} did not "
+              f"compile: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
         return False
     _checked[key] = True
     return True

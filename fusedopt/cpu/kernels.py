@@ -1,35 +1,40 @@
 """The numba CPU kernels: one parallel pass over every block of every tensor in a bucket, walking
-the same int64 address table as the Triton kernels (fusedopt.kernels.TensorTable).
+the same int64 address table as the Triton kernels (fusedopt.tables).
 
-All numba code lives in this one file: numba's on-disk cache is invalidated by a change to the
-file that defines a cached function, not by changes to the helpers it calls from other files.
-
-Every rule gives three pieces, as on the GPU: its per-block numbers (`*_block_scalars`, fp64,
-from the lr, the tensor's step count, its per-tensor integer and the launch's scalars, in the
-order the rule's Triton arguments give them), its per-element update (`*_element`), and the
-variants of state presence its table can have (`*_walk`). The walk over the elements of a block
-(`walk_block`) and over the blocks (`run_blocks`) is shared. Options that decide which states
-exist, and the rounding of the param, are compile-time constants of each walk (the loops then
-vectorize); the others are numbers read in the loop, never multiplied in as 0 or 1 (g + 0*p
-would turn an inf param into NaN).
+A rule's kernel is made from its spec (fusedopt.spec): the rule's two functions, compiled by numba
+with the arithmetic below, inside the shared walk over the elements of a block (`walk_block`) and
+over the blocks (`run_blocks`). One kernel per (rule, options, param rounding), which are constants
+in its code (the loops then vectorize); numba compiles it per param dtype at its first use, and
+keeps it in its on-disk cache. That cache is invalidated by a change to the file defining a
+cached function only; the kernels are made here from functions of other files, so each kernel's
+name carries a digest of every source file it is made from (`source_digest`): a change to any of
+them names a new kernel, which is compiled afresh.
 """
+import hashlib
+import inspect
+import types as python_types
+
 import numba
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
+from numba.np.unsafe.ndarray import to_fixed_tuple
 
-# Rows of the tensor table (kernels/multi_tensor.py)
-NUMEL_ROW, EXTRA_ROW, PARAM_ROW, GRAD_ROW, FIRST_STATE_ROW = 0, 1, 2, 3, 4
+from .. import spec as rule_spec
+from .. import tables
+from ..tables import EXTRA_ROW, FIRST_STATE_ROW, GRAD_ROW, NUMEL_ROW, PARAM_ROW
 
 # The launch's numbers (float64): AMP's skip flag and 1/scale (already rounded to fp32), the clip
 # factor, the lr (scheduled), and whether it came from memory (the rule then recomputes what the
 # host computed from a number lr).
 SKIP, INV_SCALE, CLIP, LR, DEVICE_LR = range(5)
-# The launch's integers: which of the rule's state slots are present, the param rounding, whether
-# the bucket has step counts (the launch adds the step to them) and per-tensor integers, and the
-# stochastic rounding key.
-PRESENT0, PRESENT1, PRESENT2, ROUNDING, COUNTS_STEPS, READS_EXTRA, SEED, COUNT = range(8)
-NEAREST, STOCHASTIC, MASTER = 0, 1, 2
+# The launch's integers: whether the bucket has step counts (the launch adds the step to them),
+# whether the per-tensor integers are read, and the stochastic rounding key.
+COUNTS_STEPS, READS_EXTRA, SEED, COUNT = range(4)
+# How the param is stored, a constant of each kernel
+ROUNDINGS = {"nearest": 0, "stochastic": 1, "master": 2}
+NEAREST, STOCHASTIC, MASTER = ROUNDINGS.values()
+MAX_STATES = 3  # state slots a rule may have here
 
 # error_model="numpy": IEEE division (x / 0 is inf or NaN, as in torch), no ZeroDivisionError branch in
 # the loops, which would keep them from vectorizing
@@ -222,7 +227,7 @@ def random_bits16(stream, element):
     return np.int64(mix64(stream + np.uint64(element) * GOLDEN) >> np.uint64(48))
 
 
-# ---- small pieces of arithmetic, as torch's CPU kernels write them ----
+# ---- the arithmetic a rule's equations use (fusedopt.spec), as torch's CPU kernels write it ----
 
 @njit(error_model="numpy")
 def lerp(start, end, weight):
@@ -238,62 +243,72 @@ def nan_maximum(a, b):
     return a if (a != a or a > b) else b
 
 
-# ---- the shared walks ----
+@njit(error_model="numpy")
+def square_root(x):
+    return np.sqrt(x)
 
-@njit(inline="always", error_model="numpy")
-def walk_block(element, coefs, param, master, grad, states, start, count, inv_scale, clip, stream,
-               P0, P1, P2, ROUNDING_MODE):
+
+@njit(error_model="numpy")
+def power_of_two(x):
+    return np.exp2(x)
+
+
+@njit(error_model="numpy")
+def sign(x):
+    """-1, 0 or 1 in x's type; NaN stays NaN."""
+    return x if x != x else type(x)((x > 0) - (x < 0))
+
+
+NUMBA_ARITHMETIC = dict(sqrt=square_root, exp2=power_of_two, lerp=lerp, fma=fused_multiply_add, maximum=nan_maximum,
+                        sign=sign, to_compute=to_compute)
+assert set(NUMBA_ARITHMETIC) == set(rule_spec.ARITHMETIC)
+
+
+# ---- the shared walks; the names in capitals are each kernel's constants ----
+
+# Bound by make_kernel in each kernel's own copy of the templates below (never compiled as they are)
+UPDATE = OPTIONS = PRESENT = SLOTS = ROUNDING = WALK = NUMBERS_OF_BLOCK = BLOCK_NUMBERS = LAUNCH = LAUNCH_LENGTH = None
+
+def walk_block(numbers, param, master, grad, states, start, count, inv_scale, clip, stream):
     """Load param, grad and the present states of the `count` elements of a block (arrays from
-    its first element, `start` in its tensor), apply the rule, store them back. P0..P2 (state slots present) and ROUNDING_MODE are constants at each call site."""
+    its first element, `start` in its tensor), apply the rule, store them back. Made per kernel
+    (make_kernel) with its constants: UPDATE, OPTIONS, PRESENT (each slot's presence, padded to
+    MAX_STATES), SLOTS (the rule's number of slots) and ROUNDING."""
     state0, state1, state2 = states
     for index in range(count):
-        if ROUNDING_MODE == MASTER:
+        if ROUNDING == MASTER:
             p = to_compute(master[index], param)
         else:
             p = widen(param, index)
         g = widen(grad, index) * inv_scale * clip  # unscale, then clip: unscale_ then clip_grad_norm_
-        s0 = widen(state0, index) if P0 else g  # an absent state is not read by the rule
-        s1 = widen(state1, index) if P1 else g
-        s2 = widen(state2, index) if P2 else g
-        p, s0, s1, s2 = element(p, g, s0, s1, s2, coefs, P0, P1, P2)
-        if ROUNDING_MODE == MASTER:
-            master[index] = np.float32(p)
-            store_nearest(param, index, p)
-        elif ROUNDING_MODE == STOCHASTIC:
-            store_stochastic(param, index, p, random_bits16(stream, start + index))
+        s0 = widen(state0, index) if PRESENT[0] else g  # an absent state is not read by the rule
+        s1 = widen(state1, index) if PRESENT[1] else g
+        s2 = widen(state2, index) if PRESENT[2] else g
+        # (param, *states), padded so that every slot index below exists
+        updated = UPDATE(p, g, *(s0, s1, s2)[:SLOTS], numbers, OPTIONS) + (g, g, g)
+        if ROUNDING == MASTER:
+            master[index] = np.float32(updated[0])
+            store_nearest(param, index, updated[0])
+        elif ROUNDING == STOCHASTIC:
+            store_stochastic(param, index, updated[0], random_bits16(stream, start + index))
         else:
-            store_nearest(param, index, p)
-        if P0:
-            store_nearest(state0, index, s0)
-        if P1:
-            store_nearest(state1, index, s1)
-        if P2:
-            store_nearest(state2, index, s2)
-
-
-@njit(inline="always", error_model="numpy")
-def walk_rounded(element, coefs, param, master, grad, states, start, count, inv_scale, clip, stream, rounding,
-                 P0, P1, P2):
-    """walk_block with the param rounding as a constant."""
-    if rounding == MASTER:
-        walk_block(element, coefs, param, master, grad, states, start, count, inv_scale, clip, stream, P0, P1, P2,
-                   MASTER)
-    elif rounding == STOCHASTIC:
-        walk_block(element, coefs, param, master, grad, states, start, count, inv_scale, clip, stream, P0, P1, P2,
-                   STOCHASTIC)
-    else:
-        walk_block(element, coefs, param, master, grad, states, start, count, inv_scale, clip, stream, P0, P1, P2,
-                   NEAREST)
+            store_nearest(param, index, updated[0])
+        if PRESENT[0]:
+            store_nearest(state0, index, updated[1])
+        if PRESENT[1]:
+            store_nearest(state1, index, updated[2])
+        if PRESENT[2]:
+            store_nearest(state2, index, updated[3])
 
 
 @njit(inline="always", error_model="numpy")  # the prange must sit in the parallel kernel itself
-def run_blocks(walk, element, block_scalars, table, blocks, block, like, master_like, steps, numbers, scalars, flags):
+def run_blocks(walk, block_numbers, present, rounding, table, blocks, block, like, master_like, steps, numbers, launch,
+               flags):
     """One parallel pass over the blocks (owner, start) of `blocks`: per block, the tensor's
     arrays from the table, the rule's numbers, and the walk over its elements."""
     if numbers[SKIP] != 0:  # AMP found an inf or NaN: nothing is written, the step does not count
         return
-    present0, present1, present2 = flags[PRESENT0] != 0, flags[PRESENT1] != 0, flags[PRESENT2] != 0
-    rounding, counts_steps, reads_extra = flags[ROUNDING], flags[COUNTS_STEPS] != 0, flags[READS_EXTRA] != 0
+    counts_steps, reads_extra = flags[COUNTS_STEPS] != 0, flags[READS_EXTRA] != 0
     if counts_steps:  # torch.optim's step += 1, in the counts' own dtype, before the update reads them
         for tensor in range(steps.shape[0]):
             steps[tensor] += 1
@@ -310,13 +325,13 @@ def run_blocks(walk, element, block_scalars, table, blocks, block, like, master_
         grad = tensor_array(table[GRAD_ROW, tensor] + offset, count, like)
         row = FIRST_STATE_ROW  # the present states' rows follow param and grad, in slot order
         state0 = state1 = state2 = param  # placeholders for absent slots: never touched
-        if present0:
+        if present[0]:
             state0 = tensor_array(table[row, tensor] + offset, count, like)
             row += 1
-        if present1:
+        if present[1]:
             state1 = tensor_array(table[row, tensor] + offset, count, like)
             row += 1
-        if present2:
+        if present[2]:
             state2 = tensor_array(table[row, tensor] + offset, count, like)
             row += 1
         if rounding == MASTER:
@@ -325,262 +340,80 @@ def run_blocks(walk, element, block_scalars, table, blocks, block, like, master_
             master = tensor_array(table[PARAM_ROW, tensor], 0, master_like)
         step = np.float64(steps[tensor]) if counts_steps else 0.0
         extra = table[EXTRA_ROW, tensor] if reads_extra else 0
-        coefs = block_scalars(lr, step, extra, scalars, device_lr, like)
+        block_values = block_numbers(lr, step, extra, launch, device_lr, like)
         stream = rounding_stream(seed, group_step, tensor)
-        walk(element, coefs, param, master, grad, (state0, state1, state2), start, count, inv_scale, clip, stream,
-             rounding, present0, present1, present2)
+        walk(block_values, param, master, grad, (state0, state1, state2), start, count, inv_scale, clip, stream)
 
 
-# ---- SGD ----
-
-@njit(error_model="numpy")
-def sgd_block_scalars(lr, step, extra, scalars, device_lr, like):
-    """The lr, and buf = decay * buf + share * g: mu and 1 - dampening, or 0 and 1 for a buffer
-    that starts at this step (it holds zeros, so it takes the grad exactly)."""
-    weight_decay, momentum, one_minus_dampening, nesterov, grad_sign = scalars[0], scalars[1], scalars[2], \
-        scalars[3], scalars[4]
-    buffer_decay, grad_share = (0.0, 1.0) if extra != 0 else (momentum, one_minus_dampening)
-    c = to_compute
-    return (c(lr, like), c(weight_decay, like), c(momentum, like), nesterov != 0, c(grad_sign, like),
-            c(buffer_decay, like), c(grad_share, like))
+def numbers_of_block(lr, step, extra, launch, device_lr, like):
+    """The rule's block numbers from the launch's: `launch` holds the fields of the rule's Launch
+    NamedTuple in order, which it takes back. Made per kernel with its constants BLOCK_NUMBERS,
+    LAUNCH and LAUNCH_LENGTH. (The NamedTuple is made inside the parallel loop: numba's parallel
+    lowering cannot take one into it.)"""
+    return BLOCK_NUMBERS(lr, step, extra, LAUNCH(*to_fixed_tuple(launch, LAUNCH_LENGTH)), device_lr, like)
 
 
-@njit(error_model="numpy")
-def sgd_element(p, g, buf, unused1, unused2, coefs, MOMENTUM, P1, P2):
-    """buf = g on the first step, else mu buf + (1 - dampening) g; d = g + mu buf (Nesterov) or
-    buf; p -= lr d (without momentum: p -= lr g)."""
-    lr, weight_decay, momentum, nesterov, grad_sign, buffer_decay, grad_share = coefs
-    g = g * grad_sign
-    if weight_decay != 0:
-        g = g + p * weight_decay
-    if MOMENTUM:
-        buf = buf * buffer_decay + g * grad_share
-        g = g + buf * momentum if nesterov else buf
-    return p - lr * g, buf, unused1, unused2
+def rule_kernel(table, blocks, block, like, master_like, steps, numbers, launch, flags):
+    """A rule's kernel, made per (rule, options, rounding) (make_kernel) with its constants: WALK,
+    NUMBERS_OF_BLOCK, PRESENT and ROUNDING."""
+    run_blocks(WALK, NUMBERS_OF_BLOCK, PRESENT, ROUNDING, table, blocks, block, like, master_like, steps, numbers,
+               launch, flags)
 
 
-@njit(inline="always", error_model="numpy")
-def sgd_walk(element, coefs, param, master, grad, states, start, count, inv_scale, clip, stream, rounding,
-             present0, present1, present2):
-    """State presence: the momentum buffer, with momentum."""
-    if present0:
-        walk_rounded(element, coefs, param, master, grad, states, start, count, inv_scale, clip, stream, rounding,
-                     True, False, False)
-    else:
-        walk_rounded(element, coefs, param, master, grad, states, start, count, inv_scale, clip, stream, rounding,
-                     False, False, False)
+# ---- each rule's kernels, made from its spec ----
+
+def with_names(function, names, name=None):
+    """`function` with `names` bound among its globals (the same code otherwise), named `name`."""
+    bound = python_types.FunctionType(function.__code__, {**function.__globals__, **names}, name or function.__name__,
+                               function.__defaults__, function.__closure__)
+    bound.__qualname__ = name or function.__qualname__
+    return bound
 
 
-@njit(**KERNEL_OPTIONS)
-def sgd_kernel(table, blocks, block, like, master_like, steps, numbers, scalars, flags):
-    run_blocks(sgd_walk, sgd_element, sgd_block_scalars, table, blocks, block, like, master_like, steps, numbers,
-               scalars, flags)
+def source_digest(spec):
+    """A digest of every source file a kernel of `spec` is made from: this file, the table layout,
+    and the files of the rule's functions."""
+    files = sorted({__file__, tables.__file__, inspect.getsourcefile(spec.update),
+                    inspect.getsourcefile(spec.block_numbers)})
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as file:
+            digest.update(file.read())
+    return digest.hexdigest()[:16]
 
 
-# ---- Adam / AdamW ----
-
-@njit(error_model="numpy")
-def adam_block_scalars(lr, step, extra, scalars, device_lr, like):
-    """The bias corrections lr / (1 - b1^step) and sqrt(1 - b2^step) in fp64; AdamW's 1 - lr * wd
-    from the lr read from memory (else the host's)."""
-    (one_minus_beta1, beta2, one_minus_beta2, eps, coupled_weight_decay, decoupled_weight_decay, param_scale,
-     grad_sign, log2_beta1, log2_beta2) = (scalars[0], scalars[1], scalars[2], scalars[3], scalars[4], scalars[5],
-                                           scalars[6], scalars[7], scalars[8], scalars[9])
-    step_size = lr / (1 - np.exp2(step * log2_beta1))
-    bias_correction2_sqrt = np.sqrt(1 - np.exp2(step * log2_beta2))
-    if device_lr:
-        param_scale = 1 - lr * decoupled_weight_decay
-    c = to_compute
-    return (c(one_minus_beta1, like), c(beta2, like), c(one_minus_beta2, like), c(eps, like),
-            c(coupled_weight_decay, like), c(param_scale, like), c(grad_sign, like), c(step_size, like),
-            c(bias_correction2_sqrt, like))
+def kernel_name(spec, options, rounding):
+    """The kernel's name, which its cache entry carries: rule, options, rounding, source digest."""
+    flags = "_".join(name for name, value in zip(options._fields, options) if value) or "plain"
+    return f"{spec.name}_{flags}_{rounding}_{source_digest(spec)}"
 
 
-@njit(error_model="numpy")
-def adam_element(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, coefs, P0, P1, AMSGRAD):
-    """m = lerp(m, g, 1-b1);  v = b2 v + (1-b2) g^2;  p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps),
-    in the order of torch's CPU fused Adam."""
-    (one_minus_beta1, beta2, one_minus_beta2, eps, coupled_weight_decay, param_scale, grad_sign, step_size,
-     bias_correction2_sqrt) = coefs
-    g = g * grad_sign
-    if coupled_weight_decay != 0:
-        g = g + p * coupled_weight_decay
-    if param_scale != 1:  # AdamW: p *= 1 - lr * wd
-        p = p * param_scale
-    exp_avg = lerp(exp_avg, g, one_minus_beta1)
-    exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * g * g
-    if AMSGRAD:
-        max_exp_avg_sq = nan_maximum(max_exp_avg_sq, exp_avg_sq)
-        denom = np.sqrt(max_exp_avg_sq) / bias_correction2_sqrt + eps
-    else:
-        denom = np.sqrt(exp_avg_sq) / bias_correction2_sqrt + eps
-    return p - step_size * exp_avg / denom, exp_avg, exp_avg_sq, max_exp_avg_sq
+_kernels = {}  # (the rule's update function, options, rounding) -> its kernel
 
 
-@njit(inline="always", error_model="numpy")
-def adam_walk(element, coefs, param, master, grad, states, start, count, inv_scale, clip, stream, rounding,
-              present0, present1, present2):
-    """State presence: max_exp_avg_sq with amsgrad."""
-    if present2:
-        walk_rounded(element, coefs, param, master, grad, states, start, count, inv_scale, clip, stream, rounding,
-                     True, True, True)
-    else:
-        walk_rounded(element, coefs, param, master, grad, states, start, count, inv_scale, clip, stream, rounding,
-                     True, True, False)
+def kernel_for(spec, options, rounding):
+    """The kernel of `spec` under `options` with the param rounding `rounding`, made once (numba
+    compiles it per param dtype at its first call, or loads it from its cache)."""
+    key = (spec.update, options, rounding)
+    kernel = _kernels.get(key)
+    if kernel is None:
+        kernel = _kernels[key] = make_kernel(spec, options, rounding)
+    return kernel
 
 
-@njit(**KERNEL_OPTIONS)
-def adam_kernel(table, blocks, block, like, master_like, steps, numbers, scalars, flags):
-    run_blocks(adam_walk, adam_element, adam_block_scalars, table, blocks, block, like, master_like, steps, numbers,
-               scalars, flags)
+def make_kernel(spec, options, rounding):
+    if len(spec.states) > MAX_STATES:
+        raise ValueError(f"{spec.name}: the CPU kernels take at most {MAX_STATES} state slots")
+    update, block_numbers = (njit(error_model="numpy")(with_names(function, NUMBA_ARITHMETIC))
+                             for function in (spec.update, spec.block_numbers))
+    present = (spec.present(options) + (False,) * MAX_STATES)[:MAX_STATES]
+    constants = dict(PRESENT=present, ROUNDING=ROUNDINGS[rounding])
+    walk = njit(inline="always", error_model="numpy")(
+        with_names(walk_block, dict(constants, UPDATE=update, OPTIONS=options, SLOTS=len(spec.states))))
+    numbers = njit(error_model="numpy")(with_names(numbers_of_block, dict(
+        BLOCK_NUMBERS=block_numbers, LAUNCH=spec.Launch, LAUNCH_LENGTH=len(spec.Launch._fields))))
+    kernel = with_names(rule_kernel, dict(constants, WALK=walk, NUMBERS_OF_BLOCK=numbers),
+                        kernel_name(spec, options, rounding))
+    return njit(**KERNEL_OPTIONS)(kernel)
 
 
-# ---- Adagrad ----
-
-@njit(error_model="numpy")
-def adagrad_block_scalars(lr, step, extra, scalars, device_lr, like):
-    """The decayed lr, lr / (1 + (step - 1) lr_decay), in fp64."""
-    lr_decay, weight_decay, eps, grad_sign = scalars[0], scalars[1], scalars[2], scalars[3]
-    c = to_compute
-    return c(lr / (1 + (step - 1) * lr_decay), like), c(weight_decay, like), c(eps, like), c(grad_sign, like)
-
-
-@njit(error_model="numpy")
-def adagrad_element(p, g, state_sum, unused1, unused2, coefs, P0, P1, P2):
-    """sum += g^2;  p -= clr * g / (sqrt(sum) + eps)."""
-    clr, weight_decay, eps, grad_sign = coefs
-    g = g * grad_sign
-    if weight_decay != 0:
-        g = g + p * weight_decay
-    state_sum = state_sum + g * g
-    return p - clr * (g / (np.sqrt(state_sum) + eps)), state_sum, unused1, unused2
-
-
-@njit(inline="always", error_model="numpy")
-def adagrad_walk(element, coefs, param, master, grad, states, start, count, inv_scale, clip, stream, rounding,
-                 present0, present1, present2):
-    walk_rounded(element, coefs, param, master, grad, states, start, count, inv_scale, clip, stream, rounding,
-                 True, False, False)
-
-
-@njit(**KERNEL_OPTIONS)
-def adagrad_kernel(table, blocks, block, like, master_like, steps, numbers, scalars, flags):
-    run_blocks(adagrad_walk, adagrad_element, adagrad_block_scalars, table, blocks, block, like, master_like, steps,
-               numbers, scalars, flags)
-
-
-# ---- RMSprop ----
-
-@njit(error_model="numpy")
-def rmsprop_block_scalars(lr, step, extra, scalars, device_lr, like):
-    alpha, one_minus_alpha, eps, weight_decay, momentum, grad_sign = (scalars[0], scalars[1], scalars[2],
-                                                                     scalars[3], scalars[4], scalars[5])
-    c = to_compute
-    return (c(lr, like), c(alpha, like), c(one_minus_alpha, like), c(eps, like), c(weight_decay, like),
-            c(momentum, like), c(grad_sign, like))
-
-
-@njit(error_model="numpy")
-def rmsprop_element(p, g, square_avg, momentum_buffer, grad_avg, coefs, P0, MOMENTUM, CENTERED):
-    """sq = a sq + (1-a) g^2;  avg = sqrt(sq - gavg^2 if centered else sq) + eps;
-    buf = mu buf + g / avg, p -= lr buf  (without momentum: p -= lr g / avg)."""
-    lr, alpha, one_minus_alpha, eps, weight_decay, momentum, grad_sign = coefs
-    g = g * grad_sign
-    if weight_decay != 0:
-        g = g + p * weight_decay
-    square_avg = square_avg * alpha + one_minus_alpha * g * g
-    if CENTERED:
-        grad_avg = lerp(grad_avg, g, one_minus_alpha)
-        # one rounding, as torch's addcmul(grad_avg, grad_avg, value=-1) (sq - gavg^2 cancels)
-        avg = np.sqrt(fused_multiply_add(-grad_avg, grad_avg, square_avg)) + eps
-    else:
-        avg = np.sqrt(square_avg) + eps
-    if MOMENTUM:
-        momentum_buffer = momentum_buffer * momentum + g / avg
-        p = p - lr * momentum_buffer
-    else:
-        p = p - lr * (g / avg)
-    return p, square_avg, momentum_buffer, grad_avg
-
-
-@njit(inline="always", error_model="numpy")
-def rmsprop_walk(element, coefs, param, master, grad, states, start, count, inv_scale, clip, stream, rounding,
-                 present0, present1, present2):
-    """State presence: momentum_buffer with momentum, grad_avg when centered."""
-    if present1 and present2:
-        walk_rounded(element, coefs, param, master, grad, states, start, count, inv_scale, clip, stream, rounding,
-                     True, True, True)
-    elif present1:
-        walk_rounded(element, coefs, param, master, grad, states, start, count, inv_scale, clip, stream, rounding,
-                     True, True, False)
-    elif present2:
-        walk_rounded(element, coefs, param, master, grad, states, start, count, inv_scale, clip, stream, rounding,
-                     True, False, True)
-    else:
-        walk_rounded(element, coefs, param, master, grad, states, start, count, inv_scale, clip, stream, rounding,
-                     True, False, False)
-
-
-@njit(**KERNEL_OPTIONS)
-def rmsprop_kernel(table, blocks, block, like, master_like, steps, numbers, scalars, flags):
-    run_blocks(rmsprop_walk, rmsprop_element, rmsprop_block_scalars, table, blocks, block, like, master_like, steps,
-               numbers, scalars, flags)
-
-
-# ---- RAdam ----
-
-@njit(error_model="numpy")
-def radam_block_scalars(lr, step, extra, scalars, device_lr, like):
-    """In fp64: rho_t = rho_inf - 2 t b2^t / (1 - b2^t), and the step size lr / (1 - b1^t), times
-    the rectification r_t sqrt(1 - b2^t) where rho_t > 5; the decoupled 1 - lr * wd from the lr
-    read from memory (else the host's)."""
-    (one_minus_beta1, beta2, one_minus_beta2, eps, coupled_weight_decay, decoupled_weight_decay, param_scale,
-     grad_sign, log2_beta1, log2_beta2, rho_inf) = (scalars[0], scalars[1], scalars[2], scalars[3], scalars[4],
-                                                    scalars[5], scalars[6], scalars[7], scalars[8], scalars[9],
-                                                    scalars[10])
-    beta2_power = np.exp2(step * log2_beta2)
-    bias_correction2 = 1 - beta2_power
-    rho_t = rho_inf - 2 * step * beta2_power / bias_correction2
-    rectified = rho_t > 5
-    step_size = lr / (1 - np.exp2(step * log2_beta1))
-    if rectified:
-        rect = np.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
-        step_size = step_size * rect * np.sqrt(bias_correction2)
-    if device_lr:
-        param_scale = 1 - lr * decoupled_weight_decay
-    c = to_compute
-    return (c(one_minus_beta1, like), c(beta2, like), c(one_minus_beta2, like), c(eps, like),
-            c(coupled_weight_decay, like), c(param_scale, like), c(grad_sign, like), c(step_size, like), rectified)
-
-
-@njit(error_model="numpy")
-def radam_element(p, g, exp_avg, exp_avg_sq, unused, coefs, P0, P1, P2):
-    """m = lerp(m, g, 1-b1);  v = b2 v + (1-b2) g^2;  p -= step_size * m / (sqrt(v) + eps) where
-    the variance is tractable, else p -= step_size * m."""
-    (one_minus_beta1, beta2, one_minus_beta2, eps, coupled_weight_decay, param_scale, grad_sign, step_size,
-     rectified) = coefs
-    g = g * grad_sign
-    if coupled_weight_decay != 0:
-        g = g + p * coupled_weight_decay
-    if param_scale != 1:  # decoupled weight decay: p *= 1 - lr * wd
-        p = p * param_scale
-    exp_avg = lerp(exp_avg, g, one_minus_beta1)
-    exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * g * g
-    if rectified:
-        p = p - step_size * (exp_avg / (np.sqrt(exp_avg_sq) + eps))
-    else:
-        p = p - step_size * exp_avg
-    return p, exp_avg, exp_avg_sq, unused
-
-
-@njit(inline="always", error_model="numpy")
-def radam_walk(element, coefs, param, master, grad, states, start, count, inv_scale, clip, stream, rounding,
-               present0, present1, present2):
-    walk_rounded(element, coefs, param, master, grad, states, start, count, inv_scale, clip, stream, rounding,
-                 True, True, False)
-
-
-@njit(**KERNEL_OPTIONS)
-def radam_kernel(table, blocks, block, like, master_like, steps, numbers, scalars, flags):
-    run_blocks(radam_walk, radam_element, radam_block_scalars, table, blocks, block, like, master_like, steps,
-               numbers, scalars, flags)

@@ -1,7 +1,7 @@
-"""python -m fusedopt.cpu: every numba CPU kernel (each rule, each param dtype) compiled into
-numba's on-disk cache, once per numba version and kernel source, so that no later process pays
-the compile at its first step. The kernels compile side by side, in as many processes as there
-are cores (one process per kernel: each writes its own cache index)."""
+"""python -m fusedopt.cpu: every numba CPU kernel (each rule of the registry, by name, under each of
+its options, for each param dtype and bf16 rounding) compiled into numba's on-disk cache, so that
+no later process pays the compile at its first step. The kernels compile side by side, in as many
+processes as there are cores (each kernel has its own cache index, written by one process)."""
 import multiprocessing
 import os
 import sys
@@ -10,23 +10,39 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from ..registry import RULES
 from . import available, kernel_ready
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+BF16_ROUNDINGS = ("nearest", "stochastic", "master")
 
 
-def compile_rules(names):
-    """Compile (or load from the cache) the kernels of these rules on every dtype; the ones that
-    failed, as "rule dtype"."""
+def rule_specs():
+    """Every rule's spec in the registry, by name (rules that share one, such as Adam and AdamW,
+    once)."""
+    from ..registry import RULES
+
+    return {info.optimizer.spec.name: info.optimizer.spec for info in RULES.values()}
+
+
+def kernels_of(name):
+    """(rule name, options) of every kernel of the rule `name`."""
+    return [(name, options) for options in rule_specs()[name].option_variants()]
+
+
+def compile_kernel(name, options):
+    """Compile (or load from the cache) the kernel of rule `name` under `options` for every dtype
+    and bf16 rounding; the ones that failed, as "rule options dtype rounding"."""
+    spec = rule_specs()[name]
     failed = []
-    for name in names:
-        info = RULES[name]
-        optimizer = info.optimizer([torch.nn.Parameter(torch.zeros(1))], backend="numba")
-        for dtype in DTYPES:
-            if not kernel_ready(optimizer, optimizer.param_groups[0], dtype):
-                failed.append(f"{name} {dtype}")
+    for dtype in DTYPES:
+        for rounding in BF16_ROUNDINGS if dtype == torch.bfloat16 else ("nearest",):
+            if not kernel_ready(spec, options, rounding, dtype):
+                failed.append(f"{name} {options} {dtype} {rounding}")
     return failed
+
+
+def _compile(kernel):
+    return compile_kernel(*kernel)
 
 
 def _cores():
@@ -36,23 +52,21 @@ def _cores():
         return os.cpu_count() or 1
 
 
-def main():
+def main(names=None):
     if not available():
         print("fusedopt: numba is unavailable; CPU params use the plain-torch reference", file=sys.stderr)
         return 1
     start = time.perf_counter()
-    by_kernel = {}  # rules that share a kernel (SGD with and without momentum, Adam and AdamW)
-    for name, info in RULES.items():
-        by_kernel.setdefault(info.optimizer.kernel_step, []).append(name)
-    workers = min(len(by_kernel), _cores())
+    kernels = [kernel for name in (names or rule_specs()) for kernel in kernels_of(name)]
+    workers = min(len(kernels), _cores())
     if workers > 1:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            failed = [rule for rules in pool.map(compile_rules, by_kernel.values()) for rule in rules]
+            failed = [failure for failures in pool.map(_compile, kernels) for failure in failures]
     else:
-        failed = compile_rules(list(RULES))
+        failed = [failure for kernel in kernels for failure in _compile(kernel)]
     if failed:
         print(f"fusedopt: these CPU kernels did not compile: {', '.join(failed)}", file=sys.stderr)
         return 1
-    print(f"fusedopt: numba CPU kernels ready ({time.perf_counter() - start:.1f} s, {workers} "
-          f"process{'es' if workers > 1 else ''})")
+    print(f"fusedopt: numba CPU kernels ready ({len(kernels)} kernels, {time.perf_counter() - start:.1f} s, "
+          f"{workers} process{'es' if workers > 1 else ''})")
     return 0
