@@ -10,7 +10,11 @@ setup(
     package_dir={"fusedopt": "fusedopt", "fusedopt.kernels": "kernels"},
     package_data={"fusedopt": ["table_check.cpp"]},
     python_requires=">=3.9",
-    install_requires=["torch>=2.6", "triton>=3.6", "numpy", "numba>=0.59"],
+    # Triton only where it has wheels (the GPU kernels); the CPU kernels (numba) and the reference
+    # need none of it
+    install_requires=["torch>=2.6", "numpy", "numba>=0.59",
+                      'triton>=3.6; platform_system == "Linux" and '
+                      '(platform_machine == "x86_64" or platform_machine == "aarch64")'],
     extras_require={
         "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "matplotlib", "tqdm", "ninja", "lightning"],
         "plot": ["matplotlib"],

@@ -1,6 +1,7 @@
-"""fusedopt where Triton is not installed: the import, the reference (torch) backend and `auto`
-work and give torch.optim's numbers; backend="triton" raises RuntimeError before touching a
-param; the reference module needs nothing of Triton.
+"""fusedopt where Triton is not installed: the import, the reference (torch) backend and the numba
+CPU kernels (`auto`, `numba`) work for every rule and give its oracle's numbers (torch.optim's);
+backend="triton" raises RuntimeError before touching a param; the reference module needs nothing
+of Triton.
 
 The checks share one Python process in which `import triton` raises ImportError (each process
 imports torch: seconds), started without FUSEDOPT_BACKEND and with the interpreter asked for.
@@ -21,23 +22,29 @@ sys.modules["triton"] = None  # `import triton` now raises ImportError
 import torch
 
 
-def import_and_the_torch_and_auto_backends():
+def import_and_the_torch_and_cpu_kernel_backends():
+    import warnings
+
     import fusedopt
     from fusedopt.registry import RULES
 
+    warnings.simplefilter("error")  # the numba kernels are there: no fallback warning
     for info in RULES.values():
-        for backend in ["torch", "auto", None]:
+        for backend in ["torch", "auto", "numba", None]:
             values = torch.randn(7, generator=torch.Generator().manual_seed(0))
             ours, theirs = values.clone().requires_grad_(), values.clone().requires_grad_()
-            optimizer = info.optimizer([ours], lr=0.1, backend=backend)
-            twin = info.torch_optimizer([theirs], lr=0.1)
+            optimizer = info.optimizer([ours], lr=0.1, backend=backend, **info.stateful)
+            oracle = info.oracle([theirs], lr=0.1, **info.stateful)
             for step in range(3):
                 grad = torch.randn(7, generator=torch.Generator().manual_seed(step + 1))
                 ours.grad, theirs.grad = grad.clone(), grad.clone()
                 optimizer.step()
-                twin.step()
+                oracle.step()
             assert not torch.equal(ours.detach(), values), (info.name, backend)
             torch.testing.assert_close(ours.detach(), theirs.detach())
+            buckets = optimizer._plans[0].buckets
+            on_cpu_kernels = len(buckets) == 1 and buckets[0].table.cpu_kernels
+            assert on_cpu_kernels == (backend != "torch"), (info.name, backend)
     assert sys.modules["triton"] is None
     return "ok"
 
@@ -70,7 +77,7 @@ def the_reference_module_alone(path):
     return p.tolist()
 
 
-for check, arguments in [(import_and_the_torch_and_auto_backends, ()), (the_triton_backend, ()),
+for check, arguments in [(import_and_the_torch_and_cpu_kernel_backends, ()), (the_triton_backend, ()),
                          (the_reference_module_alone, (sys.argv[1],))]:
     try:
         record = {"ok": True, "value": check(*arguments)}
@@ -99,8 +106,8 @@ def checks():
     return value
 
 
-def test_import_and_the_torch_and_auto_backends_work_and_match_torch_optim(checks):
-    assert checks("import_and_the_torch_and_auto_backends") == "ok"
+def test_import_the_reference_and_the_cpu_kernels_work_for_every_rule(checks):
+    assert checks("import_and_the_torch_and_cpu_kernel_backends") == "ok"
 
 
 def test_the_triton_backend_raises_runtime_error_naming_triton_and_leaves_params_alone(checks):
