@@ -59,10 +59,12 @@ def choose(text, available, what):
 
 def build(impl, rule, params, fusedopt_backend="auto"):
     """(optimizer, step) for one implementation of `rule` over `params`; Unsupported where
-    torch.optim lacks it (RMSprop and RAdam have no `fused`)."""
+    torch.optim lacks it (RMSprop and RAdam have no `fused`; a rule torch.optim has not, none)."""
     torch_class = rule.info.torch_optimizer
     if impl == "fusedopt":
         optimizer = rule.info.optimizer(params, **rule.options, backend=fusedopt_backend)
+    elif torch_class is None:
+        raise Unsupported(f"torch.optim has no {rule.info.optimizer.__name__}")
     elif impl == "torch-compiled":  # torch's default implementation, traced by torch.compile
         torch._dynamo.reset()  # a fresh cache per case: honest compile time, no recompile limit
         optimizer = torch_class(params, **rule.options)

@@ -235,8 +235,9 @@ class KernelBucket:
         self.step_views = step_views
         self.checked = self.fixed + step_views
         local = distributed.local_tensor
+        extra = None if fresh is None else list(map(int, fresh))
         self.table = table_class(list(map(local, params)), list(map(local, grads)),
-                                 [list(map(local, role)) for role in roles], None if fresh is None else list(map(int, fresh)))
+                                 [list(map(local, role)) for role in roles], extra)
         self._local_fixed, self._local_grads = list(map(local, self.fixed)), list(map(local, grads))
         self.tensor_check = None  # made by watch(), once the group's written memory is known
         self.norm_groups = list(dict.fromkeys(map(distributed.norm_group, grads)))

@@ -4,6 +4,7 @@ richest options, bad inputs with the exception torch raises for them, the values
 hand or put in a second param group, random options for property tests, the variants the
 benchmarks time, and, from the class, its state keys and the bytes a step moves per param. Tests,
 benchmarks and tools read this; nothing else lists the rules or their values."""
+import functools
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -65,13 +66,19 @@ class RuleInfo:
         """The torch.optim class of the same rule, or None."""
         return self.twin
 
-    def oracle(self, params, **options):
-        """What a kernel run of this rule is compared with, on the same params: torch.optim's
-        single-tensor (for-loop) implementation where it has the rule, else the rule on fusedopt's
-        plain-torch reference path (fusedopt.reference), itself held to the float64 reference."""
+    @property
+    def oracle_class(self):
+        """What fusedopt's class is compared with: torch.optim's class of the rule, or where
+        torch.optim has not the rule, fusedopt's on its plain-torch reference path
+        (fusedopt.reference, itself held to the float64 reference), which like torch.optim's
+        for-loop leaves AMP's unscaling to the scaler."""
         if self.twin is not None:
-            return self.twin(params, foreach=False, **options)
-        return self.optimizer(params, backend="torch", **options)
+            return self.twin
+        return functools.partial(self.optimizer, backend="torch", unscale_in_step=False)
+
+    def oracle(self, params, **options):
+        """The oracle_class's single-tensor (for-loop) implementation over `params`."""
+        return self.oracle_class(params, foreach=False, **options)
 
     def every_combination(self):
         """Every combination of `option_values` that the rule accepts (the plain-torch reference

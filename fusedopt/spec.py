@@ -54,8 +54,8 @@ def maximum(a, b):
 
 
 def sign(x):
-    """-1, 0 or 1 (NaN stays NaN), as torch.sign."""
-    return x if x != x else float((x > 0) - (x < 0))
+    """-1, 0 or 1; 0 for NaN, as torch.sign."""
+    return float((x > 0) - (x < 0))
 
 
 def to_compute(x, COMPUTE):

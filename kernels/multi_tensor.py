@@ -64,8 +64,7 @@ def _maximum(a, b):
 
 @triton.jit
 def _sign(x):
-    signs = tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0)).to(x.dtype)
-    return tl.where(x != x, x, signs)  # NaN stays NaN
+    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0)).to(x.dtype)  # NaN: 0, as torch.sign
 
 
 @triton.jit

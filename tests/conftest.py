@@ -42,7 +42,9 @@ def pytest_configure(config):
 
 
 def pytest_generate_tests(metafunc):
-    """`backend` for each test that asks for it: BACKENDS, or the module's own list. A module
+    """`backend` for each test that asks for it: BACKENDS, or the module's own list (a module whose
+    tests run each backend beside the rule's oracle sets BESIDE_THE_ORACLE: the reference backend
+    of a rule torch.optim has not is then skipped, its oracle being itself). A module
     whose tests are about host logic every kernel backend shares (the API, checkpoints) lists
     "torch" and "kernels": the reference and the kernels fastest on the test's device (numba on
     the CPU, much cheaper than Triton's interpreter); a test there marked `triton_tables` runs on
@@ -72,4 +74,8 @@ def backend(request, device):
         pytest.skip("on CUDA tensors the triton backend is this module's `kernels` already")
     if backend == "triton" and not kernels_runnable(device):
         pytest.skip("the triton backend needs CUDA or TRITON_INTERPRET=1 for CPU tensors")
+    if getattr(request.module, "BESIDE_THE_ORACLE", False):
+        from helpers import rule_of, skip_where_compared_with_itself
+
+        skip_where_compared_with_itself(rule_of(request.node.callspec.params), backend)
     return backend

@@ -34,7 +34,6 @@ if __name__ == "__main__":  # a rank: the Triton interpreter must be on before t
 import argparse
 import contextlib
 import datetime
-import functools
 import gc
 import json
 import math
@@ -245,13 +244,6 @@ def loss_of(model, step, scale=1.0):
 
 def fused_optimizer(rule, params, backend, **extra):
     return CLASSES[rule][0](params, backend=backend, **{**OPTIONS[rule], **extra})
-
-
-def oracle_class(rule):
-    """torch.optim's class of the rule, or where torch.optim has none, fusedopt's on its
-    plain-torch reference path."""
-    info = REGISTRY[rule]
-    return info.twin or functools.partial(info.optimizer, backend="torch")
 
 
 def torch_optimizer(rule, params, **extra):
@@ -909,7 +901,7 @@ def zero_trajectory(rule, backend, bucket_view):
     fused_model, torch_model = ddp_model(), ddp_model()
     fused = ZeroRedundancyOptimizer(fused_model.parameters(), optimizer_class=CLASSES[rule][0],
                                     parameters_as_bucket_view=bucket_view, backend=backend, **OPTIONS[rule])
-    expected = ZeroRedundancyOptimizer(torch_model.parameters(), optimizer_class=oracle_class(rule),
+    expected = ZeroRedundancyOptimizer(torch_model.parameters(), optimizer_class=REGISTRY[rule].oracle_class,
                                        parameters_as_bucket_view=bucket_view, foreach=False, **OPTIONS[rule])
     for step in range(STEPS):
         train_step(fused_model, fused, step)

@@ -1,9 +1,9 @@
 """Shared test utilities: builders of parameter sets and gradients, runners that drive a fusedopt
 optimizer beside its oracle (torch.optim, or for a rule torch.optim lacks, fusedopt's reference) or
 beside the float64 reference, and one verbose allclose."""
-import functools
 import inspect
 
+import pytest
 import torch
 from torch.testing import assert_close as torch_assert_close
 
@@ -13,7 +13,9 @@ from fusedopt.registry import RULES as REGISTRY
 # ---- the update rules under test (fusedopt.registry) ----
 
 RULES = list(REGISTRY)
-OPTIMIZERS = {name: (info.optimizer, info.torch_optimizer) for name, info in REGISTRY.items()}
+# Each rule's fusedopt class and its oracle class: torch.optim's, or where torch.optim has not the
+# rule, fusedopt's class on its plain-torch reference path.
+OPTIMIZERS = {name: (info.optimizer, info.oracle_class) for name, info in REGISTRY.items()}
 # Learning rates large enough that a few steps move the params well away from their start.
 DEFAULT_LR = {name: info.default_lr for name, info in REGISTRY.items()}
 # Every rule and option, pruned to combinations that change the arithmetic.
@@ -393,8 +395,25 @@ def set_grads(params, step, seed, frozen=()):
 def oracle_class(name):
     """What fusedopt's class `name` is compared with: torch.optim's class of the same name, or
     where torch.optim has none, fusedopt's on its plain-torch reference path."""
-    info = BY_CLASS[name]
-    return info.twin or functools.partial(info.optimizer, backend="torch")
+    return OPTIMIZERS[BY_CLASS[name].name][1]
+
+
+def rule_of(params):
+    """The registry name of the rule a test's parameters name (`rule`, a class `name`, or a
+    `case` of (rule, options)), or None."""
+    if "rule" in params:
+        return params["rule"]
+    if "name" in params and params["name"] in BY_CLASS:
+        return BY_CLASS[params["name"]].name
+    case = params.get("case")
+    return case[0] if isinstance(case, tuple) and case and case[0] in REGISTRY else None
+
+
+def skip_where_compared_with_itself(rule, backend):
+    """A run on the reference backend beside the oracle of a rule torch.optim has not compares
+    the reference with itself: nothing to test."""
+    if backend == "torch" and rule is not None and REGISTRY[rule].twin is None:
+        pytest.skip("torch.optim has not this rule: its oracle is the reference backend itself")
 
 
 def build(library, name, params, backend=None, **options):

@@ -16,6 +16,7 @@ from helpers import BY_CLASS, SMALL_SHAPES, NAMES, TOL, as_params, assert_states
 # The API is host logic that every kernel backend shares: the reference and the device's fastest
 # kernels, with Triton's too where a test is about the kernels' cached tensor tables (conftest).
 BACKENDS = ["torch", "kernels"]
+BESIDE_THE_ORACLE = True  # the tests run each backend beside the rule's oracle
 
 # One option set per class that uses every state tensor of the rule (the registry's api_options).
 OPTIONS = {name: dict(info.api_options) for name, info in BY_CLASS.items()}

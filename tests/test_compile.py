@@ -15,7 +15,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 import fusedopt
-from helpers import OPTIMIZERS, RULES, STATEFUL, regression_batches, regression_model
+from helpers import OPTIMIZERS, RULES, STATEFUL, regression_batches, regression_model, skip_where_compared_with_itself
 
 BACKENDS = ["torch", "triton", "numba"]
 STEPS = 6  # the LinearLR below changes the lr at each of the first 4
@@ -87,6 +87,7 @@ def assert_same_numbers(params, expected, where):
 @pytest.mark.parametrize("pattern", ["a", "b", "c"])
 @pytest.mark.parametrize("rule", RULES)
 def test_compiled_training_keeps_the_numbers_breaks_and_compiles_of_torch_optim(rule, pattern, backend):
+    skip_where_compared_with_itself(rule, backend)
     tensor_lr = pattern == "b"  # the pattern torch documents for compiling the step
     ours, theirs = Run(rule, backend, pattern, tensor_lr), torch_run(rule, pattern, tensor_lr)
     assert_same_numbers(ours.params, eager_torch_params(rule, tensor_lr), f"{rule} pattern {pattern}")

@@ -39,6 +39,8 @@ from helpers import (
 )
 from test_kernels import fp32_tolerance
 
+BESIDE_THE_ORACLE = True  # the tests run each backend beside the rule's oracle
+
 # Options under which every rule keeps state that the grads feed (SGD: with dampening too).
 STATEFUL = {**STATEFUL, "sgd": {"momentum": 0.9, "dampening": 0.3}}
 # A scale that is not a power of two: 1/scale is rounded to fp32 as GradScaler.unscale_ rounds it.

@@ -18,6 +18,7 @@ from helpers import DEFAULT_LR, OPTIMIZERS, RULES, assert_close, assert_optimize
 RICH = {rule: dict(lr=DEFAULT_LR[rule], **REGISTRY[rule].richest[0]) for rule in RULES}
 TOLERANCE = dict(rtol=1e-5, atol=1e-6)
 BACKENDS = ["torch", "triton", "kernels"]  # on the CPU: the reference, Triton's and numba's kernels
+BESIDE_THE_ORACLE = True  # the tests run each backend beside the rule's oracle
 
 
 @pytest.fixture(autouse=True, params=["python check", "compiled check"])

@@ -255,8 +255,8 @@ def power_of_two(x):
 
 @njit(error_model="numpy")
 def sign(x):
-    """-1, 0 or 1 in x's type; NaN stays NaN."""
-    return x if x != x else type(x)((x > 0) - (x < 0))
+    """-1, 0 or 1 in x's type; 0 for NaN, as torch.sign."""
+    return type(x)((x > 0) - (x < 0))
 
 
 NUMBA_ARITHMETIC = dict(sqrt=square_root, exp2=power_of_two, lerp=lerp, fma=fused_multiply_add, maximum=nan_maximum,
