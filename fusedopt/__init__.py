@@ -2,12 +2,13 @@
 schedules. Triton is imported only when the kernels are used."""
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
+from .lion import Lion
 from .radam import RAdam
 from .rmsprop import RMSprop
 from .sgd import SGD
 
 __version__ = "0.1.0"
-__all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "RAdam"]
+__all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "RAdam", "Lion"]
 
 
 def __getattr__(name):

@@ -9,11 +9,13 @@ __all__ = [
     "adagrad_update",
     "rmsprop_update",
     "radam_update",
+    "lion_update",
     "sgd",
     "adam",
     "adagrad",
     "rmsprop",
     "radam",
+    "lion",
 ]
 
 # Parameters of these dtypes (and their states, which share the dtype) are updated with fp32 math.
@@ -304,6 +306,28 @@ def radam_update(param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, ep
     _write_back(stored, stored_math)
 
 
+@torch.no_grad()
+def lion_update(param, grad, exp_avg, *, lr, beta1, beta2, weight_decay, maximize):
+    r"""One Lion step (Chen et al. 2023) on one tensor.
+
+    .. math::
+        g &\leftarrow \pm \nabla, \qquad c \leftarrow \beta_1 m + (1 - \beta_1) g \\
+        \theta &\leftarrow (1 - \gamma \lambda) \theta - \gamma \, \mathrm{sign}(c) \\
+        m &\leftarrow \beta_2 m + (1 - \beta_2) g
+    """
+    lr = _scalar(lr)
+    stored = [param, exp_avg]
+    stored_math = p, m = [_math_operand(t) for t in stored]
+    p, g, m = _real_views(p, _math_operand(grad), m)
+    if maximize:
+        g = -g
+    if weight_decay != 0:
+        p.mul_(1 - lr * weight_decay)
+    p.add_(m.lerp(g, 1 - beta1).sign_(), alpha=-lr)
+    m.lerp_(g, 1 - beta2)
+    _write_back(stored, stored_math)
+
+
 # List-level functions: the backend interface, one call per param group.
 
 
@@ -439,6 +463,13 @@ def radam(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2
         radam_update(param, grad, exp_avg, exp_avg_sq, step=_advance(step_t), lr=lr, beta1=beta1, beta2=beta2,
                      eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
                      maximize=maximize)
+
+
+def lion(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, maximize):
+    """Applies `lion_update` to each tensor."""
+    for param, grad, exp_avg in zip(params, grads, exp_avgs):
+        lion_update(param, grad, exp_avg, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+                    maximize=maximize)
 
 
 def stochastic_round_to_bfloat16(values, key):

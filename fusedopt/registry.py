@@ -14,6 +14,7 @@ import torch
 
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
+from .lion import Lion
 from .radam import RAdam
 from .rmsprop import RMSprop
 from .sgd import SGD
@@ -145,6 +146,10 @@ def _rmsprop_options(pick):
 
 def _radam_options(pick):
     return dict(_moment_options(pick), decoupled_weight_decay=pick.boolean())
+
+
+def _lion_options(pick):
+    return dict(_rates(pick, highest_lr=0.01), betas=(pick.rate(0.0, 0.99), pick.rate(0.9, 0.9999)))
 
 
 # ---- bad constructor arguments, with what torch.optim raises for them ----
@@ -300,4 +305,22 @@ RULES = {info.name: info for info in (
                  (dict(fused=True), TypeError, _unexpected("fused")),
                  (dict(amsgrad=True), TypeError, _unexpected("amsgrad"))),
              random_options=_radam_options),
+    RuleInfo("lion", Lion, None, 0.02,
+             option_grid=({}, {"weight_decay": 0.1}, {"betas": (0.5, 0.9), "maximize": True},
+                          {"weight_decay": 0.1, "maximize": True, "betas": (0.875, 0.9375)}),
+             # betas of few bits: the sign's argument is then exact in fp32 and fp64 alike, so 16-bit
+             # params (whose values tie often) take the same sign in every precision
+             richest=({"weight_decay": 0.1, "maximize": True, "betas": (0.875, 0.9375)},),
+             stateful={},
+             option_values={"weight_decay": (0.0, 0.1), "betas": ((0.9, 0.99), (0.5, 0.9)), "maximize": (False, True)},
+             benchmarks=(Benchmark("lion", "Lion", {"lr": 1e-4}, 20),),
+             api_options=dict(lr=0.02, weight_decay=0.1),
+             second_group=dict(lr=0.01, betas=(0.5, 0.9), maximize=True),
+             changed_by_hand=(dict(betas=(0.5, 0.9)), dict(weight_decay=0.3), dict(maximize=True)),
+             error_inputs=COMMON_ERRORS + NAN_LR + BETA_ERRORS + _errors(
+                 (dict(fused=True), TypeError, _unexpected("fused")),
+                 (dict(amsgrad=True), TypeError, _unexpected("amsgrad"))),
+             random_options=_lion_options,
+             defaults=dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False, foreach=None,
+                           differentiable=False)),
 )}
