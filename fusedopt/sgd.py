@@ -64,7 +64,7 @@ class SGD(FusedOptimizer):
     def init_state(self, param, group):
         pass  # the momentum buffer is created by the first step, from the grad
 
-    def check_state(self, state, group, grad):
+    def check_state(self, state, group, grad, param):
         pass  # a missing momentum buffer is made at the next step, as in torch
 
     def prepare_fresh_buffers(self, group, params, states):
