@@ -18,9 +18,19 @@ def rmsprop_update(param, grad, states, block_scalars, OPTIONS: tl.constexpr):
         grad = grad + weight_decay * param
     square_avg = square_avg * alpha + one_minus_alpha * grad * grad
     if CENTERED:
-        grad_avg = grad_avg + one_minus_alpha * (grad - grad_avg)
-        # one rounding, as torch's addcmul(grad_avg, grad_avg, value=-1) (sq - gavg^2 cancels)
-        avg = tl.sqrt(tl.fma(-grad_avg, grad_avg, square_avg)) + eps
+        if one_minus_alpha < 0.5:  # torch's lerp, from the nearer end: gavg = g exactly at alpha = 0
+            grad_avg = grad_avg + one_minus_alpha * (grad - grad_avg)
+        else:
+            grad_avg = grad + (one_minus_alpha - 1) * (grad - grad_avg)
+        # one rounding, as torch's addcmul(grad_avg, grad_avg, value=-1) (sq - gavg^2 cancels): for
+        # fp32 math in fp64, where gavg^2 is exact and so is a difference that cancels, so that it
+        # holds whatever a Triton makes of fma (Triton 3.6's interpreter rounds the product)
+        if square_avg.dtype == tl.float64:
+            variance = tl.fma(-grad_avg, grad_avg, square_avg)
+        else:
+            wide = grad_avg.to(tl.float64)
+            variance = (square_avg.to(tl.float64) - wide * wide).to(tl.float32)
+        avg = tl.sqrt(variance) + eps
     else:
         avg = tl.sqrt(square_avg) + eps
     if MOMENTUM:
