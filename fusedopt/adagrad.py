@@ -1,8 +1,21 @@
 """Adagrad: defaults, argument checks and state layout of torch.optim.Adagrad."""
+import functools
+import inspect
+
 import torch
 
 from . import reference
-from .optimizer import FusedOptimizer, reference_states, scalar_step_tensor
+from .optimizer import FusedOptimizer, reference_states, scalar_step_tensor, torch_fused_check
+
+
+@functools.cache
+def torch_fused_adagrad_refuses_cuda():
+    """Whether the installed torch.optim.Adagrad refuses CUDA params under fused=True: torch 2.11's
+    fused Adagrad runs on the CPU alone, and its step checks each param with cuda_unsupported=True."""
+    try:
+        return "cuda_unsupported=True" in inspect.getsource(torch.optim.Adagrad._init_group)
+    except (OSError, TypeError):  # torch's source is not at hand: the newer torch, which takes them
+        return False
 
 
 class Adagrad(FusedOptimizer):
@@ -50,6 +63,9 @@ class Adagrad(FusedOptimizer):
 
     def check_grad(self, grad):
         pass  # sparse grads are supported, through the reference
+
+    def check_fused_param(self, param):
+        torch_fused_check(param, cuda_unsupported=torch_fused_adagrad_refuses_cuda())
 
     def structure(self, group):
         return None

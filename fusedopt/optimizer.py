@@ -97,7 +97,7 @@ CAPTURABLE_DEVICES = _capturable_devices()
 
 def _fused_param_check():
     """torch.optim's check of each param of a `fused=True` group (floating point, on a device
-    torch has fused kernels for), raising its RuntimeError."""
+    torch has fused kernels for, CUDA aside with `cuda_unsupported`), raising its RuntimeError."""
     try:
         from torch.optim.optimizer import _device_dtype_check_for_fused
 
@@ -105,8 +105,9 @@ def _fused_param_check():
     except ImportError:
         from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
-        def check(param):
-            devices = _get_fused_kernels_supported_devices()
+        def check(param, cuda_unsupported=False):
+            devices = [device for device in _get_fused_kernels_supported_devices()
+                       if not (cuda_unsupported and device == "cuda")]
             if not (param.device.type in devices and torch.is_floating_point(param)):
                 raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of "
                                    f"supported devices: {devices} but {param.dtype} and {param.device.type}")
@@ -114,7 +115,7 @@ def _fused_param_check():
         return check
 
 
-check_fused_param = _fused_param_check()
+torch_fused_check = _fused_param_check()
 
 # torch's error for an in-place update of a tensor made under torch.inference_mode(), outside it
 INFERENCE_TENSOR_UPDATE = ("Inplace update to inference tensor outside InferenceMode is not allowed.You can make a "
@@ -316,6 +317,11 @@ class FusedOptimizer(Optimizer):
             if tensor is not None and tensor.is_inference():
                 raise RuntimeError(INFERENCE_TENSOR_UPDATE)
 
+    def check_fused_param(self, param):
+        """torch.optim's refusal, at step(), of a param of a fused=True group that its fused kernels
+        do not take (complex, or on a device such as meta)."""
+        torch_fused_check(param)
+
     def check_capturable_device(self, param):
         """torch.optim's check under capturable=True: the param on a device whose work can be
         captured. The Triton interpreter, which runs the CUDA kernels on CPU tensors, takes it."""
@@ -327,7 +333,7 @@ class FusedOptimizer(Optimizer):
     def prepare_param(self, param, grad, group):
         """Before a param is updated: its grad is accepted, and its state exists and is whole."""
         if group.get("fused"):  # where the user asked for fused=True, torch's refusals
-            check_fused_param(param)
+            self.check_fused_param(param)
         if group.get("capturable") and not self._in_graph:
             self.check_capturable_device(param)
         self.check_grad(grad)
