@@ -64,8 +64,10 @@ class Adagrad(FusedOptimizer):
     def check_grad(self, grad):
         pass  # sparse grads are supported, through the reference
 
-    def check_fused_param(self, param):
+    def check_fused_param(self, param, grad):
         torch_fused_check(param, cuda_unsupported=torch_fused_adagrad_refuses_cuda())
+        if grad.is_sparse:
+            raise RuntimeError("`fused` does not support sparse grad or complex param")
 
     def structure(self, group):
         return None

@@ -317,7 +317,7 @@ class FusedOptimizer(Optimizer):
             if tensor is not None and tensor.is_inference():
                 raise RuntimeError(INFERENCE_TENSOR_UPDATE)
 
-    def check_fused_param(self, param):
+    def check_fused_param(self, param, grad):
         """torch.optim's refusal, at step(), of a param of a fused=True group that its fused kernels
         do not take (complex, or on a device such as meta)."""
         torch_fused_check(param)
@@ -333,7 +333,7 @@ class FusedOptimizer(Optimizer):
     def prepare_param(self, param, grad, group):
         """Before a param is updated: its grad is accepted, and its state exists and is whole."""
         if group.get("fused"):  # where the user asked for fused=True, torch's refusals
-            self.check_fused_param(param)
+            self.check_fused_param(param, grad)
         if group.get("capturable") and not self._in_graph:
             self.check_capturable_device(param)
         self.check_grad(grad)

@@ -55,6 +55,11 @@ class SGD(FusedOptimizer):
     def check_grad(self, grad):
         pass  # sparse grads are supported, through the reference
 
+    def check_fused_param(self, param, grad):
+        super().check_fused_param(param, grad)
+        if grad.is_sparse:
+            raise RuntimeError("`_fused_sgd` does not support sparse gradients")
+
     def structure(self, group):
         return group["momentum"] != 0
 
