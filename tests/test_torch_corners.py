@@ -112,6 +112,23 @@ def test_fused_true_refuses_the_params_torch_refuses(name, params, backend, devi
 
 
 @pytest.mark.parametrize("name", FUSED_NAMES)
+def test_fused_true_refuses_sparse_grads_as_torch_does(name, backend, device):
+    """A sparse grad in a fused=True group: torch.optim raises RuntimeError (SGD's and Adagrad's
+    fused kernels take none; Adam and AdamW take none at all), where without fused=True SGD and
+    Adagrad step it. fusedopt raises the same, before writing anything."""
+    values = make_values(9, device, shapes=[(4, 3)])
+    ours_params, theirs_params = as_params(values), as_params(values)
+    theirs = build(torch.optim, name, theirs_params, lr=0.1, fused=True)
+    ours = build(fusedopt, name, ours_params, backend, lr=0.1, fused=True)
+
+    def give_grads(step, params):
+        params[0].grad = seeded(step, (4, 3), device).relu().to_sparse()
+
+    expected = step_like_torch(ours, theirs, ours_params, theirs_params, 1, give_grads)
+    assert isinstance(expected, RuntimeError), f"torch.optim did not refuse the sparse grad: {expected!r}"
+
+
+@pytest.mark.parametrize("name", FUSED_NAMES)
 def test_fused_true_steps_the_params_torch_takes(name, backend, device):
     """fp32, fp64, fp16 and bf16 params: where torch's fused kernels take them (the CPU's, and
     CUDA's but for torch 2.11's Adagrad, which runs on the CPU alone), fusedopt's fused=True group
@@ -140,26 +157,32 @@ def test_fused_true_steps_the_params_torch_takes(name, backend, device):
 # ---- a grad's dtype changed through .data ----
 
 
-def half_grad_tolerance(optimizer, params, lr):
-    """fp32 rounding, except where a state torch keeps is fp16 (SGD's momentum buffer started from
-    an fp16 grad): torch rounds each of its in-place ops to fp16, fusedopt rounds its fp32 result
-    once (math in fp32), so they differ by a few fp16 ulps of the state, and the params by lr times
-    that."""
+def grad_dtype_tolerance(optimizer, params, lr):
+    """fp32 rounding, except where a state torch keeps is 16-bit (SGD's momentum buffer started
+    from a 16-bit grad): torch rounds each of its in-place ops to 16 bits, fusedopt rounds its fp32
+    result once (math in fp32), so they differ by a few ulps of the state, and the params by lr
+    times that."""
     half_states = [v for p in params for v in optimizer.state.get(p, {}).values()
-                   if torch.is_tensor(v) and v.dtype == torch.float16]
+                   if torch.is_tensor(v) and v.dtype in (torch.float16, torch.bfloat16)]
     if not half_states:
         return TOL, TOL
-    ulps = 8 * torch.finfo(torch.float16).eps * max(float(v.abs().max()) for v in half_states)
-    return dict(rtol=1e-3, atol=ulps), dict(rtol=1e-5, atol=1e-6 + lr * ulps)
+    ulps = 8 * max(torch.finfo(v.dtype).eps * float(v.abs().max()) for v in half_states)
+    return dict(rtol=1e-2, atol=ulps), dict(rtol=1e-5, atol=1e-6 + lr * ulps)
 
 
-@pytest.mark.parametrize("when", ["first step", "second step"])
+# The grad's new dtype, and the step from which it has it.
+GRAD_CHANGES = [(torch.float16, "first step"), (torch.float16, "second step"), (torch.bfloat16, "second step"),
+                (torch.float64, "second step")]
+
+
+@pytest.mark.parametrize("dtype, when", GRAD_CHANGES, ids=lambda value: str(value).replace("torch.", ""))
 @pytest.mark.parametrize("case", GRID, ids=case_id)
-def test_grad_made_half_through_data_steps_or_raises_like_torch(case, when, backend, device):
-    """p.grad.data = an fp16 tensor on an fp32 param: torch.optim steps where its update promotes
-    the grad (weight decay added to it: Adam, RAdam, RMSprop with coupled weight_decay > 0) or
-    never lerps a state towards it (SGD, Adagrad, plain RMSprop), and raises RuntimeError where an
-    fp32 state is lerped towards the fp16 grad (Adam, AdamW, RAdam, centered RMSprop otherwise)."""
+def test_grad_dtype_changed_through_data_steps_or_raises_like_torch(case, dtype, when, backend, device):
+    """p.grad.data = a tensor of another dtype on an fp32 param. An fp16 or bf16 grad: torch.optim
+    steps where its update promotes the grad (weight decay added to it: Adam, RAdam, RMSprop with
+    coupled weight_decay > 0) or never lerps a state towards it (SGD, Adagrad, plain RMSprop), and
+    raises RuntimeError where an fp32 state is lerped towards it (Adam, AdamW, RAdam, centered
+    RMSprop otherwise). An fp64 grad stays fp64 when promoted: raises wherever a state is lerped."""
     rule, options = case
     name = OPTIMIZERS[rule][0].__name__
     options = dict(options, lr=0.01)
@@ -167,16 +190,16 @@ def test_grad_made_half_through_data_steps_or_raises_like_torch(case, when, back
     ours_params, theirs_params = as_params(values), as_params(values)
     ours = build(fusedopt, name, ours_params, backend, **options)
     theirs = build(torch.optim, name, theirs_params, foreach=False, **options)
-    halved = 0 if when == "first step" else 1
+    changed_from = 0 if when == "first step" else 1
 
     def give_grads(step, params):
         for index, p in enumerate(params):
             p.grad = seeded(10 * step + index, p.shape, device)
-        if step >= halved:
-            params[0].grad.data = params[0].grad.half()
+        if step >= changed_from:
+            params[0].grad.data = params[0].grad.to(dtype)
 
     def compare(ours, theirs, ours_params, theirs_params, where):
-        states, params = half_grad_tolerance(theirs, theirs_params, options["lr"])
+        states, params = grad_dtype_tolerance(theirs, theirs_params, options["lr"])
         for index, (p, q) in enumerate(zip(ours_params, theirs_params)):
             assert_close(p.detach(), q.detach(), **params, name=f"{where} param {index}")
             for key, want in theirs.state[q].items():
@@ -219,6 +242,26 @@ def test_steps_inside_inference_mode_then_outside_like_torch(case, steps, backen
         return torch.inference_mode() if inside[step] else contextlib.nullcontext()
 
     step_like_torch(ours, theirs, ours_params, theirs_params, len(inside), give_grads, context)
+
+
+@pytest.mark.parametrize("case", [(rule, options) for rule, options in GRID if options == {}], ids=case_id)
+def test_optimizer_built_inside_inference_mode_steps_outside_like_torch(case, backend, device):
+    """An optimizer constructed inside torch.inference_mode(), stepped outside it: Adagrad's state,
+    which torch makes at construction, is then made of inference tensors, and torch.optim raises
+    RuntimeError at the first step; the other rules make their state at that step, and step."""
+    rule, options = case
+    name = OPTIMIZERS[rule][0].__name__
+    values = make_values(10, device)
+    ours_params, theirs_params = as_params(values), as_params(values)
+    with torch.inference_mode():
+        ours = build(fusedopt, name, ours_params, backend, lr=DEFAULT_LR[rule])
+        theirs = build(torch.optim, name, theirs_params, foreach=False, lr=DEFAULT_LR[rule])
+
+    def give_grads(step, params):
+        for index, p in enumerate(params):
+            p.grad = seeded(10 * step + index, p.shape, device)
+
+    step_like_torch(ours, theirs, ours_params, theirs_params, 2, give_grads)
 
 
 def test_device_schedule_counts_steps_taken_inside_and_outside_inference_mode(backend, device):
