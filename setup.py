@@ -10,7 +10,7 @@ setup(
     package_dir={"fusedopt": "fusedopt", "fusedopt.kernels": "kernels"},
     package_data={"fusedopt": ["table_check.cpp"]},
     python_requires=">=3.9",
-    install_requires=["torch>=2.6", "triton>=3.6", "numpy", "numba>=0.59"],
+    install_requires=["torch>=2.11", "triton>=3.6", "numpy", "numba>=0.59"],  # the oldest tested: tests/run_versions.sh
     extras_require={
         "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "matplotlib", "tqdm", "ninja", "lightning"],
         "plot": ["matplotlib"],
