@@ -10,9 +10,9 @@ setup(
     package_dir={"fusedopt": "fusedopt", "fusedopt.kernels": "kernels"},
     package_data={"fusedopt": ["table_check.cpp"]},
     python_requires=">=3.9",
-    # Triton only where it has wheels (the GPU kernels); the CPU kernels (numba) and the reference
-    # need none of it
-    install_requires=["torch>=2.6", "numpy", "numba>=0.59",
+    # torch: the oldest tested (tests/run_versions.sh); Triton only where it has wheels (the GPU
+    # kernels): the CPU kernels (numba) and the reference need none of it
+    install_requires=["torch>=2.11", "numpy", "numba>=0.59",
                       'triton>=3.6; platform_system == "Linux" and '
                       '(platform_machine == "x86_64" or platform_machine == "aarch64")'],
     extras_require={

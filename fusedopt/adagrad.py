@@ -1,11 +1,13 @@
 """Adagrad: the rule (its numbers and equations, which the kernels compile), and the defaults,
 argument checks and state layout of torch.optim.Adagrad."""
+import functools
+import inspect
 from typing import NamedTuple
 
 import torch
 
 from . import reference
-from .optimizer import FusedOptimizer, reference_states, scalar_step_tensor
+from .optimizer import FusedOptimizer, reference_states, scalar_step_tensor, torch_fused_check
 from .spec import NoOptions, RuleSpec, StateSlot, grad_sign, sqrt, to_compute
 
 
@@ -47,6 +49,16 @@ def adagrad_update(param, grad, sum, b, options):
     sum = sum + grad * grad
     param = param - b.decayed_lr * (grad / (sqrt(sum) + b.eps))
     return param, sum
+
+
+@functools.cache
+def torch_fused_adagrad_refuses_cuda():
+    """Whether the installed torch.optim.Adagrad refuses CUDA params under fused=True: torch 2.11's
+    fused Adagrad runs on the CPU alone, and its step checks each param with cuda_unsupported=True."""
+    try:
+        return "cuda_unsupported=True" in inspect.getsource(torch.optim.Adagrad._init_group)
+    except (OSError, TypeError):  # torch's source is not at hand: the newer torch, which takes them
+        return False
 
 
 ADAGRAD = RuleSpec(
@@ -102,6 +114,11 @@ class Adagrad(FusedOptimizer):
 
     def check_grad(self, grad):
         pass  # sparse grads are supported, through the reference
+
+    def check_fused_param(self, param, grad):
+        torch_fused_check(param, cuda_unsupported=torch_fused_adagrad_refuses_cuda())
+        if grad.is_sparse:
+            raise RuntimeError("`fused` does not support sparse grad or complex param")
 
     def init_state(self, param, group):
         state = self.state[param]

@@ -52,10 +52,12 @@ def advance_group_step(group, device=None):
     at the first step, kept on `device`, the first kernel bucket's, so that counting needs no
     copy); returns it."""
     count = group.get("group_step")
-    if count is None:
-        count = torch.zeros((), dtype=torch.float32)
-    if device is not None and count.device != device:
-        count = count.to(device)
+    if count is None or (device is not None and count.device != device):
+        with torch.inference_mode(False):  # counted in place at every step, in inference mode or not
+            if count is None:
+                count = torch.zeros((), dtype=torch.float32)
+            if device is not None and count.device != device:
+                count = count.to(device)
     group["group_step"] = count
     count += 1
     return count

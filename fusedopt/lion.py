@@ -98,6 +98,9 @@ class Lion(FusedOptimizer):
     def lerped_state_keys(self, group):
         return ("exp_avg",)
 
+    def coupled_weight_decay(self, group):
+        return 0  # the param decays itself
+
     def hyperparameters(self, group):
         beta1, beta2 = group["betas"]
         return dict(lr=group["lr"], beta1=as_float(beta1), beta2=as_float(beta2), weight_decay=group["weight_decay"],

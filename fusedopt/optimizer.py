@@ -96,6 +96,34 @@ def _capturable_devices():
 CAPTURABLE_DEVICES = _capturable_devices()
 
 
+def _fused_param_check():
+    """torch.optim's check of each param of a `fused=True` group (floating point, on a device
+    torch has fused kernels for, CUDA aside with `cuda_unsupported`), raising its RuntimeError."""
+    try:
+        from torch.optim.optimizer import _device_dtype_check_for_fused
+
+        return _device_dtype_check_for_fused
+    except ImportError:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        def check(param, cuda_unsupported=False):
+            devices = [device for device in _get_fused_kernels_supported_devices()
+                       if not (cuda_unsupported and device == "cuda")]
+            if not (param.device.type in devices and torch.is_floating_point(param)):
+                raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of "
+                                   f"supported devices: {devices} but {param.dtype} and {param.device.type}")
+
+        return check
+
+
+torch_fused_check = _fused_param_check()
+
+# torch's error for an in-place update of a tensor made under torch.inference_mode(), outside it
+INFERENCE_TENSOR_UPDATE = ("Inplace update to inference tensor outside InferenceMode is not allowed.You can make a "
+                           "clone to get a normal tensor before doing inplace update.See "
+                           "https://github.com/pytorch/rfcs/pull/17 for more details.")
+
+
 class FusedOptimizer(Optimizer):
     """Base of fusedopt's optimizers. A subclass gives its defaults and argument checks, its rule
     as `spec` (a fusedopt.spec.RuleSpec: state slots, numbers and equations, which every kernel
@@ -104,6 +132,7 @@ class FusedOptimizer(Optimizer):
     spec = None  # the rule (fusedopt.spec.RuleSpec)
     has_step = True  # state['step'] exists (all rules but SGD and Lion)
     _hooks_running = False  # True while a subclass's own step runs, whose hooks have run (_with_step_hooks)
+    _planned_in_inference_mode = False  # whether a plan in _plans was made under torch.inference_mode()
 
     def __init_subclass__(cls, **kwargs):
         """A subclass's own step runs the step hooks once, as fusedopt's classes do."""
@@ -274,19 +303,45 @@ class FusedOptimizer(Optimizer):
         dtype."""
         return ()
 
-    def check_state(self, state, group, grad):
+    def coupled_weight_decay(self, group):
+        """The weight decay torch.optim adds to the grad (g + wd * p) before the update: none
+        where the param decays itself (decoupled_weight_decay)."""
+        return 0 if group.get("decoupled_weight_decay") else group.get("weight_decay", 0)
+
+    def check_state(self, state, group, grad, param):
         """torch.optim's errors for a state it could not step: a step count that is not a tensor;
         a state tensor the group's options need that was never made (an option such as amsgrad
-        switched on after steps); a lerped state of another dtype than the grad (a model cast by
-        .half() or .double() after steps)."""
+        switched on after steps); a lerped state of another dtype than the grad it meets (a model
+        cast by .half() or .double() after steps, a grad replaced through .data), which is the
+        grad promoted to the param's dtype where weight decay is added to it."""
         if self.has_step and "step" in state and not torch.is_tensor(state["step"]):
             raise RuntimeError(STEP_NOT_A_TENSOR)
         for key in ("step", *self.state_keys(group)) if self.has_step else self.state_keys(group):
             if key not in state:
                 raise KeyError(key)
-        for key in self.lerped_state_keys(group):
-            if state[key].dtype != grad.dtype:
-                raise RuntimeError(f"expected dtype {state[key].dtype} for `end` but got dtype {grad.dtype}")
+        lerped = self.lerped_state_keys(group)
+        if lerped:
+            dtype = grad.dtype
+            if self.coupled_weight_decay(group) != 0:
+                dtype = torch.promote_types(dtype, param.dtype)
+            for key in lerped:
+                if state[key].dtype != dtype:
+                    raise RuntimeError(f"expected dtype {state[key].dtype} for `end` but got dtype {dtype}")
+
+    def check_not_inference(self, param, group):
+        """torch.optim's error at a step outside torch.inference_mode() that would update a tensor
+        made inside it (state made by a first step taken there): the param or a state tensor
+        (state["step"] aside: the kernels' step counts are views of a buffer of fusedopt's own,
+        and torch makes it with the other states)."""
+        state = self.state.get(param, {})
+        for tensor in (param, *(state.get(key) for key in self.state_keys(group))):
+            if tensor is not None and tensor.is_inference():
+                raise RuntimeError(INFERENCE_TENSOR_UPDATE)
+
+    def check_fused_param(self, param, grad):
+        """torch.optim's refusal, at step(), of a param of a fused=True group that its fused kernels
+        do not take (complex, or on a device such as meta)."""
+        torch_fused_check(param)
 
     def check_capturable_device(self, param):
         """torch.optim's check under capturable=True: the param on a device whose work can be
@@ -298,6 +353,8 @@ class FusedOptimizer(Optimizer):
 
     def prepare_param(self, param, grad, group):
         """Before a param is updated: its grad is accepted, and its state exists and is whole."""
+        if group.get("fused"):  # where the user asked for fused=True, torch's refusals
+            self.check_fused_param(param, grad)
         if group.get("capturable") and not self._in_graph:
             self.check_capturable_device(param)
         self.check_grad(grad)
@@ -305,9 +362,12 @@ class FusedOptimizer(Optimizer):
         if not state:
             self.init_state(param, group)
         else:
-            self.check_state(state, group, grad)
+            self.check_state(state, group, grad, param)
+        if not torch.is_inference_mode_enabled():
+            self.check_not_inference(param, group)
         if self.keeps_master(param) and "master_param" not in self.state[param]:
-            self.state[param]["master_param"] = param.detach().float().clone(memory_format=torch.preserve_format)
+            with torch.inference_mode(False):  # fusedopt's own: never an inference tensor
+                self.state[param]["master_param"] = param.detach().float().clone(memory_format=torch.preserve_format)
 
     def keeps_master(self, param):
         """Whether `param` (bf16 under master_weights=True) has an fp32 master copy in its state."""
@@ -426,6 +486,11 @@ class FusedOptimizer(Optimizer):
         """(index, group, plan) for each group with grads, each plan checked against the tensors
         held now (and planned again where they changed)."""
         plans = []
+        if self._planned_in_inference_mode and not torch.is_inference_mode_enabled():
+            # Out of inference mode, plans made in it are made again: their tables and step counts
+            # are inference tensors, and torch.optim's refusal of the state made there is due.
+            self._plans = {}
+            self._planned_in_inference_mode = False
         listed = None  # how many groups list each param, counted when a group is planned
         for index, group in enumerate(self.param_groups):
             plan = self._plans.get(index)
@@ -444,6 +509,7 @@ class FusedOptimizer(Optimizer):
                 listed = listed or collections.Counter(id(p) for g in self.param_groups for p in set(g["params"]))
                 in_other_groups = {id(p) for p in params if listed[id(p)] > 1}
                 plan = self._plans[index] = GroupPlan(self, group, list(params), grads, in_other_groups)
+                self._planned_in_inference_mode |= torch.is_inference_mode_enabled()
             plans.append((index, group, plan))
         return plans
 

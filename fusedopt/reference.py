@@ -75,7 +75,8 @@ def sgd_update(
         g &\leftarrow g + \mu b \text{ if nesterov, else } b \\
         \theta &\leftarrow \theta - \gamma g
 
-    The buffer is a new tensor (a copy of the effective gradient) on the first step when
+    The buffer is a new tensor (a copy of the effective gradient, in its dtype: the grad's,
+    promoted to the param's by weight decay, as in torch.optim) on the first step when
     ``momentum != 0`` and ``momentum_buffer is None``; ``None`` when ``momentum == 0``.
     Complex tensors update with complex arithmetic, as in torch.optim. A sparse gradient takes the
     same steps with sparse arithmetic: its momentum buffer is sparse, and weight decay raises
@@ -88,7 +89,8 @@ def sgd_update(
     if momentum != 0:
         if momentum_buffer is None:
             buf = g.clone()
-            momentum_buffer = buf.to(grad.dtype)  # stored like the grad, as torch.optim does
+            dtype = grad.dtype if weight_decay == 0 else torch.promote_types(grad.dtype, param.dtype)
+            momentum_buffer = buf.to(dtype)  # stored like torch.optim's effective grad
         else:
             buf = _math_operand(momentum_buffer)
             buf.mul_(momentum).add_(g, alpha=1 - dampening)

@@ -127,23 +127,30 @@ class SGD(FusedOptimizer):
     def check_grad(self, grad):
         pass  # sparse grads are supported, through the reference
 
+    def check_fused_param(self, param, grad):
+        super().check_fused_param(param, grad)
+        if grad.is_sparse:
+            raise RuntimeError("`_fused_sgd` does not support sparse gradients")
+
     def init_state(self, param, group):
         pass  # the momentum buffer is created by the first step, from the grad
 
-    def check_state(self, state, group, grad):
+    def check_state(self, state, group, grad, param):
         pass  # a missing momentum buffer is made at the next step, as in torch
 
     def prepare_fresh_buffers(self, group, params, states):
-        """Give each param without a momentum buffer a new one (zeros, so that the kernel's
-        uniform buf = 0 * buf + 1 * g takes the grad exactly); flag those, and the new ones whose
-        first step has not run."""
+        """Give each param without a momentum buffer a new one (negative zeros, so that the
+        kernel's uniform buf = 0 * buf + 1 * g takes the grad exactly, its sign of zero included:
+        0 * -0 + g is g, where 0 * +0 + -0 would be +0); flag those, and the new ones whose first
+        step has not run."""
         if group["momentum"] == 0:
             return [False] * len(params)
         fresh = []
         for param, state in zip(params, states):
             buffer = state.get("momentum_buffer")
             if buffer is None:
-                buffer = state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                buffer = torch.zeros_like(param, memory_format=torch.preserve_format).neg_()
+                state["momentum_buffer"] = buffer
                 self._unstarted_buffers[id(buffer)] = buffer
             fresh.append(self._unstarted_buffers.get(id(buffer)) is buffer)
         return fresh

@@ -49,12 +49,23 @@ def _exp2(x):
 
 @triton.jit
 def _lerp(start, end, weight):
-    return start + weight * (end - start)
+    # torch's lerp, from the nearer end: exactly `end` at weight 1
+    if weight < 0.5:
+        result = start + weight * (end - start)
+    else:
+        result = end + (weight - 1) * (end - start)
+    return result
 
 
 @triton.jit
 def _fma(a, b, c):
-    return tl.fma(a, b, c)
+    # a * b + c, whatever a Triton makes of tl.fma (Triton 3.6's interpreter rounds the product):
+    # fp32 operands in fp64, where their product is exact, so that a sum that cancels (centered
+    # RMSprop's sq - gavg^2) is exact as with one rounding
+    if a.dtype == tl.float64:
+        return tl.fma(a, b, c)
+    else:
+        return (a.to(tl.float64) * b.to(tl.float64) + c.to(tl.float64)).to(a.dtype)
 
 
 @triton.jit

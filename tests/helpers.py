@@ -1,6 +1,7 @@
 """Shared test utilities: builders of parameter sets and gradients, runners that drive a fusedopt
 optimizer beside its oracle (torch.optim, or for a rule torch.optim lacks, fusedopt's reference) or
 beside the float64 reference, and one verbose allclose."""
+import functools
 import inspect
 
 import pytest
@@ -421,6 +422,23 @@ def build(library, name, params, backend=None, **options):
     if library is fusedopt:
         return getattr(fusedopt, name)(params, backend=backend, **options)
     return oracle_class(name)(params, **options)
+
+
+@functools.cache
+def torch_fails_on_added_params(name, device="cpu"):
+    """Why the oracle class of `name` (torch.optim's) cannot step a param added after its construction
+    (add_param_group), or None where it can: torch 2.11's Adagrad makes its state in its
+    constructor alone, and fails inside its own step (KeyError: 'sum') for such a param."""
+    first, added = torch.zeros(2, device=device, requires_grad=True), torch.zeros(2, device=device, requires_grad=True)
+    optimizer = oracle_class(name)([first])
+    optimizer.add_param_group({"params": [added]})
+    first.grad, added.grad = torch.ones_like(first), torch.ones_like(added)
+    try:
+        optimizer.step()
+    except Exception as error:  # noqa: BLE001 - whatever torch raises, the test cannot compare
+        return (f"torch {torch.__version__}'s {name} fails to step a param added after its construction "
+                f"({type(error).__name__}: {error}), so there is nothing to compare with")
+    return None
 
 
 def assert_states_match(actual, expected, **tolerance):
