@@ -12,9 +12,10 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.6", "triton>=3.6", "numpy", "numba>=0.59"],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "matplotlib", "tqdm", "ninja", "lightning"],
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "matplotlib", "tqdm", "ninja", "lightning",
+                 "scikit-learn"],
         "plot": ["matplotlib"],
-        "bench": ["matplotlib", "tqdm", "pytest-benchmark", "ninja"],
+        "bench": ["matplotlib", "tqdm", "pytest-benchmark", "ninja", "scikit-learn"],
         "native": ["ninja"],  # python -m fusedopt.native builds the compiled table check
     },
 )
