@@ -45,7 +45,7 @@ def on_tick(times_ms, min_rows=3):
     in 5,000 runs."""
     if len(times_ms) < min_rows:
         return None
-    for tick in TICKS_MS:
+    for tick in sorted(TICKS_MS, reverse=True):  # the coarsest tick that fits
         if all(t >= tick * (1 - TICK_TOLERANCE) and abs(t / tick - round(t / tick)) <= TICK_TOLERANCE
                for t in times_ms):
             return tick
