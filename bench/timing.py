@@ -115,13 +115,6 @@ def time_calls(fn, device, *, repeats, window_s, warmup=2, max_calls_per_window=
                             max_calls=max_calls_per_window)["fn"]
 
 
-def time_split(first, second, device, *, repeats, window_s, warmup=2, max_calls=100):
-    """(Timing of `first(); second()`, the median share of the time spent in `second`): a mark
-    between the two in every call, so the share needs no extra synchronisation."""
-    return time_split_interleaved({"fn": (first, second)}, device, repeats=repeats, window_s=window_s,
-                                  warmup=warmup, max_calls=max_calls)["fn"]
-
-
 def time_split_interleaved(cases, device, *, repeats, window_s, warmup=2, max_calls=100):
     """{name: (Timing of `first(); second()`, median share of the time spent in `second`)} for
     `cases` {name: (first, second)}, their windows interleaved round by round as in
