@@ -25,16 +25,16 @@ def build_parser():
     p = argparse.ArgumentParser(
         prog="python -m bench",
         description="Optimizer step time against torch.optim's implementations, the AMP + clipping + AdamW "
-                    "epilogue against torch's composition, and batch-size throughput, on CUDA when present, else "
-                    "the CPU. The markdown report (a summary table first) on stdout; JSON, markdown and PNG plots "
-                    "in --out.")
+                    "epilogue against torch's composition, and what a batch size costs and learns on real data, on "
+                    "CUDA when present, else the CPU. The markdown report (a summary table first) on stdout; JSON, "
+                    "markdown and PNG plots in --out.")
     p.add_argument("command", nargs="?", default="all", choices=["step", "epilogue", "batch", "all"],
                    help="step: optimizer step benchmark; epilogue: GradScaler unscale + grad-norm clip + AdamW "
-                        "step, fusedopt against torch's composition; batch: batch-size sweep; all: the three "
-                        "(default)")
+                        "step, fusedopt against torch's composition; batch: batch-size sweep (time per update and "
+                        "per epoch, loss and test accuracy); all: the three (default)")
     p.add_argument("--quick", action="store_true",
-                   help="small sizes, few repeats, no torch.compile rows, the fp32 parameter sets: all three "
-                        "benchmarks in under a minute on a 2-core CPU")
+                   help="small sizes, few repeats, no torch.compile rows, the fp32 parameter sets, a short "
+                        "batch sweep: all three benchmarks in about a minute on a 2-core CPU; indicative only")
     p.add_argument("--size", default="auto",
                    help="tiny, small, medium, full or a fraction of full size (default: full on CUDA, small on "
                         "CPU; with --quick medium on CUDA, tiny on CPU)")
@@ -56,7 +56,8 @@ def build_parser():
     p.add_argument("--batch-sizes", default="auto",
                    help="comma list; `all` is the training set's size (default: powers of 4 from 1, and all; with "
                         "--quick powers of 16)")
-    p.add_argument("--epochs", type=int, default=None, help="batch sweep: epochs each run trains (default 4; --quick 2)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="batch sweep: epochs each run trains (default 4; --quick 2)")
     p.add_argument("--updates", type=int, default=None,
                    help="batch sweep: the fixed number of updates for the second snapshot (default 100; --quick 50)")
     p.add_argument("--ref-batch", type=int, default=32,
@@ -222,7 +223,8 @@ def plan_batch(run):
     run.plans["batch"] = batch_mod.BatchConfig(
         device=run.device, tasks=names, preset=preset, rules=batch_rules(args.batch_rules, args.quick),
         batch_sizes={n: batch_mod.resolve_batch_sizes(spec, t.n_train, args.quick) for n, t in loaded.items()},
-        loaded=loaded, epochs=args.epochs or (2 if args.quick else 4), updates=args.updates or (50 if args.quick else 100),
+        loaded=loaded, epochs=args.epochs or (2 if args.quick else 4),
+        updates=args.updates or (50 if args.quick else 100),
         ref_batch=args.ref_batch, lr_scaling=args.lr_scaling, threads=threads if run.device.type == "cpu" else None,
         repeats=args.repeats or ((5 if run.cuda else 3) if args.quick else (7 if run.cuda else 5)),
         window_s=(0.02 if run.cuda else 0.03) / (2 if args.quick else 1), with_fusedopt="fusedopt" in run.impls,
@@ -282,7 +284,8 @@ def run_batch(run, progress):
     cfg = run.plans["batch"]
     result = run.results["batch"] = {
         "benchmark": "batch", "complete": False, "env": run.env,
-        "config": {"preset": cfg.preset, "quick": run.args.quick, "tasks": cfg.tasks, "rules": [r.name for r in cfg.rules],
+        "config": {"preset": cfg.preset, "quick": run.args.quick, "tasks": cfg.tasks,
+                   "rules": [r.name for r in cfg.rules],
                    "batch_sizes": cfg.batch_sizes, "epochs": cfg.epochs, "updates": cfg.updates,
                    "ref_batch": cfg.ref_batch, "lr_scaling": cfg.lr_scaling, "warmup_fraction": cfg.warmup_fraction,
                    "threads": cfg.threads or batch_mod.default_threads(cfg.device), "seed": cfg.seed,

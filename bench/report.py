@@ -283,7 +283,8 @@ def step_targets(result):
 
     def versus(name, fo, tf, required):
         if fo["status"] != "ok" or tf["status"] != "ok":
-            add(name, f">= {required:.2f}x", "–", None, explain_step(fo, copy_bps) + "; " + explain_step(tf, copy_bps))
+            add(name, f">= {required:.2f}x", "–", None,
+                explain_step(fo, copy_bps) + "; " + explain_step(tf, copy_bps))
             return
         met, measured = judge(tf, fo, required)
         add(name, f">= {required:.2f}x", measured, met,
@@ -466,19 +467,20 @@ def batch_markdown(result):
     fused_rows = {(r["task"], r["rule"], r["batch_size"], r["threads"]): r for r in ok if r["role"] == "fusedopt"}
     for task in cfg["tasks"]:
         for rule in cfg["rules"]:
-            keys = sorted({(r["batch_size"], -(r["threads"] or 0)) for r in ok if (r["task"], r["rule"]) == (task, rule)})
+            # batch sizes ascending, at each the most threads first (None: the device)
+            keys = sorted({(r["batch_size"], r["threads"]) for r in ok if (r["task"], r["rule"]) == (task, rule)},
+                          key=lambda k: (k[0], -(k[1] or 0)))
             if not keys:
                 continue
             label = next(r["rule_label"] for r in ok if r["rule"] == rule)
-            keyed = [((b, t), (fused_rows.get((task, rule, b, -t or None)), torch_rows.get((task, rule, b, -t or None))))
-                     for b, t in keys]
+            keyed = [(k, (fused_rows.get((task, rule, *k)), torch_rows.get((task, rule, *k)))) for k in keys]
             keyed = [(k, p) for k, p in keyed if p[1] is not None]
             pairs = [p for _, p in keyed]
             timing = table([
                 ("batch", lambda p: p[1]["batch_size"]), ("updates/epoch", lambda p: p[1]["updates_per_epoch"]),
                 ("threads", lambda p: _threads(p[1]["threads"])),
                 ("fusedopt ms/update", lambda p: _band_ms(p[0]) if p[0] else None),
-                (f"{LABELS[p_impl(pairs)]} ms/update", lambda p: _band_ms(p[1])),
+                (f"{LABELS[pairs[0][1]['impl']]} ms/update", lambda p: _band_ms(p[1])),
                 ("fusedopt gain", lambda p: gain_cell(p[0], "update_ratio", "gain") if p[0] else None),
                 ("step % fusedopt / torch", lambda p: (f"{100 * p[0]['step_share']:.0f} / " if p[0] else "")
                  + f"{100 * p[1]['step_share']:.0f}"),
@@ -507,10 +509,6 @@ def batch_markdown(result):
     if missing:
         out += ["", "Not measured:"] + missing
     return "\n".join(out)
-
-
-def p_impl(pairs):
-    return pairs[0][1]["impl"]
 
 
 def _band_s(row):

@@ -177,8 +177,8 @@ def test_batch_json_has_every_task_rule_batch_size_and_thread_count_for_both_sid
     sizes = {task: [4, BATCH["max_train"]] for task in TASKS}
     assert result["config"]["batch_sizes"] == sizes and result["config"]["threads"] == list(BATCH["threads"])
     keys = {(r["task"], r["rule"], r["role"], r["threads"], r["batch_size"]) for r in result["rows"]}
-    assert keys == {(task, rule, role, t, b) for task in TASKS for rule in RUN_RULES for role in ("fusedopt", "best-torch")
-                    for t in BATCH["threads"] for b in sizes[task]}
+    assert keys == {(task, rule, role, t, b) for task in TASKS for rule in RUN_RULES
+                    for role in ("fusedopt", "best-torch") for t in BATCH["threads"] for b in sizes[task]}
     for row in result["rows"]:
         assert row["status"] == "ok", row["reason"]
         assert row["q20_ms"] <= row["median_ms"] <= row["q80_ms"] and 0 <= row["step_share"] <= 1
@@ -195,7 +195,8 @@ def test_fusedopt_and_torch_learn_the_same_from_the_same_start(run):
     """Same initial weights, data order and lr schedule: the same losses, whatever the threads."""
     rows = _load(run[0], "batch.json")["rows"]
     for row in rows:
-        same = [r for r in rows if (r["task"], r["rule"], r["batch_size"]) == (row["task"], row["rule"], row["batch_size"])]
+        key = (row["task"], row["rule"], row["batch_size"])
+        same = [r for r in rows if (r["task"], r["rule"], r["batch_size"]) == key]
         assert row["train_loss"] == pytest.approx(same[0]["train_loss"], rel=1e-4)
 
 
@@ -331,7 +332,8 @@ def test_batch_target_needs_no_loss_outside_the_noise_and_the_largest_gain_at_sm
     from bench import batch
 
     def result(gains, band=0.0):
-        rows = [{"task": "digits", "rule": "adam", "rule_label": "Adam", "role": role, "batch_size": bs, "threads": None,
+        rows = [{"task": "digits", "rule": "adam", "rule_label": "Adam", "role": role, "batch_size": bs,
+                 "threads": None,
                  "impl": "fusedopt" if role == "fusedopt" else "torch-fused", "status": "ok", "median_ms": ms,
                  "q20_ms": ms * (1 - band), "q80_ms": ms * (1 + band), "epoch_median_ms": ms, "epoch_q20_ms": ms,
                  "epoch_q80_ms": ms, "test_acc": 0.5, "step_ms": 0.1, "step_share": 0.1 / ms}
