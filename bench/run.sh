@@ -29,18 +29,21 @@ if [ "${1:-}" = "--full" ]; then
     quick=
     shift
 fi
+say "checking for torch (the CPU build 2.13.0 is installed only where it is absent)"
 if ! python -c "import torch" 2>/dev/null; then
     stage "installing torch 2.13.0 (CPU build)" python -m pip install --quiet torch==2.13.0
 fi
 stage "installing fusedopt and the bench extras (pip install -e '.[bench]')" \
     python -m pip install --quiet -e ".[bench]"
-stage "building the compiled table check (once: python -m fusedopt.native)" python -m fusedopt.native || true
-if python -c "import torch, sys; sys.exit(torch.cuda.is_available())"; then  # CPU run: numba kernels
-    if [ -n "$quick" ]; then
-        stage "compiling the fp32 numba CPU kernels (once per source; cached after)" python -m bench.warm || true
-    else
-        stage "compiling every numba CPU kernel (once per source; cached after)" python -m fusedopt.cpu || true
-    fi
+say "looking for a CUDA device"
+if python -c "import torch, sys; sys.exit(torch.cuda.is_available())"; then
+    # a CPU run: the numba kernels compile (fp32 only for --quick) beside the table check's build
+    if [ -n "$quick" ]; then kernels="python -m bench.warm"; else kernels="python -m fusedopt.cpu"; fi
+    say "once per source, cached after: python -m fusedopt.native and $kernels, side by side"
+    stage "building the table check and compiling the numba CPU kernels" \
+        bash -c "python -m fusedopt.native & $kernels; wait \$!" || true
+else
+    stage "building the compiled table check (once: python -m fusedopt.native)" python -m fusedopt.native || true
 fi
 say "running: python -m bench all $quick $*"
 exec python -m bench all $quick "$@"
