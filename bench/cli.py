@@ -55,7 +55,7 @@ def build_parser():
                         "first two of those)")
     p.add_argument("--batch-sizes", default="auto",
                    help="comma list; `all` is the training set's size (default: powers of 4 from 1, and all; with "
-                        "--quick powers of 16)")
+                        "--quick 4, 32, 256 and all)")
     p.add_argument("--epochs", type=int, default=None,
                    help="batch sweep: epochs each run trains (default 4; --quick 2)")
     p.add_argument("--updates", type=int, default=None,

@@ -99,7 +99,8 @@ def plot_batch(result, out_dir):
                     if not series:
                         continue
                     bs = [r["batch_size"] for r in series]
-                    name = series[0]["impl_label"] + ("" if t is None else f", {t} thread{'s' if t != 1 else ''}")
+                    name = ("fusedopt" if role == "fusedopt" else "torch's fastest") + (
+                        "" if t is None else f", {t} thread{'s' if t != 1 else ''}")
                     for ax, prefix, scale in ((axes[0][j], "", 1), (axes[1][j], "epoch_", 1e-3)):
                         ax.plot(bs, [r[prefix + "median_ms"] * scale for r in series], styles[t], marker=".",
                                 color=colors[role], label=name)
@@ -116,7 +117,9 @@ def plot_batch(result, out_dir):
                 ax.plot([a[0] for a in at], [100 * a[1] for a in at], ":", marker="s", color="#2ca02c",
                         label=f"after {cfg['updates']} updates")
             ax.set_ylim(0, 100)
-            axes[0][j].set_title(mine[0]["rule_label"], fontsize=10)
+            torch_impl = next((r["impl_label"] for r in mine if r["role"] == "best-torch"), None)
+            axes[0][j].set_title(mine[0]["rule_label"] + (f"\n(against {torch_impl})" if torch_impl else ""),
+                                 fontsize=10)
         for j in range(len(rules)):
             for i, ylabel in enumerate(("ms per update\n(lower is better)", "s per epoch, measured\n(lower is better)",
                                         "test accuracy, %\n(higher is better)")):

@@ -538,16 +538,21 @@ def parallelism(task, rule, ok):
         a, b = by.get((small, t or None)), by.get((large, t or None))
         if a is None or b is None or small == large:
             continue
-        cost = b["median_ms"] / a["median_ms"]
-        lines.append(f"at {_threads(t or None)} thread{'s' if t != 1 else ''}, an update of batch {large} takes "
-                     f"{cost:.1f}x one of batch {small} for {large // small}x the samples "
-                     f"({b['samples_per_s'] / a['samples_per_s']:.0f}x the samples/s)")
+        cost = noise.ratio(b, a)
+        where = f"at {_threads(t or None)} thread{'s' if t != 1 else ''}, an update of batch {large} takes "
+        if cost is None:
+            lines.append(where + f"{NOISE} one of batch {small} (inside the noise) for {large // small}x the samples")
+            continue
+        lines.append(where + f"{cost:.1f}x one of batch {small} for {large // small}x the samples "
+                     f"({b['samples_per_s'] / a['samples_per_s']:.0f}x the samples/s)"
+                     + (f" (less than batch {small}'s: those small updates were slowed by competing work)"
+                        if cost < 1 else ""))
     if len(threads) > 1:
         many, one = by.get((large, threads[0])), by.get((large, 1))
         if many and one:
             r = noise.ratio(one, many)
             lines.append(f"at batch {large}, {threads[0]} threads against 1: "
-                         + (f"{r:.2f}x {'faster' if r > 1 else 'slower'}" if r else f"{NOISE} (inside the noise)")
+                         + (f"{r:.2f}x ({'faster' if r > 1 else 'slower'})" if r else f"{NOISE} (inside the noise)")
                          + ("; more threads slower: the other cores were busy, or the work is too small to share"
                             if r and r < 1 else ""))
     return ["", "Parallelism (" + fused[0]["impl_label"] + "): " + "; ".join(lines) + "."] if lines else []
