@@ -2,7 +2,7 @@
 from the first update and once reached by a linear warmup (fusedopt.schedules), training loss
 per update and test accuracy drawn side by side, over a few seeds.
 
-    python examples/warmup.py [-o warmup.png] [--lrs 0.01,0.05] [--updates 250] [--seeds 2]
+    python examples/warmup.py [-o warmup.png] [--lrs 0.01,0.05] [--updates 200] [--seeds 2]
 
 The task is the batch-size benchmark's character model (bench/tasks.py): next-character
 prediction on generated English-like text. One panel per lr. At a moderate lr warmup only
@@ -48,7 +48,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--out", default="warmup.png")
     parser.add_argument("--lrs", default="0.01,0.05", help="comma list: one panel each")
-    parser.add_argument("--updates", type=int, default=250)
+    parser.add_argument("--updates", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=50, help="warmup updates")
     parser.add_argument("--seeds", type=int, default=2)
     args = parser.parse_args(argv)
