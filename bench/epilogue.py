@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import cases
+from . import cases, noise
 from .env import synchronize
 from .step import run_groups, short
 from .timing import count_device_launches, time_interleaved
@@ -174,6 +174,12 @@ def add_ratios(rows):
             row["torch_over_fusedopt"] = t["median_ms"] / f["median_ms"]
             if row is t:
                 row["fusedopt_speedup"] = row["torch_over_fusedopt"]
+                row["speedup_apart"] = noise.apart(t, f)
+
+
+def mark_floors(rows):
+    """Timing floors over all sets (their bytes differ): noise.mark_floors' reasons."""
+    return noise.mark_floors([rows], "bytes_per_step", prefix_note="epilogue: ")
 
 
 def run(cfg, rows, *, progress, on_progress=None):

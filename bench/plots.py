@@ -1,5 +1,5 @@
-"""PNG plots from the results: step time and bandwidth by implementation; throughput, epoch time
-and the step's share of the iteration against batch size (log axes)."""
+"""PNG plots from the results: step time and bandwidth by implementation; per batch-size task, time
+per update, measured time per epoch and test accuracy against batch size, one panel per rule."""
 
 import math
 import os
@@ -70,49 +70,86 @@ def plot_step(result, out_dir):
 
 
 def plot_batch(result, out_dir):
-    """batch_<model>.png: samples/s, epoch time and step share against batch size."""
+    """batch_<task>.png: small multiples, one column per rule; rows: time per update, measured time
+    per epoch (both with their 20-80% bands), test accuracy, each against batch size."""
     plt = _pyplot()
     rows = [r for r in result["rows"] if r["status"] == "ok"]
-    rules = result["config"]["rules"]
-    cmap = plt.get_cmap("tab10")
+    cfg = result["config"]
     title = f"{result['env']['device_name']} · torch {result['env']['torch']} · {result['env']['date']}"
+    threads = cfg["threads"]
+    styles = {t: ("-" if k == 0 else "--") for k, t in enumerate(threads)}
+    colors = {"fusedopt": COLORS["fusedopt"], "best-torch": "#1f77b4"}
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    plain_minor = FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else "")
     paths = []
-    for model in result["config"]["models"]:
-        fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
-        for k, rule in enumerate(rules):
-            for role, style in (("fusedopt", "-"), ("best-torch", "--")):
-                series = sorted((r for r in rows if (r["model"], r["rule"], r["role"]) == (model, rule, role)),
-                                key=lambda r: r["batch_size"])
-                if not series:
-                    continue
-                bs = [r["batch_size"] for r in series]
-                name = f"{series[0]['rule_label']} {series[0]['impl_label']}"
-                for ax, key, scale in ((axes[0], "samples_per_s", 1), (axes[1], "epoch_s", 1),
-                                       (axes[2], "step_share", 100)):
-                    ax.plot(bs, [r[key] * scale for r in series], style, marker=".", color=cmap(k % 10),
-                            label=name)
-        for ax, ylabel in ((axes[0], "samples/s"), (axes[1], "seconds per epoch"),
-                           (axes[2], "optimizer step, % of iteration")):
-            ax.set_xscale("log", base=2)
-            sizes = result["config"]["batch_sizes"]
+    for task in cfg["tasks"]:
+        rules = [rule for rule in cfg["rules"] if any((r["task"], r["rule"]) == (task, rule) for r in rows)]
+        if not rules:
+            continue
+        fig, axes = plt.subplots(3, len(rules), figsize=(max(8.0, 3.6 * len(rules) + 1.2), 9.6), squeeze=False,
+                                 sharex=True)
+        for j, rule in enumerate(rules):
+            mine = [r for r in rows if (r["task"], r["rule"]) == (task, rule)]
+            for role in ("fusedopt", "best-torch"):
+                for t in threads:
+                    series = sorted((r for r in mine if (r["role"], r["threads"]) == (role, t)),
+                                    key=lambda r: r["batch_size"])
+                    if not series:
+                        continue
+                    bs = [r["batch_size"] for r in series]
+                    name = ("fusedopt" if role == "fusedopt" else "torch's fastest") + (
+                        "" if t is None else f", {t} thread{'s' if t != 1 else ''}")
+                    for ax, prefix, scale in ((axes[0][j], "", 1), (axes[1][j], "epoch_", 1e-3)):
+                        ax.plot(bs, [r[prefix + "median_ms"] * scale for r in series], styles[t], marker=".",
+                                color=colors[role], label=name)
+                        ax.fill_between(bs, [r[prefix + "q20_ms"] * scale for r in series],
+                                        [r[prefix + "q80_ms"] * scale for r in series], color=colors[role], alpha=0.15)
+            learned = sorted((r for r in mine if r["threads"] == threads[0] and r["role"] == mine[0]["role"]),
+                             key=lambda r: r["batch_size"])
+            bs = [r["batch_size"] for r in learned]
+            ax = axes[2][j]
+            ax.plot(bs, [100 * r["test_acc"] for r in learned], "-", marker="o", color="black",
+                    label=f"after {cfg['epochs']} epochs")
+            at = [(r["batch_size"], r["at_updates"]["test_acc"]) for r in learned if (r.get("at_updates") or {})]
+            if at:
+                ax.plot([a[0] for a in at], [100 * a[1] for a in at], ":", marker="s", color="#2ca02c",
+                        label=f"after {cfg['updates']} updates")
+            ax.set_ylim(0, 100)
+            torch_impl = next((r["impl_label"] for r in mine if r["role"] == "best-torch"), None)
+            axes[0][j].set_title(mine[0]["rule_label"] + (f"\n(against {torch_impl})" if torch_impl else ""),
+                                 fontsize=10)
+        for j in range(len(rules)):
+            for i, ylabel in enumerate(("ms per update\n(lower is better)", "s per epoch, measured\n(lower is better)",
+                                        "test accuracy, %\n(higher is better)")):
+                ax = axes[i][j]
+                ax.set_xscale("log", base=2)
+                if i < 2 and ax.has_data():
+                    ax.set_yscale("log")
+                    ax.yaxis.set_major_formatter(plain)
+                    ax.yaxis.set_minor_formatter(plain_minor)
+                ax.grid(alpha=0.3, which="both")
+                if j == 0:
+                    ax.set_ylabel(ylabel, fontsize=9)
+            axes[2][j].set_xlabel("batch size")
+        sizes = sorted({r["batch_size"] for r in rows if r["task"] == task})
+        for ax in axes[2]:
             ax.set_xticks(sizes, [str(b) for b in sizes], fontsize=7)
             ax.minorticks_off()
-            ax.set_xlabel("batch size")
-            ax.set_ylabel(ylabel)
-            ax.grid(alpha=0.3, which="both")
-        for ax in axes[:2]:
-            if ax.has_data():
-                ax.set_yscale("log")
-        axes[2].set_ylim(0, 100)
-        if axes[2].has_data():
-            axes[2].legend(fontsize=6, ncol=2)
-        info = next((m for m in result["models"] if m["name"] == model), None)
-        size = f" ({info['n_params'] / 1e6:.2f}M params, {info['n_tensors']} tensors)" if info else ""
-        fig.suptitle(f"{model}{size}: solid fusedopt, dashed best torch · epoch = "
-                     f"{result['config']['epoch_samples']:,} samples · {title}", fontsize=10)
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"batch_{model}.png")
-        fig.savefig(path, dpi=110)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        h2, l2 = axes[2][0].get_legend_handles_labels()
+        fig.legend(handles + h2, labels + l2, loc="lower center", ncol=3 if len(rules) < 3 else 6, fontsize=8,
+                   frameon=False)
+        info = next((m for m in result["models"] if m["name"] == task), None)
+        about = f"{info['description']}; {info['n_params']:,} params" if info else task
+        scaling = "batch" if cfg["lr_scaling"] == "linear" else "sqrt(batch"
+        fig.suptitle(f"{task}: {about}\nlr = lr_ref x {scaling} / {cfg['ref_batch']}{')' * (scaling != 'batch')} "
+                     f"with warmup · bands: 20-80% over "
+                     f"repeats · {title}", fontsize=9)
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
+        path = os.path.join(out_dir, f"batch_{task}.png")
+        fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
     return paths

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import cases
+from . import cases, noise
 from .env import synchronize
 from .timing import count_device_launches, host_time, temporary_bytes, time_interleaved
 
@@ -118,15 +118,27 @@ def set_copy_fractions(rows, copy_bps):
             row["copy_fraction"] = row["bytes_per_step"] / (row["median_ms"] / 1e3) / copy_bps
 
 
+def mark_floors(rows):
+    """Timing floors per parameter set (noise.mark_floors: equal times for different bytes, or
+    every row on a scheduler tick); the reasons, each naming its set."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(r["param_set"], []).append(r)
+    return [reason for name, group in groups.items()
+            for reason in noise.mark_floors([group], "bytes_per_step", prefix_note=f"{name}: ")]
+
+
 def add_speedups(rows):
     """Per (set, rule): `speedup_vs` {torch impl: its time / fusedopt's} on the fusedopt row,
-    `fusedopt_speedup` on each torch row."""
+    `fusedopt_speedup` on each torch row, and `speedup_apart` there: whether the two 20-80%
+    bands are apart (otherwise the ratio is inside the noise and the report shows none)."""
     fused = {(r["param_set"], r["rule"]): r for r in rows if r["impl"] == "fusedopt" and r["status"] == "ok"}
     for key, ref in fused.items():
         ref["speedup_vs"] = {}
         for row in rows:
             if (row["param_set"], row["rule"]) == key and row["impl"] != "fusedopt" and row["status"] == "ok":
                 row["fusedopt_speedup"] = ref["speedup_vs"][row["impl"]] = row["median_ms"] / ref["median_ms"]
+                row["speedup_apart"] = noise.apart(row, ref)
 
 
 def run_groups(groups, measure, cfg, progress, on_progress=None, guess_s=0.0):

@@ -115,12 +115,15 @@ def time_calls(fn, device, *, repeats, window_s, warmup=2, max_calls_per_window=
                             max_calls=max_calls_per_window)["fn"]
 
 
-def time_split(first, second, device, *, repeats, window_s, warmup=2, max_calls=100):
-    """(Timing of `first(); second()`, the median share of the time spent in `second`): a mark
-    between the two in every call, so the share needs no extra synchronisation."""
+def time_split_interleaved(cases, device, *, repeats, window_s, warmup=2, max_calls=100):
+    """{name: (Timing of `first(); second()`, median share of the time spent in `second`)} for
+    `cases` {name: (first, second)}, their windows interleaved round by round as in
+    `time_interleaved`: a mark between the two in every call, so the share needs no extra
+    synchronisation."""
     clock = Clock(device)
 
-    def window(calls):
+    def window(name, calls):
+        first, second = cases[name]
         synchronize(device)
         marks = []
         for _ in range(calls):
@@ -133,12 +136,20 @@ def time_split(first, second, device, *, repeats, window_s, warmup=2, max_calls=
         in_second = sum(stamps[i + 1] - stamps[i] for i in range(1, len(stamps) - 1, 2))
         return total / calls, in_second / total if total > 0 else 0.0
 
-    for _ in range(warmup):
-        first()
-        second()
-    calls = _calls(window_s, window(1)[0], max_calls)
-    samples = [window(calls) for _ in range(repeats)]
-    return Timing.of([s[0] for s in samples], [calls]), statistics.median(s[1] for s in samples)
+    names = list(cases)
+    for name in names:
+        for _ in range(warmup):
+            cases[name][0]()
+            cases[name][1]()
+    last = {name: window(name, 1)[0] for name in names}
+    samples, counts = {n: [] for n in names}, {n: [] for n in names}
+    for k in range(repeats):
+        for name in names[k % len(names):] + names[:k % len(names)]:
+            counts[name].append(_calls(window_s, last[name], max_calls))
+            samples[name].append(window(name, counts[name][-1]))
+            last[name] = samples[name][-1][0]
+    return {name: (Timing.of([s[0] for s in samples[name]], counts[name]),
+                   statistics.median(s[1] for s in samples[name])) for name in names}
 
 
 def host_time(fn, device, repeats):
