@@ -269,6 +269,7 @@ assert set(NUMBA_ARITHMETIC) == set(rule_spec.ARITHMETIC)
 # Bound by make_kernel in each kernel's own copy of the templates below (never compiled as they are)
 UPDATE = OPTIONS = PRESENT = SLOTS = ROUNDING = WALK = NUMBERS_OF_BLOCK = BLOCK_NUMBERS = LAUNCH = LAUNCH_LENGTH = None
 
+
 def walk_block(numbers, param, master, grad, states, start, count, inv_scale, clip, stream):
     """Load param, grad and the present states of the `count` elements of a block (arrays from
     its first element, `start` in its tensor), apply the rule, store them back. Made per kernel
@@ -364,8 +365,8 @@ def rule_kernel(table, blocks, block, like, master_like, steps, numbers, launch,
 
 def with_names(function, names, name=None):
     """`function` with `names` bound among its globals (the same code otherwise), named `name`."""
-    bound = python_types.FunctionType(function.__code__, {**function.__globals__, **names}, name or function.__name__,
-                               function.__defaults__, function.__closure__)
+    bound = python_types.FunctionType(function.__code__, {**function.__globals__, **names},
+                                      name or function.__name__, function.__defaults__, function.__closure__)
     bound.__qualname__ = name or function.__qualname__
     return bound
 
@@ -402,6 +403,8 @@ def kernel_for(spec, options, rounding):
 
 
 def make_kernel(spec, options, rounding):
+    """The rule's two functions compiled with numba's arithmetic, in its own copies of the walks
+    with this kernel's constants, the kernel named by kernel_name (its cache entry's name)."""
     if len(spec.states) > MAX_STATES:
         raise ValueError(f"{spec.name}: the CPU kernels take at most {MAX_STATES} state slots")
     update, block_numbers = (njit(error_model="numpy")(with_names(function, NUMBA_ARITHMETIC))
