@@ -120,6 +120,10 @@ class RuleSpec:
         """The names of the state tensors kept under `options`, in slot (table) order."""
         return [slot.name for slot, present in zip(self.states, self.present(options)) if present]
 
+    def slot(self, name):
+        """The StateSlot named `name`."""
+        return next(slot for slot in self.states if slot.name == name)
+
     def option_variants(self):
         """Every value of Options: the variants a backend can compile."""
         return [self.Options(*values) for values in itertools.product((False, True), repeat=len(self.Options._fields))]

@@ -472,12 +472,12 @@ def test_lr_scheduler_gives_torchs_trajectory(rule, scheduler, device):
 # counts, AMP and clip factors, each rule's numbers) are runtime arguments, so that no value of
 # theirs compiles a new kernel; compile-time arguments are the rule itself (its update, its
 # per-block numbers, its flags, which of its states exist), whether grads are scaled and the lr
-# is a tensor or scheduled (all read from memory), how bf16 params are rounded, element type,
-# alignment, block.
+# is a tensor or scheduled (all read from memory), how states and bf16 params are stored and
+# rounded, element type, alignment, block.
 RUNTIME_ARGUMENTS = ["steps", "found_inf", "grad_scale", "clip_coef", "schedule", "group_step", "schedule_length",
                      "rounding_seed", "lr", "numbers"]
 CONSTEXPR_ARGUMENTS = {"UPDATE", "BLOCK_NUMBERS", "OPTIONS", "STATES", "STEPS", "EXTRA", "SCALED_GRADS", "LR_TENSOR",
-                       "SCHEDULED", "STOCHASTIC", "MASTER", "DTYPE", "ALIGNED", "BLOCK"}
+                       "SCHEDULED", "PARAM_ROUNDING", "STOCHASTIC_STATES", "DTYPE", "ALIGNED", "BLOCK"}
 DEVICE_SCALARS = {"steps", "found_inf", "grad_scale", "clip_coef", "lr", "schedule", "group_step", "rounding_seed"}
 
 
