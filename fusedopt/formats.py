@@ -71,14 +71,15 @@ def blocks_fit(param):
     return (param.numel() // param.shape[0]) % QUANT_BLOCK == 0
 
 
-def state_format(precision, param):
+def state_format(precision, param, coded=True):
     """The format of `param`'s states under `precision` ("fp32", "bf16", "8bit"), from its global
-    shape and dtype; complex params (updated as real views) and fp64 ones keep their dtype."""
+    shape and dtype; complex params (updated as real views) and fp64 ones keep their dtype. A state
+    that may not be `coded` takes bf16 where it would take 8-bit codes."""
     if precision == "fp32" or param.is_complex() or param.dtype == torch.float64 or not param.is_floating_point():
         return PLAIN
     if precision == "bf16" or param.numel() < SMALLEST_QUANTIZED:
         return PLAIN if param.dtype == torch.bfloat16 or param.numel() < SMALLEST_QUANTIZED else BF16
-    return Q8 if blocks_fit(param) else (PLAIN if param.dtype == torch.bfloat16 else BF16)
+    return Q8 if coded and blocks_fit(param) else (PLAIN if param.dtype == torch.bfloat16 else BF16)
 
 
 def zeros(param, fmt, signed):

@@ -256,11 +256,17 @@ class FusedOptimizer(Optimizer):
         for key in self.state_keys(group):
             self.new_state(param, group, key)
 
+    def state_format(self, group, param, key):
+        """The format (fusedopt.formats) state[key] of `param` takes under its group's
+        state_precision."""
+        return formats.state_format(group.get("state_precision", "fp32"), param,
+                                    self.spec.may_code(self.spec.options(group), key))
+
     def new_state(self, param, group, key, fill=0.0):
         """Make state[key] of `param` in the format the group's state_precision gives it
         (fusedopt.formats), holding `fill`."""
         state = self.state[param]
-        fmt = formats.state_format(group.get("state_precision", "fp32"), param)
+        fmt = self.state_format(group, param, key)
         for suffix, tensor in formats.zeros(param, fmt, self.spec.slot(key).signed).items():
             state[key + suffix] = tensor
         if fill != 0:
@@ -322,9 +328,9 @@ class FusedOptimizer(Optimizer):
         rounding of states, and that of the param."""
         state = self.state.get(param, {})
         present = self.spec.present(self.spec.options(group))
-        made = formats.state_format(group.get("state_precision", "fp32"), param)  # a state the step will make
         slots = tuple(formats.ABSENT if not here else formats.format_of(state, slot.name, param) if slot.name in state
-                      else made for slot, here in zip(self.spec.states, present))
+                      else self.state_format(group, param, slot.name)  # a state the step will make
+                      for slot, here in zip(self.spec.states, present))
         return formats.Storage(slots, group.get("state_rounding", "nearest"), self.rounding_of(param))
 
     def rounding_of(self, param):
@@ -682,9 +688,8 @@ class FusedOptimizer(Optimizer):
         """Each state of `param` stored in the format its group's state_precision asks for, where it
         is in torch's layout (a torch.optim checkpoint's)."""
         state = self.state[param]
-        wanted = formats.state_format(group.get("state_precision", "fp32"), param)
         for key in self.state_keys(group):
-            if wanted != formats.PLAIN and key in state and formats.format_of(state, key, param) == formats.PLAIN:
+            if self.state_format(group, param, key) != formats.PLAIN and key in state and formats.format_of(state, key, param) == formats.PLAIN:
                 values = state.pop(key)
                 self.new_state(param, group, key)
                 formats.encode(values, state, key)

@@ -103,7 +103,7 @@ def rounded_reference_step(optimizer, group, params, grads):
         for index, p in enumerate(params):
             for key in keys:
                 if (index, key) not in stored and key in state[p] and formats.format_of(state[p], key, p) == \
-                        formats.PLAIN and formats.state_format(group.get("state_precision", "fp32"), p) != formats.PLAIN:
+                        formats.PLAIN and optimizer.state_format(group, p, key) != formats.PLAIN:
                     values = state[p].pop(key)
                     optimizer.new_state(p, group, key)
                     formats.encode(values, state[p], key, group.get("state_rounding", "nearest"),

@@ -153,13 +153,31 @@ def test_state_tensors_take_the_format_and_cost_the_bytes_it_says(rule, precisio
     optimizer.step()
     for p in params:
         state = optimizer.state[p]
-        for key in optimizer.state_keys(optimizer.param_groups[0]):
-            fmt = formats.state_format(precision, p)
+        group = optimizer.param_groups[0]
+        for key in optimizer.state_keys(group):
+            fmt = formats.state_format(precision, p, optimizer.spec.may_code(optimizer.spec.options(group), key))
             assert formats.format_of(state, key, p) == fmt, (rule, key, p.shape)
             nbytes = sum(state[key + suffix].numel() * state[key + suffix].element_size()
                          for suffix in formats.suffixes(state, key))
             per_element = {formats.PLAIN: 4, formats.BF16: 2, formats.Q8: 1 + 4 / formats.QUANT_BLOCK}[fmt]
             assert nbytes == p.numel() * per_element
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_centered_rmsprop_keeps_its_variance_pair_out_of_8bit_codes(backend):
+    """sqrt(square_avg - grad_avg^2) of two states coded apart could take the root of a negative:
+    under "8bit", centered RMSprop stores that pair in bf16 (its momentum buffer still in codes),
+    and uncentered RMSprop codes square_avg."""
+    expected = {True: {"square_avg": formats.BF16, "momentum_buffer": formats.Q8, "grad_avg": formats.BF16},
+                False: {"square_avg": formats.Q8, "momentum_buffer": formats.Q8}}
+    for centered in (True, False):
+        param = torch.nn.Parameter(torch.randn(64, 128))
+        optimizer = fusedopt.RMSprop([param], lr=0.01, momentum=0.9, centered=centered, state_precision="8bit",
+                                     backend=backend)
+        param.grad = torch.randn(64, 128)
+        optimizer.step()
+        state = optimizer.state[param]
+        assert {key: formats.format_of(state, key, param) for key in expected[centered]} == expected[centered]
 
 
 def test_unknown_formats_raise_value_error_naming_the_argument():
