@@ -35,10 +35,23 @@ class Rule:
     info: object  # the registry's RuleInfo
     options: dict
 
-    def bytes_per_param(self, dtype=torch.float32):
-        if (self.name, dtype) not in _BYTES:  # the registry builds an optimizer to find the states
-            _BYTES[self.name, dtype] = self.info.bytes_per_param(dtype, **self.options)
-        return _BYTES[self.name, dtype]
+    def bytes_per_param(self, dtype=torch.float32, shapes=None):
+        """Bytes a step moves per param: of a large matrix, or averaged over `shapes` (the formats
+        of low-precision states follow each param's shape)."""
+        key = self.name, dtype, shapes
+        if key not in _BYTES:  # the registry builds an optimizer to find the states
+            if shapes is None:
+                _BYTES[key] = self.info.bytes_per_param(dtype, **self.options)
+            else:
+                per_shape = {shape: self.info.bytes_per_param(dtype, shape, **self.options) for shape in set(shapes)}
+                total = sum(math.prod(shape) * per_shape[shape] for shape in shapes)
+                _BYTES[key] = total / sum(math.prod(shape) for shape in shapes)
+        return _BYTES[key]
+
+    @property
+    def stores_low_precision(self):
+        """States in bf16 or 8 bits, or bf16 params with remainders: fusedopt's alone."""
+        return any(key in self.options for key in ("state_precision", "master_weights"))
 
 
 _BYTES = {}
@@ -65,6 +78,8 @@ def build(impl, rule, params, fusedopt_backend="auto"):
         optimizer = rule.info.optimizer(params, **rule.options, backend=fusedopt_backend)
     elif torch_class is None:
         raise Unsupported(f"torch.optim has no {rule.info.optimizer.__name__}")
+    elif rule.stores_low_precision:
+        raise Unsupported("torch.optim keeps its states in the param's dtype")
     elif impl == "torch-compiled":  # torch's default implementation, traced by torch.compile
         torch._dynamo.reset()  # a fresh cache per case: honest compile time, no recompile limit
         optimizer = torch_class(params, **rule.options)
@@ -175,7 +190,7 @@ def step_cases(sets, rules, impls, bytes_per_param=None):
     for s in sets:
         for r in rules:
             for i in impls:
-                bpp = bytes_per_param(i, s.dtype) if bytes_per_param else r.bytes_per_param(s.dtype)
+                bpp = bytes_per_param(i, s.dtype) if bytes_per_param else r.bytes_per_param(s.dtype, s.shapes)
                 rows.append({"param_set": s.name, "rule": r.name, "rule_label": r.label, "impl": i,
                              "impl_label": LABELS.get(i, i), "dtype": str(s.dtype)[6:], "n_params": s.n_params,
                              "n_tensors": len(s.shapes), "bytes_per_param": bpp, "bytes_per_step": bpp * s.n_params,

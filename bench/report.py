@@ -193,7 +193,7 @@ def details(rows, first, per):
     return table([
         (first[0], lambda r: r[first[1]]), ("implementation", lambda r: r["impl_label"]),
         (f"ms/{per}", lambda r: _ms(r["median_ms"])), ("q20-q80 ms", lambda r: f"{_ms(r['q20_ms'])}-{_ms(r['q80_ms'])}"),
-        ("B/param", lambda r: r["bytes_per_param"]), ("GB/s", value("gbs", ",.1f")),
+        ("B/param", lambda r: f"{r['bytes_per_param']:.4g}"), ("GB/s", value("gbs", ",.1f")),
         ("% copy", lambda r: f"{100 * r['copy_fraction']:.0f}" + (f" {UNRELIABLE}" if over_copy(r) else "")
          if r.get("copy_fraction") else None),
         (f"launches/{per}", value("launches_per_step", ",.0f")), ("host ms/step", lambda r: _ms(r.get("host_ms"))),
@@ -246,7 +246,7 @@ def explain_step(row, copy_bps, with_bytes=True):
         parts.append("its tensors fit in L2")
     if with_bytes:
         n = row["n_tensors"]
-        parts.append(f"moves {row['bytes_per_step'] / 1e9:.3g} GB ({row['bytes_per_param']} B/param x "
+        parts.append(f"moves {row['bytes_per_step'] / 1e9:.3g} GB ({row['bytes_per_param']:.4g} B/param x "
                      f"{row['n_params'] / 1e6:.1f}M in {n} tensor{'s' if n != 1 else ''})"
                      + (f", copy-bandwidth floor {_ms(row['bytes_per_step'] / copy_bps * 1e3)} ms" if copy_bps else ""))
     if row.get("launches_per_step") is not None:
@@ -396,7 +396,7 @@ def epilogue_targets(result):
             met, measured = judge(t, f, required)
             why = "; ".join(
                 f"{r['impl']} {_ms(r['median_ms'])} ms (q20-q80 {_ms(r['q20_ms'])}-{_ms(r['q80_ms'])}), "
-                f"{r['bytes_per_param']} B/param = {r['gbs']:,.1f} GB/s{_pct(r.get('copy_fraction'))}"
+                f"{r['bytes_per_param']:.4g} B/param = {r['gbs']:,.1f} GB/s{_pct(r.get('copy_fraction'))}"
                 + (f", {r['launches_per_step']:,.0f} launches" if r.get("launches_per_step") is not None else "")
                 for r in (t, f)) + size_note
             if not cuda:

@@ -121,11 +121,8 @@ class Adagrad(FusedOptimizer):
             raise RuntimeError("`fused` does not support sparse grad or complex param")
 
     def init_state(self, param, group):
-        state = self.state[param]
-        value = group["initial_accumulator_value"]
-        state["step"] = scalar_step_tensor()
-        state["sum"] = torch.full_like(param, complex(value, value) if param.is_complex() else value,
-                                       memory_format=torch.preserve_format)
+        self.state[param]["step"] = scalar_step_tensor()
+        self.new_state(param, group, "sum", fill=group["initial_accumulator_value"])
 
     def hyperparameters(self, group):
         return dict(lr=group["lr"], lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],

@@ -39,6 +39,24 @@ def same_sharding(tensor, other):
     )
 
 
+def same_row_sharding(tensor, scales):
+    """Whether the scales of an 8-bit state of `tensor` (one row of them per dim-0 slice) are split
+    over the ranks as `tensor`'s dim 0 is, so that each rank's scales are those of its rows."""
+    if not is_dtensor(tensor):
+        return not is_dtensor(scales)
+    if not is_dtensor(scales):
+        return False
+    return (scales.shape[0] == tensor.shape[0] and scales.device_mesh == tensor.device_mesh
+            and scales.placements == tensor.placements and splits_rows_only(tensor))
+
+
+def splits_rows_only(tensor):
+    """Whether a DTensor is split over its dim 0 alone (replicated otherwise), so that each shard
+    holds whole dim-0 slices."""
+    return all(placement.is_replicate() or (placement.is_shard() and placement.dim == 0)
+               for placement in tensor.placements)
+
+
 def local_grads(params, grads):
     """The local shards of `grads`, or None where a DTensor param's grad is not split as its
     param (the grads of plain params are passed through: the layout check sees their type)."""

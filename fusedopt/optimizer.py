@@ -11,11 +11,11 @@ import torch
 from torch.optim import Optimizer
 from torch.optim import optimizer as torch_optimizer
 
-from . import compiled, distributed, epilogue, reference
+from . import compiled, distributed, epilogue, formats, reference
 from .backends import resolve_backend, runs_on_kernels
 from .device_schedule import DeviceSchedule, advance_group_step
 from .plan import GroupPlan, grad_of
-from .rounding import check_rounding_seed, keeps_master, param_rounding, rounded_reference_step
+from .rounding import check_rounding_seed, keeps_master, master_key, param_rounding, rounded_reference_step
 from .state import counted, plain
 from .steps import STEP_NOT_A_TENSOR, as_float, as_step_tensor, scalar_step_tensor
 from .tables import GroupStep, step_buffer
@@ -94,6 +94,7 @@ def _capturable_devices():
 
 
 CAPTURABLE_DEVICES = _capturable_devices()
+STORAGE_OPTIONS = ("state_precision", "state_rounding")  # fusedopt's group options of how states are stored
 
 
 def _fused_param_check():
@@ -142,8 +143,15 @@ class FusedOptimizer(Optimizer):
             cls.step = _with_step_hooks(step, of_subclass=True)
 
     def __init__(self, params, defaults, backend=None, *, max_grad_norm=None, schedule=None, schedule_steps=None,
-                 stochastic_rounding=False, master_weights=False, rounding_seed=0, unscale_in_step=True):
+                 stochastic_rounding=False, master_weights=False, rounding_seed=0, unscale_in_step=True,
+                 state_precision="fp32", state_rounding="nearest"):
         check_implementation_flags(defaults)
+        # per group, in param_groups (checkpoints carry them); the defaults only where they are not
+        # torch's layout, so that a group stays torch.optim's otherwise
+        if formats.check_precision(state_precision) != "fp32":
+            defaults["state_precision"] = state_precision
+        if formats.check_state_rounding(state_rounding) != "nearest":
+            defaults["state_rounding"] = state_rounding
         self.param_rounding = param_rounding(stochastic_rounding, master_weights)
         self.rounding_seed = check_rounding_seed(rounding_seed)
         self.backend = resolve_backend(backend)
@@ -174,6 +182,9 @@ class FusedOptimizer(Optimizer):
         return self.unscale_in_step and not self._holds_dtensors
 
     def add_param_group(self, param_group):
+        if isinstance(param_group, dict):
+            formats.check_precision(param_group.get("state_precision", "fp32"))
+            formats.check_state_rounding(param_group.get("state_rounding", "nearest"))
         super().add_param_group(param_group)
         self._holds_dtensors = (getattr(self, "_holds_dtensors", False)
                                 or any(map(distributed.is_dtensor, self.param_groups[-1]["params"])))
@@ -237,13 +248,32 @@ class FusedOptimizer(Optimizer):
         return self.spec.state_names(self.spec.options(group))
 
     def init_state(self, param, group):
-        """torch's lazy state: a step counter (rules that count steps) and zeros like the param for
-        each state tensor."""
+        """torch's lazy state: a step counter (rules that count steps) and zeros for each state
+        tensor, in the format the group's state_precision gives it (like the param by default)."""
         state = self.state[param]
         if self.has_step:
             state["step"] = scalar_step_tensor(param.device if group.get("capturable") else None)
         for key in self.state_keys(group):
-            state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            self.new_state(param, group, key)
+
+    def state_format(self, group, param, key):
+        """The format (fusedopt.formats) state[key] of `param` takes under its group's
+        state_precision."""
+        return formats.state_format(group.get("state_precision", "fp32"), param,
+                                    self.spec.may_code(self.spec.options(group), key))
+
+    def new_state(self, param, group, key, fill=0.0):
+        """Make state[key] of `param` in the format the group's state_precision gives it
+        (fusedopt.formats), holding `fill`."""
+        state = self.state[param]
+        fmt = self.state_format(group, param, key)
+        for suffix, tensor in formats.zeros(param, fmt, self.spec.slot(key).signed).items():
+            state[key + suffix] = tensor
+        if fill != 0:
+            if fmt == formats.PLAIN:
+                state[key].fill_(complex(fill, fill) if param.is_complex() else fill)
+            else:
+                formats.encode(torch.full_like(param, fill, dtype=torch.float32), state, key)
 
     def hyperparameters(self, group):
         """The rule's keyword arguments for its reference function; a tensor lr stays a tensor."""
@@ -286,10 +316,27 @@ class FusedOptimizer(Optimizer):
                 state["step"] = steps[index]
         if self.spec.extra:
             fresh = self.prepare_fresh_buffers(group, params, states)
-        roles = [[state[key] for state in states] for key in keys]
+        roles = [[state[key + suffix] for state in states] for key in keys
+                 for suffix in ("", formats.SCALES) if suffix in formats.suffixes(states[0], key)]
         if masters:
-            roles.append([state["master_param"] for state in states])
+            roles.append([state[master_key(self.param_rounding)] for state in states])
         return roles, steps, fresh
+
+    def storage(self, group, param):
+        """How `param`'s states and the param itself are stored (a fusedopt.formats.Storage): the
+        format of each state slot as its tensors are (absent where the options keep none), the
+        rounding of states, and that of the param."""
+        state = self.state.get(param, {})
+        present = self.spec.present(self.spec.options(group))
+        slots = tuple(formats.ABSENT if not here else formats.format_of(state, slot.name, param) if slot.name in state
+                      else self.state_format(group, param, slot.name)  # a state the step will make
+                      for slot, here in zip(self.spec.states, present))
+        return formats.Storage(slots, group.get("state_rounding", "nearest"), self.rounding_of(param))
+
+    def rounding_of(self, param):
+        """How `param` is stored after a step: "nearest", "stochastic", "master" (an fp32 copy) or
+        "remainder" (the param and a 16-bit remainder): the last three for bf16 params only."""
+        return self.param_rounding if param.dtype == torch.bfloat16 else "nearest"
 
     def buffers_started(self, states, skipped):
         """After a launch that had fresh buffers: it ran on them, or (skipped by AMP) it did not."""
@@ -324,9 +371,18 @@ class FusedOptimizer(Optimizer):
             dtype = grad.dtype
             if self.coupled_weight_decay(group) != 0:
                 dtype = torch.promote_types(dtype, param.dtype)
-            for key in lerped:
-                if state[key].dtype != dtype:
+            for key in lerped:  # (a state in bf16 or 8 bits is decoded to the math dtype: no such error)
+                if state[key].dtype != dtype and formats.format_of(state, key, param) == formats.PLAIN:
                     raise RuntimeError(f"expected dtype {state[key].dtype} for `end` but got dtype {dtype}")
+
+    def check_codes(self, state, group, param):
+        """8-bit codes and scales (put in by the user, or given new storage) that do not fit the
+        param raise before any launch: a kernel would read and write past them."""
+        for key in self.state_keys(group):
+            value = state.get(key)
+            if torch.is_tensor(value) and value.dtype in (torch.int8, torch.uint8):
+                formats.check_codes_fit({name: state[name] for name in (key, key + formats.SCALES) if name in state},
+                                        param, RuntimeError)
 
     def check_not_inference(self, param, group):
         """torch.optim's error at a step outside torch.inference_mode() that would update a tensor
@@ -363,11 +419,15 @@ class FusedOptimizer(Optimizer):
             self.init_state(param, group)
         else:
             self.check_state(state, group, grad, param)
+            self.check_codes(state, group, param)
         if not torch.is_inference_mode_enabled():
             self.check_not_inference(param, group)
-        if self.keeps_master(param) and "master_param" not in self.state[param]:
+        key = master_key(self.param_rounding)
+        if self.keeps_master(param) and key not in self.state[param]:
             with torch.inference_mode(False):  # fusedopt's own: never an inference tensor
-                self.state[param]["master_param"] = param.detach().float().clone(memory_format=torch.preserve_format)
+                self.state[param][key] = (  # the master, or its remainder: 0 while the master is the param
+                    param.detach().float().clone(memory_format=torch.preserve_format) if key == "master_param" else
+                    torch.zeros_like(param, dtype=torch.int16, memory_format=torch.preserve_format))
 
     def keeps_master(self, param):
         """Whether `param` (bf16 under master_weights=True) has an fp32 master copy in its state."""
@@ -475,7 +535,8 @@ class FusedOptimizer(Optimizer):
         scaling = epilogue.StepScaling(getattr(self, "found_inf", None), grad_scale, clip_coef)
         for index, group, plan in plans:
             group_steps = {}
-            if self.schedule is not None or self.param_rounding == "stochastic":
+            if self.schedule is not None or self.param_rounding == "stochastic" or \
+                    group.get("state_rounding") == "stochastic":
                 devices = list(dict.fromkeys(bucket.device for bucket in plan.buckets))
                 group_steps = self._advance_group_step(group, devices)
             plan.launch(self, group, scaling, group_steps)
@@ -586,21 +647,52 @@ class FusedOptimizer(Optimizer):
         return state_dict
 
     def load_state_dict(self, state_dict):
-        """torch.optim's load_state_dict, except that fp32 master copies (master_weights=True) stay
-        fp32: torch casts every state tensor to its param's dtype."""
-        state = state_dict["state"]
-        if not any(isinstance(values, dict) and "master_param" in values for values in state.values()):
-            return super().load_state_dict(state_dict)
-        masters = {key: values["master_param"] for key, values in state.items() if "master_param" in values}
-        state = {key: {name: value for name, value in values.items() if name != "master_param"}
-                 for key, values in state.items()}
-        super().load_state_dict({**state_dict, "state": state})
-        saved_ids = itertools.chain.from_iterable(group["params"] for group in state_dict["param_groups"])
-        params = itertools.chain.from_iterable(group["params"] for group in self.param_groups)
+        """torch.optim's load_state_dict, except for fusedopt's own state tensors, which keep their
+        dtype (torch casts every state tensor to its param's): fp32 master copies and 16-bit
+        remainders, 8-bit codes and their scales, bf16 states beside params of another dtype.
+        States saved in another format than the group asks for (a torch.optim checkpoint loaded
+        into an optimizer with state_precision="8bit") are stored in the group's format; a group
+        saved without fusedopt's storage options keeps this optimizer's. Codes or scales that do
+        not fit their param raise ValueError, and nothing is loaded."""
+        params = list(itertools.chain.from_iterable(group["params"] for group in self.param_groups))
+        saved_ids = list(itertools.chain.from_iterable(group["params"] for group in state_dict["param_groups"]))
+        kept = {}  # saved id -> {key: tensor} of the entries loaded as they are
+        torch_layout = {}
         for saved_id, param in zip(saved_ids, params):
-            if saved_id in masters:
-                master = masters[saved_id]
-                self.state[param]["master_param"] = master.to(device=param.device, dtype=torch.float32, copy=True)
+            values = state_dict["state"].get(saved_id)
+            if not isinstance(values, dict):
+                continue
+            own = {key: value for key, value in values.items() if torch.is_tensor(value) and key != "step"
+                   and formats.keeps_its_dtype(key, value, param)}
+            formats.check_codes_fit(own, param)
+            kept[saved_id] = own
+            torch_layout[saved_id] = {key: value for key, value in values.items() if key not in own}
+        storage = [{key: group[key] for key in STORAGE_OPTIONS if key in group} for group in self.param_groups]
+        super().load_state_dict({**state_dict, "state": {**state_dict["state"], **torch_layout}})
+        for group, options, saved in zip(self.param_groups, storage, state_dict["param_groups"]):
+            for key, value in options.items():
+                if key not in saved:
+                    group[key] = value
+        by_id = dict(zip(saved_ids, params))
+        for saved_id, own in kept.items():
+            param = by_id[saved_id]
+            for key, value in own.items():
+                self.state[param][key] = value.to(device=distributed.local_tensor(param).device, copy=True) \
+                    if not distributed.is_dtensor(value) else value.clone()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param in self.state:
+                    self._store_in_group_format(group, param)
+
+    def _store_in_group_format(self, group, param):
+        """Each state of `param` stored in the format its group's state_precision asks for, where it
+        is in torch's layout (a torch.optim checkpoint's)."""
+        state = self.state[param]
+        for key in self.state_keys(group):
+            if self.state_format(group, param, key) != formats.PLAIN and key in state and formats.format_of(state, key, param) == formats.PLAIN:
+                values = state.pop(key)
+                self.new_state(param, group, key)
+                formats.encode(values, state, key)
 
     def invalidate_plans(self):
         """Forget the cached tensor tables; the next step rebuilds them. (Replaced params, grads

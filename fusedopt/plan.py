@@ -23,8 +23,9 @@ import operator
 
 import torch
 
-from . import distributed, epilogue
+from . import distributed, epilogue, formats
 from .backends import load_kernels, table_class
+from .rounding import master_key
 from .state import is_counted, state_changes
 
 _data_ptr = torch.Tensor.data_ptr
@@ -207,7 +208,7 @@ def launch_key(bucket, optimizer, group, scaling, group_step):
         elif type(value) not in PLAIN_TYPES:
             return None
         values.append(value)
-    return tuple(values), optimizer.param_rounding
+    return tuple(values), bucket.storage
 
 
 class KernelBucket:
@@ -224,6 +225,7 @@ class KernelBucket:
         self.complex = any(p.is_complex() for p in params)
         self.sharded = any(map(distributed.is_dtensor, params))
         self.options = optimizer.structure(group)  # the rule's compile-time options (the plan's structure)
+        self.storage = optimizer.storage(group, params[0])  # how states and params are stored (every member's)
         roles, self.steps, fresh = optimizer.kernel_state(group, params, self.device)
         # No state entries where the rule keeps none (SGD without momentum), as in torch.
         self.keeps_state = bool(roles) or self.steps is not None
@@ -330,9 +332,8 @@ class KernelBucket:
             if scaling.found_inf is not None:
                 self.steps -= scaling.found_inf  # a skipped step does not count
         spec, lr = optimizer.spec, group["lr"]
-        self.table.step(spec, spec.launch_numbers(group, self.table.lr_in_memory(lr)), self.options, lr=lr,
-                        steps=self.steps, fresh=bool(self.fresh_states), scaling=scaling, group_step=group_step,
-                        param_rounding=optimizer.param_rounding)
+        self.table.step(spec, spec.launch_numbers(group, self.table.lr_in_memory(lr)), self.options, self.storage,
+                        lr=lr, steps=self.steps, fresh=bool(self.fresh_states), scaling=scaling, group_step=group_step)
         if self.fresh_states:  # the first step of these momentum buffers: did it run?
             optimizer.buffers_started(self.fresh_states, skipped=scaling.skipped())
 
@@ -388,8 +389,9 @@ class GroupPlan:
             local = distributed.local_tensor(params[index])
             dtype = torch.view_as_real(local).dtype if local.is_complex() else local.dtype
             step = optimizer.state[params[index]].get("step") if optimizer.has_step else None
-            by_bucket.setdefault((local.device, dtype, None if step is None else step.dtype), []).append(index)
-        table_classes = {key: self._table_class(optimizer, *key[:2]) for key in by_bucket}
+            by_bucket.setdefault((local.device, dtype, None if step is None else step.dtype,
+                                  optimizer.storage(group, params[index])), []).append(index)
+        table_classes = {key: self._table_class(optimizer, key[0], key[1], key[3]) for key in by_bucket}
         # a rule whose CPU kernel did not compile for a dtype: the reference takes those params
         by_bucket = {key: indices for key, indices in by_bucket.items() if table_classes[key] is not None}
         on_bucket = {index for indices in by_bucket.values() for index in indices}
@@ -415,28 +417,31 @@ class GroupPlan:
                             and not self.buckets[0].sharded and len(params) == len(group["params"])
                             and all(type(p) in PLAIN_PARAM_TYPES for p in params))
 
-    def _table_class(self, optimizer, device, dtype):
-        """The tensor table of a (device, dtype) bucket (fusedopt.backends.table_class), once the
-        backend's kernel of the rule is ready for the dtype (the numba kernels compile it now);
-        None where it is not."""
+    def _table_class(self, optimizer, device, dtype, storage):
+        """The tensor table of a (device, dtype, storage) bucket (fusedopt.backends.table_class),
+        once the backend's kernel of the rule is ready for them (the numba kernels compile it
+        now); None where it is not."""
         tables = table_class(optimizer.backend, device)
-        return tables if tables.ready(optimizer.spec, self.structure, optimizer.param_rounding, dtype) else None
+        return tables if tables.ready(optimizer.spec, self.structure, storage, dtype) else None
 
     @staticmethod
     def _state_tensors(optimizer, group, param):
-        """The state tensors a kernel would walk beside `param`: each role's, and its fp32 master."""
+        """The state tensors a kernel would walk beside `param`: each role's (values, and the scales
+        of 8-bit codes, else None), and its master (fp32 copy or remainder)."""
         state = optimizer.state.get(param, {})
-        tensors = [state[key] for key in optimizer.state_keys(group) if key in state]
-        master = state.get("master_param") if optimizer.keeps_master(param) else None
+        tensors = [(state[key], state.get(key + formats.SCALES) if formats.format_of(state, key, param) == formats.Q8
+                    else None) for key in optimizer.state_keys(group) if key in state]
+        master = state.get(master_key(optimizer.param_rounding)) if optimizer.keeps_master(param) else None
         return tensors, master
 
     @classmethod
     def _written_tensors(cls, optimizer, group, param):
-        """What a step of `param` writes, as strided local tensors: the param, its states, master
-        copy and step count."""
+        """What a step of `param` writes, as strided local tensors: the param, its states (and their
+        scales), master and step count."""
         states, master = cls._state_tensors(optimizer, group, param)
         step = optimizer.state.get(param, {}).get("step") if optimizer.has_step else None
-        tensors = [param, *states, *([] if master is None else [master]), *([step] if torch.is_tensor(step) else [])]
+        tensors = [param, *(t for pair in states for t in pair if t is not None), *([] if master is None else [master]),
+                   *([step] if torch.is_tensor(step) else [])]
         return [t for t in map(distributed.local_tensor, tensors) if t.layout == torch.strided]
 
     def _reference_written(self, optimizer, group):
@@ -447,15 +452,18 @@ class GroupPlan:
         """Whether param, grad, states and master can be walked by a kernel: their local shards,
         for a DTensor param, whose grad and states must then be split as the param is."""
         states, master = self._state_tensors(optimizer, group, param)
-        others = (grad, *states, *([] if master is None else [master]))
+        others = (grad, *(values for values, _ in states), *([] if master is None else [master]))
         if not all(distributed.same_sharding(param, t) for t in others):
+            return False
+        if not all(distributed.same_row_sharding(param, scales) for _, scales in states if scales is not None):
             return False
         step = optimizer.state[param].get("step") if optimizer.has_step else None
         if step is not None and step.dtype not in (torch.float32, torch.float64):
             return False  # counted in its own dtype, as torch does (a bf16 count stops at 256)
         local = distributed.local_tensor
         return table_class(optimizer.backend, local(param).device).fits(
-            local(param), local(grad), list(map(local, states)), None if master is None else local(master))
+            local(param), local(grad), [(local(values), None if scales is None else local(scales))
+                                        for values, scales in states], None if master is None else local(master))
 
     def _without_shared_memory(self, optimizer, group, params, grads, candidates):
         """The candidates whose memory (param, states, master, step count written; grad read)

@@ -20,11 +20,15 @@ from .rmsprop import RMSprop
 from .sgd import SGD
 
 
+LARGE_MATRIX = (4096, 4096)  # a param whose states take every format (the benchmarks' bytes per param)
+
+
 @dataclass(frozen=True)
 class Benchmark:
     """One variant of a rule the benchmarks time: `name` on the command line and in the JSON,
     `label` in tables and plots, constructor `options`, and the bytes a step must move per fp32
-    param (the design's table: param, grad and each state read, param and each state written)."""
+    param of LARGE_MATRIX's shape (the design's table: param, grad and each state read, param and
+    each state written, each in its format)."""
 
     name: str
     label: str
@@ -98,11 +102,23 @@ class RuleInfo:
         optimizer = self.optimizer([torch.nn.Parameter(torch.zeros(1))], backend="torch", **options)
         return list(optimizer.state_keys(optimizer.param_groups[0]))
 
-    def bytes_per_param(self, dtype=torch.float32, **options):
-        """Bytes a step must move per param, steady state: param, grad and every state read once,
-        param and every state written once, all in the param's dtype."""
-        states = len(self.state_keys(**options))
-        return ((2 + states) + (1 + states)) * torch.empty((), dtype=dtype).element_size()
+    def bytes_per_param(self, dtype=torch.float32, shape=LARGE_MATRIX, **options):
+        """Bytes a step must move per param of `shape`, steady state: param, grad and every state
+        read once, param and every state written once; the param and grad in `dtype`, each state
+        in the format its state_precision gives such a param (fusedopt.formats: the param's dtype,
+        bf16, or 8-bit codes with a 4-byte scale per block), a 16-bit remainder or an fp32 master
+        read and written beside a bf16 param."""
+        from . import formats, rounding
+
+        param = torch.empty(shape, dtype=dtype, device="meta")
+        element = param.element_size()
+        fmt = formats.state_format(options.pop("state_precision", "fp32"), param)
+        state = {formats.PLAIN: element, formats.BF16: 2, formats.Q8: 1 + 4 / formats.QUANT_BLOCK}[fmt]
+        master = {"master": 4, "remainder": 2}.get(rounding.param_rounding(
+            options.pop("stochastic_rounding", False), options.pop("master_weights", False)), 0)
+        options.pop("state_rounding", None)
+        total = 3 * element + 2 * state * len(self.state_keys(**options))
+        return total + 2 * master if dtype == torch.bfloat16 else total
 
 
 class Pick:
@@ -244,7 +260,11 @@ RULES = {info.name: info for info in (
              richest=({"amsgrad": True, "maximize": True},),
              stateful={},
              option_values={"amsgrad": (False, True), "weight_decay": (0.0, 0.1), "maximize": (False, True)},
-             benchmarks=(Benchmark("adamw", "AdamW", {"lr": 1e-3, "weight_decay": 1e-2}, 28),),
+             benchmarks=(Benchmark("adamw_bf16", "AdamW, bf16 states",
+                                   {"lr": 1e-3, "weight_decay": 1e-2, "state_precision": "bf16"}, 20),
+                         Benchmark("adamw_8bit", "AdamW, 8-bit states",
+                                   {"lr": 1e-3, "weight_decay": 1e-2, "state_precision": "8bit"}, 16.25),
+                         Benchmark("adamw", "AdamW", {"lr": 1e-3, "weight_decay": 1e-2}, 28)),
              api_options=dict(lr=0.05, weight_decay=0.1),
              second_group=dict(lr=0.01, weight_decay=0.5, amsgrad=True),
              changed_by_hand=(dict(betas=(0.5, 0.9)), dict(weight_decay=0.3), dict(eps=1e-2)),

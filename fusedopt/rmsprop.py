@@ -76,7 +76,9 @@ RMSPROP = RuleSpec(
     states=(StateSlot("square_avg", signed=False), StateSlot("momentum_buffer", signed=True, present_when="momentum"),
             StateSlot("grad_avg", signed=True, present_when="centered")),
     Options=RmspropOptions, options=rmsprop_options, Launch=RmspropLaunch, launch_numbers=rmsprop_launch_numbers,
-    Block=RmspropBlock, block_numbers=rmsprop_block_numbers, update=rmsprop_update)
+    Block=RmspropBlock, block_numbers=rmsprop_block_numbers, update=rmsprop_update,
+    # centered: sqrt(square_avg - grad_avg^2) of two 8-bit codings can take the root of a negative
+    uncoded=(("centered", ("square_avg", "grad_avg")),))
 
 
 class RMSprop(FusedOptimizer):

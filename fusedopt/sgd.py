@@ -149,8 +149,10 @@ class SGD(FusedOptimizer):
         for param, state in zip(params, states):
             buffer = state.get("momentum_buffer")
             if buffer is None:
-                buffer = torch.zeros_like(param, memory_format=torch.preserve_format).neg_()
-                state["momentum_buffer"] = buffer
+                self.new_state(param, group, "momentum_buffer")
+                buffer = state["momentum_buffer"]
+                if buffer.is_floating_point():
+                    buffer.neg_()
                 self._unstarted_buffers[id(buffer)] = buffer
             fresh.append(self._unstarted_buffers.get(id(buffer)) is buffer)
         return fresh

@@ -91,7 +91,10 @@ class RuleSpec:
     the group's values (the CPU kernels run a launch again while those stay the same), and where
     `lr_on_device` the kernel reads the lr from memory, so that nothing computed from it on the
     host is used. `steps`: block_numbers reads each tensor's step count; `extra`: it reads a
-    per-tensor integer the optimizer sets (SGD: a momentum buffer that starts at this step)."""
+    per-tensor integer the optimizer sets (SGD: a momentum buffer that starts at this step).
+    `uncoded`: (option, slot names) pairs: under that compile-time option those slots are never
+    8-bit codes (state_precision="8bit" stores them in bf16), where the rule subtracts one state
+    from another and two codings apart could turn the difference's sign."""
 
     name: str
     states: tuple
@@ -104,12 +107,16 @@ class RuleSpec:
     update: Callable
     steps: bool = False
     extra: bool = False
+    uncoded: tuple = ()
 
     def __post_init__(self):
         for slot in self.states:
             if slot.present_when is not None and slot.present_when not in self.Options._fields:
                 raise ValueError(f"{self.name}: state {slot.name!r} is present_when {slot.present_when!r}, "
                                  f"which is not one of its options {self.Options._fields}")
+        for option, names in self.uncoded:
+            if option not in self.Options._fields or not set(names) <= {slot.name for slot in self.states}:
+                raise ValueError(f"{self.name}: uncoded ({option!r}, {names}) names an unknown option or state")
         check_update(self.name, self.update, [slot.name for slot in self.states])
 
     def present(self, options):
@@ -119,6 +126,14 @@ class RuleSpec:
     def state_names(self, options):
         """The names of the state tensors kept under `options`, in slot (table) order."""
         return [slot.name for slot, present in zip(self.states, self.present(options)) if present]
+
+    def may_code(self, options, name):
+        """Whether state `name` may be stored as 8-bit codes under `options`."""
+        return not any(getattr(options, option) and name in names for option, names in self.uncoded)
+
+    def slot(self, name):
+        """The StateSlot named `name`."""
+        return next(slot for slot in self.states if slot.name == name)
 
     def option_variants(self):
         """Every value of Options: the variants a backend can compile."""

@@ -11,8 +11,10 @@ EXTRA_ROW = 1  # one per-tensor integer a rule may read (RuleSpec.extra: SGD's f
 FIRST_ADDRESS_ROW = 2  # then one row of addresses per role: param, grad, each present state, master
 PARAM_ROW, GRAD_ROW, FIRST_STATE_ROW = FIRST_ADDRESS_ROW, FIRST_ADDRESS_ROW + 1, FIRST_ADDRESS_ROW + 2
 
-# The dtypes a kernel walks (complex params as their real views)
+# The dtypes a kernel walks (complex params as their real views), and those states may have besides
+# their param's (fusedopt.formats: bf16 states, 8-bit codes)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+STATE_DTYPES = (torch.bfloat16, torch.int8, torch.uint8)
 
 _launches = 0
 
@@ -72,18 +74,35 @@ def holds_its_values(tensor, cpu_tensors):
 
 
 def fits_kernel(param, grad, states, master=None, *, cpu_tensors):
-    """Whether (param, grad, states and an fp32 master copy) can go through a kernel: plain tensors
-    holding their values, one dense span each, laid out alike (`cpu_tensors`: see holds_its_values)."""
-    if not all(holds_its_values(t, cpu_tensors) for t in (param, grad, *states, *([] if master is None else [master]))):
+    """Whether (param, grad, states and a master) can go through a kernel: plain tensors holding
+    their values, one dense span each, laid out alike (`cpu_tensors`: see holds_its_values).
+    `states`: (values, scales) pairs: values in the param's dtype, bf16 or 8-bit codes, laid out as
+    the param; scales (of 8-bit codes, else None), fp32, one per QUANT_BLOCK elements of a
+    contiguous param. `master`: an fp32 copy or an int16 remainder, laid out as the param."""
+    from .formats import QUANT_BLOCK
+
+    tensors = (param, grad, *(t for pair in states for t in pair if t is not None), *([] if master is None else [master]))
+    if not all(holds_its_values(t, cpu_tensors) for t in tensors):
         return False
     param = real_view(param)
     if param.dtype not in KERNEL_DTYPES:
         return False
     if grad.is_sparse or not is_dense(param):
         return False
-    if master is not None and not same_layout(param, master, torch.float32):
+    if master is not None and (master.dtype not in (torch.float32, torch.int16)
+                               or not same_layout(param, master, master.dtype)):
         return False
-    return all(same_layout(param, real_view(t)) for t in (grad, *states))
+    for values, scales in states:
+        values = real_view(values)
+        if values.dtype not in (param.dtype, *STATE_DTYPES) or not same_layout(param, values, values.dtype):
+            return False
+        if (values.dtype in (torch.int8, torch.uint8)) != (scales is not None):
+            return False
+        if scales is not None and not (param.is_contiguous() and values.is_contiguous() and scales.is_contiguous()
+                                       and scales.dtype == torch.float32 and scales.device == param.device
+                                       and scales.numel() * QUANT_BLOCK == param.numel()):
+            return False
+    return same_layout(param, real_view(grad))
 
 
 def check_span(tensor, cpu_tensors):
@@ -184,17 +203,21 @@ class TensorTable:
         """Whether the kernel reads `lr` from memory: a tensor on this table's device."""
         return torch.is_tensor(lr) and lr.device == self.device
 
-    def step(self, spec, numbers, options, *, lr, steps=None, fresh=False, scaling=None, group_step=None,
-             param_rounding="nearest"):
+    def step(self, spec, numbers, options, storage, *, lr, steps=None, fresh=False, scaling=None, group_step=None):
         """One launch applying the rule `spec` (a fusedopt.spec.RuleSpec) to every tensor of the
-        table, whose roles are param, grad, the states present under `options` (slot order) and,
-        with param_rounding "master", the fp32 master copies: `numbers`, the rule's launch
-        numbers (spec.Launch); `steps`, each tensor's step count (rules with step counts), already
-        incremented unless the table's `counts_steps` says its launch adds the step itself;
-        `fresh`, whether the per-tensor integers are to be read (spec.extra); `scaling`
-        (found_inf, grad_scale, clip_coef: fusedopt.epilogue.StepScaling, on the table's device)
-        skips the step or unscales and clips the grads; `lr` may be a one-element tensor on the
-        table's device; `group_step` (a GroupStep) brings a schedule and a rounding seed;
-        `param_rounding` is "nearest", "stochastic" or "master" (bf16 tables; others round to
-        nearest)."""
+        table, whose roles are param, grad, the states present under `options` (slot order: each
+        state's values, and the scales of 8-bit ones) and the params' masters (fp32 copies or
+        16-bit remainders), all stored as `storage` (fusedopt.formats.Storage) says: `numbers`,
+        the rule's launch numbers (spec.Launch); `steps`, each tensor's step count (rules with step
+        counts), already incremented unless the table's `counts_steps` says its launch adds the
+        step itself; `fresh`, whether the per-tensor integers are to be read (spec.extra);
+        `scaling` (found_inf, grad_scale, clip_coef: fusedopt.epilogue.StepScaling, on the table's
+        device) skips the step or unscales and clips the grads; `lr` may be a one-element tensor on
+        the table's device; `group_step` (a GroupStep) brings a schedule and a rounding seed."""
         raise NotImplementedError
+
+    @classmethod
+    def ready(cls, spec, options, storage, dtype):
+        """Whether this backend's kernel of the rule under `options`, for `storage` and params of
+        `dtype`, can run (compiling it now where the backend compiles ahead)."""
+        return True

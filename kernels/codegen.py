@@ -18,8 +18,17 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from .. import formats
 from .grad_norm import INF_NORM, P_NORM, TWO_NORM, grad_norm_kernel
-from .multi_tensor import NUM_WARPS, block_size, kernel_dtype, rule_functions, update_kernel
+from .multi_tensor import (
+    NUM_WARPS,
+    PARAM_ROUNDINGS,
+    block_size,
+    kernel_dtype,
+    rule_functions,
+    state_formats,
+    update_kernel,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 TABLE_ARGS = ("tensor_table", "block_table")
@@ -46,20 +55,28 @@ def code_variants(spec):
 
 
 # The epilogue's flags: grads scaled (AMP, clipping), the lr read from memory (a tensor lr, a
-# schedule's factor, both), the bf16 param's rounding (stochastic, or an fp32 master copy), on
-# each rule's richest variant; the rounding variants for bf16 only.
-PARAM_ROUNDING = ("STOCHASTIC", "MASTER")
-PLAIN = dict(SCALED_GRADS=False, LR_TENSOR=False, SCHEDULED=False, STOCHASTIC=False, MASTER=False)
+# schedule's factor, both), on each rule's richest variant; then the storage variants on it: the
+# bf16 param's rounding (stochastic, an fp32 master copy, a 16-bit remainder) for bf16 only, the
+# states in bf16 and in 8 bits (nearest, stochastic) for fp32 params, and bf16 params with 8-bit
+# states and remainders (2 + 2 + 2 bytes per param of Adam).
+PLAIN = dict(SCALED_GRADS=False, LR_TENSOR=False, SCHEDULED=False, ROUNDING=False, STATES=False,
+             STOCHASTIC_STATES=False)
+STORAGE_VARIANTS = [(("bf16",), dict(ROUNDING=rounding)) for rounding in ("stochastic", "master", "remainder")]
+STORAGE_VARIANTS += [(("fp32",), dict(STATES=precision)) for precision in ("bf16", "8bit")]
+STORAGE_VARIANTS += [(("fp32",), dict(STATES="8bit", STOCHASTIC_STATES=True)),
+                     (("bf16",), dict(STATES="8bit", ROUNDING="remainder"))]
 KERNEL_OPTIONS = {}
 for _name, _spec in rule_specs().items():
-    _sets = [({**flags, **PLAIN, "SCALED_GRADS": scaled}, (_spec, options, extra))
+    _sets = [({**flags, **PLAIN, "SCALED_GRADS": scaled}, (_spec, options, extra), None)
              for flags, options, extra in code_variants(_spec) for scaled in (False, True)]
-    _richest_flags, _richest = _sets[-1]
-    _sets += [({**_richest_flags, "LR_TENSOR": t, "SCHEDULED": s}, _richest) for t, s in ((True, False), (False, True),
-                                                                                          (True, True))]
-    _sets += [({**_richest_flags, "SCHEDULED": True, rounding: True}, _richest) for rounding in PARAM_ROUNDING]
+    _richest_flags, _richest, _ = _sets[-1]
+    _sets += [({**_richest_flags, "LR_TENSOR": t, "SCHEDULED": s}, _richest, None)
+              for t, s in ((True, False), (False, True), (True, True))]
+    _sets += [({**_richest_flags, "SCHEDULED": True, **storage}, _richest, dtypes)
+              for dtypes, storage in STORAGE_VARIANTS]
     KERNEL_OPTIONS[_name] = (update_kernel, _sets)
-KERNEL_OPTIONS["grad_norm"] = (grad_norm_kernel, [(dict(NORM=kind), None) for kind in (TWO_NORM, INF_NORM, P_NORM)])
+KERNEL_OPTIONS["grad_norm"] = (grad_norm_kernel, [(dict(NORM=kind), None, None)
+                                                  for kind in (TWO_NORM, INF_NORM, P_NORM)])
 NORM_NAMES = {TWO_NORM: "l2", INF_NORM: "linf", P_NORM: "lp"}
 # Pointer arguments other than the tables: (element type, element type for fp64 kernels).
 POINTER_ARGS = {"steps": ("fp32", "fp32"), "found_inf": ("fp32", "fp32"), "grad_scale": ("fp32", "fp32"),
@@ -77,8 +94,8 @@ class Specialization:
 
     @property
     def name(self):
-        flags = "_".join(NORM_NAMES[v] if k == "NORM" else k.lower() for k, v in self.options.items()
-                         if v is not False) or "plain"
+        flags = "_".join(NORM_NAMES[v] if k == "NORM" else f"{k.lower()}_{v}" if isinstance(v, str) else k.lower()
+                         for k, v in self.options.items() if v is not False) or "plain"
         return f"{self.rule}_{flags}_{self.dtype}_{'aligned' if self.aligned else 'unaligned'}"
 
 
@@ -86,8 +103,8 @@ def specializations(rules=None, dtypes=None, aligned=(True, False)):
     for rule, (_, option_sets) in KERNEL_OPTIONS.items():
         if rules and rule not in rules:
             continue
-        for (options, arguments), dtype, is_aligned in itertools.product(option_sets, dtypes or DTYPES, aligned):
-            if dtype == "bf16" or not any(options.get(rounding) for rounding in PARAM_ROUNDING):
+        for (options, arguments, only), dtype, is_aligned in itertools.product(option_sets, dtypes or DTYPES, aligned):
+            if only is None or dtype in only:
                 yield Specialization(rule, dtype, is_aligned, options, arguments)
 
 
@@ -101,9 +118,15 @@ def compile_specialization(spec, arch):
     else:
         rule, options, extra = spec.arguments
         update, block_numbers = rule_functions(rule)
+        precision, rounding = spec.options["STATES"] or "fp32", spec.options["ROUNDING"] or "nearest"
+        made = formats.state_format(precision, torch.empty(formats.QUANT_BLOCK, formats.SMALLEST_QUANTIZED,
+                                                           dtype=torch_dtype))
+        storage = formats.Storage(tuple(made if present else formats.ABSENT for present in rule.present(options)),
+                                  "stochastic" if spec.options["STOCHASTIC_STATES"] else "nearest", rounding)
         constexprs.update({name: value for name, value in spec.options.items() if name in kernel.arg_names},
-                          UPDATE=update, BLOCK_NUMBERS=block_numbers, OPTIONS=options, STATES=rule.present(options),
-                          STEPS=rule.steps, EXTRA=extra)
+                          UPDATE=update, BLOCK_NUMBERS=block_numbers, OPTIONS=options,
+                          STATES=state_formats(rule, storage), STEPS=rule.steps, EXTRA=extra,
+                          PARAM_ROUNDING=PARAM_ROUNDINGS[rounding])
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:

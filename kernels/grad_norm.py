@@ -47,7 +47,8 @@ def grad_norm_kernel(
     NORM: tl.constexpr,  # TWO_NORM, INF_NORM or P_NORM
     DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    tensor, offsets, numel, full = locate_block(tensor_table, block_table, num_tensors, num_blocks, BLOCK, ALIGNED)
+    tensor, offsets, numel, full, _ = locate_block(tensor_table, block_table, num_tensors, num_blocks, BLOCK,
+                                                   ALIGNED)
     grad_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 1, DTYPE, ALIGNED)
     # unscaled before squaring, as unscale_ then clip_grad_norm_ see them (a scaled norm overflows)
     inv_scale = (1.0 / tl.load(grad_scale).to(tl.float64)).to(tl.float32)

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 import torch
 
-from .. import tables
+from .. import formats, tables
 from ..spec import ARITHMETIC
 from ..tables import GroupStep, count_launch, launch_count  # noqa: F401 (the kernels' API)
 
@@ -110,6 +110,17 @@ def rule_functions(spec):
     return functions
 
 
+PARAM_ROUNDINGS = {"nearest": 0, "stochastic": 1, "master": 2, "remainder": 3}  # the kernel's PARAM_ROUNDING
+
+
+def state_formats(spec, storage):
+    """The kernel's STATES: each slot's format code (ABSENT, PLAIN_STATE, BF16_STATE, Q8_SIGNED,
+    Q8_UNSIGNED) from the bucket's storage and the slot's sign."""
+    codes = {formats.ABSENT: 0, formats.PLAIN: 1, formats.BF16: 2}
+    return tuple(codes[fmt] if fmt in codes else 3 if slot.signed else 4
+                 for fmt, slot in zip(storage.states, spec.states))
+
+
 class TensorTable(tables.TensorTable):
     """A bucket's tensor table (fusedopt.tables), launched by the Triton kernels: on CUDA tensors,
     and on CPU tensors through the Triton interpreter."""
@@ -125,7 +136,7 @@ class TensorTable(tables.TensorTable):
         self.neutral = torch.tensor([0.0, 1.0]).to(self.device, non_blocking=True)
 
     @classmethod
-    def ready(cls, spec, options, param_rounding, dtype):
+    def ready(cls, spec, options, storage, dtype):
         return True  # compiled at the first launch, by Triton's own cache
 
     def scaling_arguments(self, scaling):
@@ -139,36 +150,33 @@ class TensorTable(tables.TensorTable):
         )
         return found_inf, grad_scale, clip_coef, True
 
-    def lr_arguments(self, lr, group_step, param_rounding):
+    def lr_arguments(self, lr, group_step):
         """(lr, (schedule, group_step, schedule_length, rounding_seed), constexprs LR_TENSOR,
-        SCHEDULED, STOCHASTIC, MASTER). A tensor lr on this device is read by the kernel from
-        memory (no host sync, and a captured CUDA graph sees in-place changes); anything else goes
-        as a number. `group_step` (a GroupStep or None) brings the schedule that scales it and
-        the seed of stochastic rounding; `param_rounding` is "nearest", "stochastic" or "master"
-        (for bf16 tables; others always round to nearest)."""
+        SCHEDULED). A tensor lr on this device is read by the kernel from memory (no host sync, and
+        a captured CUDA graph sees in-place changes); anything else goes as a number. `group_step`
+        (a GroupStep or None) brings the schedule that scales it and the seed of stochastic
+        rounding."""
         lr_tensor = self.lr_in_memory(lr)
         lr = lr if lr_tensor else float(lr)
         group_step = group_step or GroupStep(self.tensor_table)
         factors = group_step.factors
-        rounding = param_rounding if self.dtype == torch.bfloat16 else "nearest"
         arguments = (self.tensor_table if factors is None else factors, group_step.count,
                      1 if factors is None else factors.numel(),
                      self.tensor_table if group_step.rounding_seed is None else group_step.rounding_seed)
-        return lr, arguments, dict(LR_TENSOR=lr_tensor, SCHEDULED=factors is not None,
-                                   STOCHASTIC=rounding == "stochastic", MASTER=rounding == "master")
+        return lr, arguments, dict(LR_TENSOR=lr_tensor, SCHEDULED=factors is not None)
 
-    def step(self, spec, numbers, options, *, lr, steps=None, fresh=False, scaling=None, group_step=None,
-             param_rounding="nearest"):
+    def step(self, spec, numbers, options, storage, *, lr, steps=None, fresh=False, scaling=None, group_step=None):
         """fusedopt.tables.TensorTable.step: one launch of the update kernel."""
         found_inf, grad_scale, clip_coef, scaled = self.scaling_arguments(scaling)
-        lr, schedule_arguments, lr_flags = self.lr_arguments(lr, group_step, param_rounding)
+        lr, schedule_arguments, lr_flags = self.lr_arguments(lr, group_step)
         update, block_numbers = rule_functions(spec)
         self.launch(
             update_kernel,
             self.tensor_table if steps is None else steps, found_inf, grad_scale, clip_coef, *schedule_arguments,
             lr, numbers._make(map(float, numbers)),
-            UPDATE=update, BLOCK_NUMBERS=block_numbers, OPTIONS=options, STATES=spec.present(options),
-            STEPS=spec.steps, EXTRA=fresh, SCALED_GRADS=scaled, **lr_flags,
+            UPDATE=update, BLOCK_NUMBERS=block_numbers, OPTIONS=options, STATES=state_formats(spec, storage),
+            STEPS=spec.steps, EXTRA=fresh, SCALED_GRADS=scaled, PARAM_ROUNDING=PARAM_ROUNDINGS[storage.param_rounding],
+            STOCHASTIC_STATES=storage.state_rounding == "stochastic", **lr_flags,
         )
 
     def launch(self, kernel, *arguments, **constexprs):
@@ -196,11 +204,18 @@ class TensorTable(tables.TensorTable):
 NUMEL_ROW = tl.constexpr(tables.NUMEL_ROW)
 EXTRA_ROW = tl.constexpr(tables.EXTRA_ROW)
 FIRST_ADDRESS_ROW = tl.constexpr(tables.FIRST_ADDRESS_ROW)
+# How a param is stored (fusedopt.formats.Storage.param_rounding), and each state (STATE_FORMATS)
+NEAREST, STOCHASTIC, MASTER, REMAINDER = (tl.constexpr(code) for code in range(4))
+ABSENT, PLAIN_STATE, BF16_STATE, Q8_SIGNED, Q8_UNSIGNED = (tl.constexpr(code) for code in range(5))
+QUANT_BLOCK = tl.constexpr(formats.QUANT_BLOCK)
+SIGNED_CODES = tl.constexpr(float(formats.SIGNED_CODES))
+UNSIGNED_CODES = tl.constexpr(float(formats.UNSIGNED_CODES))
 
 
 @triton.jit
 def locate_block(tensor_table, block_table, num_tensors, num_blocks, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
-    """This program's tensor, its element offsets, the tensor's size, and whether the block is full."""
+    """This program's tensor, its element offsets, the tensor's size, whether the block is full, and
+    its first element."""
     block = tl.program_id(0)
     tensor = tl.load(block_table + block)
     start = tl.load(block_table + num_blocks + block)
@@ -208,7 +223,7 @@ def locate_block(tensor_table, block_table, num_tensors, num_blocks, BLOCK: tl.c
     if ALIGNED:
         start = tl.multiple_of(start, BLOCK)
     offsets = start + tl.arange(0, BLOCK)
-    return tensor, offsets, numel, start + BLOCK <= numel
+    return tensor, offsets, numel, start + BLOCK <= numel, start
 
 
 @triton.jit
@@ -298,32 +313,122 @@ def stochastic_round_to_bfloat16(values, random_bits):
 
 
 @triton.jit
-def load_param(param_ptr, master_ptr, offsets, numel, MASTER: tl.constexpr, FULL: tl.constexpr):
-    """The param the update starts from: its fp32 master copy (MASTER), else the param."""
-    if MASTER:
+def load_param(param_ptr, master_ptr, offsets, numel, ROUNDING: tl.constexpr, FULL: tl.constexpr):
+    """The param the update starts from: its fp32 master copy (MASTER), the master its bf16 param
+    and 16-bit remainder stand for (REMAINDER), else the param."""
+    if ROUNDING == MASTER:
         return load_block(master_ptr, offsets, numel, FULL)
+    elif ROUNDING == REMAINDER:
+        if FULL:
+            high = tl.load(param_ptr + offsets).to(tl.uint16, bitcast=True)
+            low = tl.load(master_ptr + offsets)
+        else:
+            high = tl.load(param_ptr + offsets, mask=offsets < numel, other=0.0).to(tl.uint16, bitcast=True)
+            low = tl.load(master_ptr + offsets, mask=offsets < numel, other=0)
+        bits = (high.to(tl.uint32) << 16) + low.to(tl.int32).to(tl.uint32)
+        return bits.to(tl.float32, bitcast=True)
     else:
         return load_block(param_ptr, offsets, numel, FULL)
 
 
 @triton.jit
-def store_param(param_ptr, master_ptr, offsets, numel, values, rounding_seed, tensor, group_step,
-                MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, FULL: tl.constexpr):
+def store_param(param_ptr, master_ptr, offsets, numel, values, random_bits, ROUNDING: tl.constexpr,
+                FULL: tl.constexpr):
     """Store the updated param: into the fp32 master copy too (MASTER), and into the param rounded
-    to nearest, or (STOCHASTIC, bf16) stochastically with random bits that depend only on the
-    seed, the element, the tensor and the group's step count: reproducible, replayable."""
-    if MASTER:
+    to nearest; or (STOCHASTIC, bf16) rounded stochastically with `random_bits` (which depend only
+    on the seed, the element, the tensor and the group's step count: reproducible, replayable); or
+    (REMAINDER) as the bf16 param, rounded to nearest with ties away from zero, and the 16-bit
+    remainder that gives the fp32 master back exactly."""
+    if ROUNDING == MASTER:
         store_block(master_ptr, offsets, numel, values, FULL)
-    if STOCHASTIC:
-        random_bits, _, _, _ = tl.philox(tl.load(rounding_seed), offsets.to(tl.int32), tensor.to(tl.int32),
-                                         tl.load(group_step).to(tl.int32), 0)
-        rounded = stochastic_round_to_bfloat16(values, random_bits)
-        if FULL:
-            tl.store(param_ptr + offsets, rounded)
-        else:
-            tl.store(param_ptr + offsets, rounded, mask=offsets < numel)
+    if ROUNDING == STOCHASTIC:
+        store_values(param_ptr, offsets, numel, stochastic_round_to_bfloat16(values, random_bits), FULL)
+    elif ROUNDING == REMAINDER:
+        bits = values.to(tl.uint32, bitcast=True)
+        high = (bits + 0x8000) >> 16
+        remainder = (bits - (high << 16)).to(tl.uint16).to(tl.int16, bitcast=True)
+        high = tl.where(values != values, 0x7FC0, high)  # NaN stays NaN (carry could flip it)
+        store_values(param_ptr, offsets, numel, high.to(tl.uint16).to(tl.bfloat16, bitcast=True), FULL)
+        store_values(master_ptr, offsets, numel, remainder, FULL)
     else:
         store_block(param_ptr, offsets, numel, values, FULL)
+
+
+@triton.jit
+def store_values(pointer, offsets, numel, values, FULL: tl.constexpr):
+    """Store a block of values of the tensor's own type."""
+    if FULL:
+        tl.store(pointer + offsets, values)
+    else:
+        tl.store(pointer + offsets, values, mask=offsets < numel)
+
+
+# ---- states in their formats (fusedopt.formats): decoded on load, encoded on store ----
+
+@triton.jit
+def load_state(values_ptr, scales_ptr, offsets, start, numel, FORMAT: tl.constexpr, FULL: tl.constexpr,
+               BLOCK: tl.constexpr):
+    """A state's block in the math dtype: as stored (PLAIN, BF16: widened), or decoded from 8-bit
+    codes and their blocks' scales: code x scale / 127 (signed), (code x scale / 255)^2 (the
+    non-negative, stored as square roots)."""
+    if FORMAT == Q8_SIGNED or FORMAT == Q8_UNSIGNED:
+        if FULL:
+            codes = tl.load(values_ptr + offsets)
+        else:
+            codes = tl.load(values_ptr + offsets, mask=offsets < numel, other=0)
+        groups = start // QUANT_BLOCK + tl.arange(0, BLOCK // QUANT_BLOCK)
+        scales = tl.load(scales_ptr + groups, mask=groups * QUANT_BLOCK < numel, other=0.0)
+        if FORMAT == Q8_SIGNED:
+            units = scales / SIGNED_CODES
+        else:
+            units = scales / UNSIGNED_CODES
+        values = tl.reshape(tl.reshape(codes.to(tl.float32), (BLOCK // QUANT_BLOCK, QUANT_BLOCK)) * units[:, None],
+                            (BLOCK,))
+        if FORMAT == Q8_UNSIGNED:
+            values = values * values
+        return values
+    else:
+        return load_block(values_ptr, offsets, numel, FULL)
+
+
+@triton.jit
+def store_state(values_ptr, scales_ptr, offsets, start, numel, values, random_bits, FORMAT: tl.constexpr,
+                STOCHASTIC_STATES: tl.constexpr, FULL: tl.constexpr, BLOCK: tl.constexpr):
+    """Store a state's block in its format: rounded to nearest (or, STOCHASTIC_STATES, stochastically
+    with `random_bits`) in its own dtype or bf16; or as 8-bit codes with each block's new scale,
+    computed here (fusedopt.formats' codec, the same operations in the same order)."""
+    if FORMAT == Q8_SIGNED or FORMAT == Q8_UNSIGNED:
+        grouped = tl.reshape(values, (BLOCK // QUANT_BLOCK, QUANT_BLOCK))
+        if FORMAT == Q8_UNSIGNED:
+            grouped = tl.sqrt(tl.maximum(grouped, 0.0, propagate_nan=tl.PropagateNan.ALL))
+        largest = tl.max(tl.abs(grouped), axis=1)
+        has_nan = tl.max((grouped != grouped).to(tl.int32), axis=1) > 0  # tl.max may drop a NaN
+        scales = tl.where(has_nan, float("nan"), largest)
+        safe = tl.where(scales > 0, scales, 1.0)
+        if FORMAT == Q8_SIGNED:
+            scaled = grouped / safe[:, None] * SIGNED_CODES
+        else:
+            scaled = grouped / safe[:, None] * UNSIGNED_CODES
+        if STOCHASTIC_STATES:
+            fraction = tl.reshape((random_bits & 0xFFFF).to(tl.float32) * (1.0 / 65536),
+                                  (BLOCK // QUANT_BLOCK, QUANT_BLOCK))
+            codes = tl.floor(scaled + fraction)
+        else:
+            codes = tl.floor(scaled + 0.5)
+        if FORMAT == Q8_SIGNED:
+            codes = tl.minimum(tl.maximum(codes, -SIGNED_CODES), SIGNED_CODES)
+        else:
+            codes = tl.minimum(tl.maximum(codes, 0.0), UNSIGNED_CODES)
+            codes = tl.where((grouped > 0) & (codes == 0), 1.0, codes)  # a nonzero value never reads as zero
+        codes = tl.where(codes == codes, codes, 0.0)  # a NaN's code: 0 (its block's scale is NaN)
+        codes = tl.reshape(codes, (BLOCK,)).to(values_ptr.dtype.element_ty)
+        store_values(values_ptr, offsets, numel, codes, FULL)
+        groups = start // QUANT_BLOCK + tl.arange(0, BLOCK // QUANT_BLOCK)
+        tl.store(scales_ptr + groups, scales, mask=groups * QUANT_BLOCK < numel)
+    elif STOCHASTIC_STATES and FORMAT == BF16_STATE:
+        store_values(values_ptr, offsets, numel, stochastic_round_to_bfloat16(values, random_bits), FULL)
+    else:
+        store_block(values_ptr, offsets, numel, values, FULL)
 
 
 @triton.jit
@@ -342,24 +447,41 @@ def store_block(pointer, offsets, numel, values, FULL: tl.constexpr):
 # ---- the one update kernel ----
 
 @triton.jit
-def update_block(param_ptr, master_ptr, grad_ptr, state_ptrs, offsets, numel, block_numbers, inv_scale, clip_factor,
-                 rounding_seed, tensor, group_step, UPDATE: tl.constexpr, OPTIONS: tl.constexpr, STATES: tl.constexpr,
-                 SCALED_GRADS: tl.constexpr, MASTER: tl.constexpr, STOCHASTIC: tl.constexpr, FULL: tl.constexpr):
-    """Load one block of param, grad and the present states, apply the rule, store them back."""
-    param = load_param(param_ptr, master_ptr, offsets, numel, MASTER, FULL)
+def update_block(param_ptr, master_ptr, grad_ptr, value_ptrs, scale_ptrs, offsets, start, numel, block_numbers,
+                 inv_scale, clip_factor, random_streams, UPDATE: tl.constexpr, OPTIONS: tl.constexpr,
+                 STATES: tl.constexpr, SCALED_GRADS: tl.constexpr, PARAM_ROUNDING: tl.constexpr,
+                 STOCHASTIC_STATES: tl.constexpr, FULL: tl.constexpr, BLOCK: tl.constexpr):
+    """Load one block of param, grad and the present states (decoded), apply the rule, store them
+    back (encoded)."""
+    param = load_param(param_ptr, master_ptr, offsets, numel, PARAM_ROUNDING, FULL)
     grad = scale_grad(load_block(grad_ptr, offsets, numel, FULL), inv_scale, clip_factor, SCALED_GRADS)
     states = ()
     for slot in tl.static_range(len(STATES)):
-        if STATES[slot]:
-            states = states + (load_block(state_ptrs[slot], offsets, numel, FULL),)
-        else:
+        if STATES[slot] == ABSENT:
             states = states + (grad,)  # a state the launch has not: the rule does not read it
+        else:
+            states = states + (load_state(value_ptrs[slot], scale_ptrs[slot], offsets, start, numel, STATES[slot],
+                                          FULL, BLOCK),)
     updated = UPDATE(param, grad, *states, block_numbers, OPTIONS)  # (param, *states)
-    store_param(param_ptr, master_ptr, offsets, numel, updated[0], rounding_seed, tensor, group_step, MASTER,
-                STOCHASTIC, FULL)
+    store_param(param_ptr, master_ptr, offsets, numel, updated[0], random_streams[0], PARAM_ROUNDING, FULL)
     for slot in tl.static_range(len(STATES)):
-        if STATES[slot]:
-            store_block(state_ptrs[slot], offsets, numel, updated[1 + slot], FULL)
+        if STATES[slot] != ABSENT:
+            store_state(value_ptrs[slot], scale_ptrs[slot], offsets, start, numel, updated[1 + slot],
+                        random_streams[1 + slot], STATES[slot], STOCHASTIC_STATES, FULL, BLOCK)
+
+
+@triton.jit
+def state_pointer(tensor_table, num_tensors, tensor, role, FORMAT: tl.constexpr, DTYPE: tl.constexpr,
+                  ALIGNED: tl.constexpr):
+    """Typed pointer to a state of FORMAT, beside params of DTYPE (plain states are DTYPE)."""
+    if FORMAT == BF16_STATE:
+        return tensor_pointer(tensor_table, num_tensors, tensor, role, tl.bfloat16, ALIGNED)
+    elif FORMAT == Q8_SIGNED:
+        return tensor_pointer(tensor_table, num_tensors, tensor, role, tl.int8, ALIGNED)
+    elif FORMAT == Q8_UNSIGNED:
+        return tensor_pointer(tensor_table, num_tensors, tensor, role, tl.uint8, ALIGNED)
+    else:
+        return tensor_pointer(tensor_table, num_tensors, tensor, role, DTYPE, ALIGNED)
 
 
 @triton.jit(do_not_specialize=["num_tensors", "num_blocks"])
@@ -370,40 +492,52 @@ def update_kernel(
     steps,  # [num_tensors] step counts, already incremented for this step (STEPS)
     found_inf, grad_scale, clip_coef,  # one-element tensors, read when SCALED_GRADS
     schedule, group_step, schedule_length,  # the lr schedule's factors (SCHEDULED), the group's step count
-    rounding_seed,  # int64 seed of stochastic rounding (STOCHASTIC)
+    rounding_seed,  # int64 seed of stochastic rounding (of the param or the states)
     lr,  # a number, or a one-element tensor (LR_TENSOR)
     numbers,  # the rule's numbers for this launch (its RuleSpec.Launch)
     UPDATE: tl.constexpr,  # the rule's update (RuleSpec.update, compiled: rule_functions)
     BLOCK_NUMBERS: tl.constexpr,  # the rule's per-block numbers (RuleSpec.block_numbers, compiled)
     OPTIONS: tl.constexpr,  # the rule's compile-time options (its RuleSpec.Options)
-    STATES: tl.constexpr,  # which of the rule's state slots the table holds (a tuple of bools)
+    STATES: tl.constexpr,  # each state slot's format (ABSENT where the options keep none; STATE_FORMATS)
     STEPS: tl.constexpr,  # read each tensor's step count
     EXTRA: tl.constexpr,  # read each tensor's integer of EXTRA_ROW
     SCALED_GRADS: tl.constexpr,  # skip on found_inf; grads unscaled and clipped in registers
     LR_TENSOR: tl.constexpr,  # lr points at a one-element tensor
     SCHEDULED: tl.constexpr,  # the lr is multiplied by the schedule's factor at this step
-    STOCHASTIC: tl.constexpr,  # bf16 params are rounded stochastically
-    MASTER: tl.constexpr,  # an fp32 master copy of the param is the role after the states
+    PARAM_ROUNDING: tl.constexpr,  # NEAREST, STOCHASTIC (bf16), MASTER (an fp32 copy), REMAINDER (16 bits)
+    STOCHASTIC_STATES: tl.constexpr,  # bf16 and 8-bit states are rounded stochastically
     DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    tensor, offsets, numel, full = locate_block(tensor_table, block_table, num_tensors, num_blocks, BLOCK, ALIGNED)
+    tensor, offsets, numel, full, start = locate_block(tensor_table, block_table, num_tensors, num_blocks, BLOCK,
+                                                       ALIGNED)
     skip, inv_scale, clip_factor = False, 1.0, 1.0
     if SCALED_GRADS:
         skip, inv_scale, clip_factor = grad_scaling(found_inf, grad_scale, clip_coef)
     if not skip:
         param_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 0, DTYPE, ALIGNED)
         grad_ptr = tensor_pointer(tensor_table, num_tensors, tensor, 1, DTYPE, ALIGNED)
-        state_ptrs = ()
-        role = 2  # the present states' roles follow param and grad, in slot order
+        value_ptrs = ()
+        scale_ptrs = ()
+        role = 2  # the present states' roles follow param and grad, in slot order: values, then any scales
         for slot in tl.static_range(len(STATES)):
-            if STATES[slot]:
-                state_ptrs = state_ptrs + (tensor_pointer(tensor_table, num_tensors, tensor, role, DTYPE, ALIGNED),)
-                role += 1
+            if STATES[slot] == ABSENT:
+                value_ptrs = value_ptrs + (param_ptr,)  # not dereferenced
+                scale_ptrs = scale_ptrs + (param_ptr,)
             else:
-                state_ptrs = state_ptrs + (param_ptr,)  # not dereferenced
+                value_ptrs = value_ptrs + (state_pointer(tensor_table, num_tensors, tensor, role, STATES[slot],
+                                                         DTYPE, ALIGNED),)
+                role += 1
+                if STATES[slot] == Q8_SIGNED or STATES[slot] == Q8_UNSIGNED:
+                    scale_ptrs = scale_ptrs + (tensor_pointer(tensor_table, num_tensors, tensor, role, tl.float32,
+                                                              ALIGNED),)
+                    role += 1
+                else:
+                    scale_ptrs = scale_ptrs + (param_ptr,)  # not dereferenced
         master_ptr = param_ptr
-        if MASTER:
+        if PARAM_ROUNDING == MASTER:
             master_ptr = tensor_pointer(tensor_table, num_tensors, tensor, role, tl.float32, ALIGNED)
+        elif PARAM_ROUNDING == REMAINDER:
+            master_ptr = tensor_pointer(tensor_table, num_tensors, tensor, role, tl.int16, ALIGNED)
         COMPUTE: tl.constexpr = tl.float64 if DTYPE == tl.float64 else tl.float32
         step = 0.0
         if STEPS:
@@ -416,11 +550,18 @@ def update_kernel(
                                           step, extra, numbers, True, COMPUTE)
         else:  # a number lr is passed on as it came: the interpreter would round a copy of it to fp32
             block_numbers = BLOCK_NUMBERS(lr, step, extra, numbers, False, COMPUTE)
+        random_streams = (offsets, offsets, offsets, offsets)  # not read unless something rounds stochastically
+        if PARAM_ROUNDING == STOCHASTIC or STOCHASTIC_STATES:
+            # random bits that depend only on the seed, the element, the tensor and the group's step
+            # count: reproducible, and fresh at every replay of a captured graph; one stream for the
+            # param, one for each state slot
+            random_streams = tl.philox(tl.load(rounding_seed), offsets.to(tl.int32), tensor.to(tl.int32),
+                                       tl.load(group_step).to(tl.int32), 0)
         if full:
-            update_block(param_ptr, master_ptr, grad_ptr, state_ptrs, offsets, numel, block_numbers, inv_scale,
-                         clip_factor, rounding_seed, tensor, group_step, UPDATE, OPTIONS, STATES, SCALED_GRADS, MASTER,
-                         STOCHASTIC, True)
+            update_block(param_ptr, master_ptr, grad_ptr, value_ptrs, scale_ptrs, offsets, start, numel,
+                         block_numbers, inv_scale, clip_factor, random_streams, UPDATE, OPTIONS, STATES,
+                         SCALED_GRADS, PARAM_ROUNDING, STOCHASTIC_STATES, True, BLOCK)
         else:
-            update_block(param_ptr, master_ptr, grad_ptr, state_ptrs, offsets, numel, block_numbers, inv_scale,
-                         clip_factor, rounding_seed, tensor, group_step, UPDATE, OPTIONS, STATES, SCALED_GRADS, MASTER,
-                         STOCHASTIC, False)
+            update_block(param_ptr, master_ptr, grad_ptr, value_ptrs, scale_ptrs, offsets, start, numel,
+                         block_numbers, inv_scale, clip_factor, random_streams, UPDATE, OPTIONS, STATES,
+                         SCALED_GRADS, PARAM_ROUNDING, STOCHASTIC_STATES, False, BLOCK)

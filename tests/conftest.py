@@ -32,6 +32,25 @@ def device(request):
     return request.param
 
 
+@pytest.fixture(params=["python check", "compiled check"])
+def table_check(request, monkeypatch):
+    """The check that a cached tensor table still describes the tensors: the Python one, or the
+    compiled one (fusedopt.native)."""
+    from fusedopt import native
+
+    if request.param == "python check":
+        monkeypatch.setattr(native, "table_check_class", lambda: None)
+        return request.param
+    compiled = native.table_check_class()
+    if compiled is None:
+        try:
+            compiled = native.build()
+        except RuntimeError as error:
+            pytest.skip(str(error))
+    monkeypatch.setattr(native, "table_check_class", lambda: compiled)
+    return request.param
+
+
 # The kernels that are fastest for a device's tensors.
 DEVICE_KERNELS = {"cpu": "numba", "cuda": "triton"}
 

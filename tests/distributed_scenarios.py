@@ -719,6 +719,156 @@ def fsdp2_bf16_stochastic(rule, backend):
     return record
 
 
+# ---- states in bf16 and 8 bits, bf16 params with 16-bit remainders (fusedopt.formats) ----
+
+
+def wide_model(seed=0, dtype=torch.float32):
+    """Weights large enough for the state formats: (128, 100), whose rows are not whole 64-element
+    blocks (bf16 states under "8bit"), and (37, 128), 8-bit, whose 37 rows split 19/18 over 2 ranks;
+    the biases stay below the threshold (plain)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(100, 128), nn.Tanh(), nn.Linear(128, 37)).to(dtype)
+
+
+def wide_loss(model, step):
+    """This rank's rows of the global batch of `step`, as `batch` splits them."""
+    generator = torch.Generator().manual_seed(2000 + step)
+    x, y = torch.randn(GLOBAL_BATCH, 100, generator=generator), torch.randn(GLOBAL_BATCH, 37, generator=generator)
+    rows = GLOBAL_BATCH // WORLD.world_size
+    dtype = next(model.parameters()).dtype
+    return F.mse_loss(model(x[WORLD.rank * rows:][:rows].to(dtype)), y[WORLD.rank * rows:][:rows].to(dtype))
+
+
+def storage_layout(model, optimizer, precision):
+    """Problems with the formats of the states: each slot's format that of its param's global
+    shape, its values (codes) placed like the param, its scales a DTensor of (rows, blocks per
+    row) sharded like the param's rows."""
+    from fusedopt import formats
+
+    problems = []
+    for name, p in model.named_parameters():
+        state = optimizer.state[p]
+        for key in optimizer.state_keys(optimizer.param_groups[0]):
+            fmt = formats.format_of(state, key, p)
+            if fmt != formats.state_format(precision, p):
+                problems.append(f"{name} state[{key!r}]: {fmt}, expected {formats.state_format(precision, p)}")
+            for suffix in formats.suffixes(state, key):
+                value = state[key + suffix]
+                if not is_dtensor(value) or value.placements != p.placements:
+                    problems.append(f"{name} state[{key + suffix!r}]: {type(value).__name__} "
+                                    f"{getattr(value, 'placements', None)}, param {p.placements}")
+                expected = p.shape if suffix == "" else (p.shape[0], p.shape[1] // formats.QUANT_BLOCK)
+                if tuple(value.shape) != tuple(expected):
+                    problems.append(f"{name} state[{key + suffix!r}]: shape {tuple(value.shape)} != {tuple(expected)}")
+    return problems
+
+
+def fsdp2_formats(rule, backend, precision, param_rounding="nearest"):
+    """fusedopt with states in `precision` on fully_shard'ed models, beside the same optimizer on an
+    unsharded copy given the same (gathered) grads: the blocks of a state lie within rows, the
+    format follows the global shape, so sharded and unsharded runs agree bit for bit. With
+    param_rounding="remainder", a bf16 model whose masters are 16-bit remainders beside the
+    unsharded one with fp32 masters (master_weights=True)."""
+    from fusedopt.rounding import join_master
+
+    dtype = torch.bfloat16 if param_rounding == "remainder" else torch.float32
+    sharded_model, whole_model = shard(wide_model(dtype=dtype), mesh_of()), wide_model(dtype=dtype)
+    options = dict(state_precision=precision)
+    sharded = fused_optimizer(rule, sharded_model.parameters(), backend, **options,
+                              **({} if param_rounding == "nearest" else dict(master_weights="remainder")))
+    whole = fused_optimizer(rule, whole_model.parameters(), backend, **options,
+                            **({} if param_rounding == "nearest" else dict(master_weights=True)))
+    launches = []
+    for step in range(STEPS):
+        wide_loss(sharded_model, step).backward()
+        grads = full_values([p.grad for p in sharded_model.parameters()])
+        for q, grad in zip(whole_model.parameters(), grads):
+            q.grad = grad.clone()
+        before = launch_count()
+        sharded.step()
+        launches.append(launch_count() - before)
+        whole.step()
+        sharded.zero_grad()
+        whole.zero_grad()
+    record = dict(layout=storage_layout(sharded_model, sharded, precision), launches=launches, differ=[],
+                  storages=len({sharded.storage(sharded.param_groups[0], p) for p in sharded_model.parameters()}))
+    params = full_values(list(sharded_model.parameters()))
+    for (name, q), mine in zip(whole_model.named_parameters(), params):
+        if not torch.equal(mine, q.detach()):
+            record["differ"].append(f"param {name}")
+    sharded_states = full_states(named_states(sharded_model, sharded))
+    for name, q in whole_model.named_parameters():
+        theirs, mine = whole.state[q], sharded_states[name]
+        if param_rounding == "remainder":
+            master = join_master(params[[n for n, _ in whole_model.named_parameters()].index(name)],
+                                 mine.pop("master_remainder"))
+            if not torch.equal(master.view(torch.int32), theirs["master_param"].view(torch.int32)):
+                record["differ"].append(f"{name} master")
+            theirs = {key: value for key, value in theirs.items() if key != "master_param"}
+        if set(mine) != set(theirs):
+            record["differ"].append(f"{name}: state keys {sorted(mine)} != {sorted(theirs)}")
+            continue
+        record["differ"] += [f"{name} state[{key!r}]" for key, value in theirs.items()
+                             if not torch.equal(mine[key], value)]
+    return record
+
+
+def dcp_formats_save(tag, backend):
+    """AdamW with 8-bit states on this world, 2 steps, dcp.save; the global values of every param
+    and state (codes, scales) saved by rank 0 for the loading side."""
+    model = shard(wide_model(), mesh_of())
+    optimizer = fused_optimizer("adamw", model.parameters(), backend, state_precision="8bit")
+    for step in range(2):
+        wide_loss(model, step).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    path = reshard_path(f"formats-{tag}", "adamw", backend)
+    path.mkdir(parents=True, exist_ok=True)
+    dcp_save(model, optimizer, path / "dcp")
+    values = snapshot(model, optimizer)
+    if WORLD.rank == 0:
+        torch.save(values, path / "expected.pt")
+    dist().barrier()
+    return dict(world_size=WORLD.world_size)
+
+
+def dcp_formats_load(tag, backend):
+    """That checkpoint loaded on another world size into an optimizer with 8-bit states: codes and
+    scales exactly as saved; then 2 steps beside the plain-torch reference loaded from the same
+    checkpoint: within a code step."""
+    from fusedopt import formats
+
+    path = reshard_path(f"formats-{tag}", "adamw", backend)
+    models = [shard(wide_model(seed=1), mesh_of()) for _ in range(2)]
+    fused, reference = (fused_optimizer("adamw", model.parameters(), kind, state_precision="8bit")
+                        for model, kind in zip(models, (backend, "torch")))
+    for model, optimizer in zip(models, (fused, reference)):
+        dcp_load(model, optimizer, path / "dcp")
+    saved_params, saved_states = torch.load(path / "expected.pt", weights_only=True)
+    loaded_params, loaded_states = snapshot(models[0], fused)
+    loaded = [f"param {name} differs from the saved value" for name in saved_params
+              if not torch.equal(loaded_params[name], saved_params[name])]
+    loaded += compare_states(loaded_states, saved_states, rtol=0.0, atol=0.0)
+    loaded += storage_layout(models[0], fused, "8bit")
+    for step in range(2, 4):
+        for model, optimizer in zip(models, (fused, reference)):
+            wide_loss(model, step).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    continued = []
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        for key in fused.state_keys(fused.param_groups[0]):
+            mine, theirs = full_values([formats.decode(fused.state[p], key, torch.float32),
+                                        formats.decode(reference.state[q], key, torch.float32)])
+            step = 2 * theirs.abs().max() / formats.SIGNED_CODES  # a code that fell the other way
+            continued += compare_tensor(mine, theirs, f"{name} state[{key!r}]", 0.0, float(step))
+    params = full_values(list(models[0].parameters()) + list(models[1].parameters()))
+    half = len(params) // 2
+    for name, mine, theirs in zip([n for n, _ in models[0].named_parameters()], params[:half], params[half:]):
+        continued += compare_tensor(mine, theirs, f"param {name}", 1e-4, 4 * OPTIONS["adamw"]["lr"])
+    return dict(world_size=WORLD.world_size, loaded=loaded, continued=continued)
+
+
 # ---- torch.distributed.checkpoint ----
 
 
@@ -985,6 +1135,16 @@ def _register_all():
         for rounding in ("master", "stochastic"):
             register("dcp-bf16", dcp_bf16_resume, rounding=rounding, backend=backend)
         register("fsdp2-max-grad-norm", fsdp2_max_grad_norm, backend=backend)
+        for rule in ("adam", "sgd"):
+            for precision in ("bf16", "8bit"):
+                register("formats", fsdp2_formats, rule=rule, backend=backend, precision=precision)
+        register("formats", fsdp2_formats, rule="adamw", backend=backend, precision="8bit",
+                 param_rounding="remainder")
+        if plumbing:
+            saved_on_1 = register("formats-save", dcp_formats_save, phase="save1", tag="1to2", backend=backend)
+            register("formats-load", dcp_formats_load, needs=[saved_on_1], tag="1to2", backend=backend)
+            saved_on_2 = register("formats-save", dcp_formats_save, tag="2to1", backend=backend)
+            register("formats-load", dcp_formats_load, phase="load1", needs=[saved_on_2], tag="2to1", backend=backend)
 
 
 _register_all()

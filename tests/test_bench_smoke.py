@@ -240,11 +240,25 @@ def test_backend_choices_come_from_fusedopt():
 
 def test_bytes_per_param_follow_the_design_table():
     """The bytes counted from each variant's state tensors are those the registry states (the
-    design's table), and half of them in bf16."""
+    design's table), and half of them in bf16 (where the states are in the param's dtype)."""
     for name, rule in cases.RULES.items():
         declared = next(b.bytes_per_param for b in rule.info.benchmarks if b.name == name)
         assert rule.bytes_per_param() == declared, name
-        assert rule.bytes_per_param(torch.bfloat16) * 2 == declared, name
+        if not rule.stores_low_precision:
+            assert rule.bytes_per_param(torch.bfloat16) * 2 == declared, name
+
+
+def test_low_precision_states_move_the_bytes_of_their_formats():
+    """AdamW's two states in bf16: 2 bytes each way; in 8 bits: a code and a 4-byte scale per 64;
+    a 1-D param's 8-bit states fall back to bf16, a small param's stay in its dtype."""
+    assert cases.RULES["adamw_bf16"].bytes_per_param() == 12 + 2 * 2 * 2
+    assert cases.RULES["adamw_8bit"].bytes_per_param() == 12 + 2 * 2 * (1 + 4 / 64)
+    assert cases.RULES["adamw_8bit"].bytes_per_param(torch.float32, ((100_000,),)) == 20
+    assert cases.RULES["adamw_8bit"].bytes_per_param(torch.float32, ((4096,), (64, 64))) == (20 + 16.25) / 2
+    assert cases.RULES["adamw_8bit"].bytes_per_param(torch.float32, ((4000,),)) == 28
+    assert cases.RULES["adamw_8bit"].bytes_per_param(torch.bfloat16, ((512, 512),)) == 6 + 4.25
+    with pytest.raises(cases.Unsupported, match="states in the param's dtype"):
+        cases.build("torch-fused", cases.RULES["adamw_8bit"], [torch.nn.Parameter(torch.zeros(2))])
     from bench.epilogue import bytes_per_param as epilogue_bytes
 
     assert (epilogue_bytes("fusedopt"), epilogue_bytes("torch-composition")) == (32, 48)

@@ -232,6 +232,36 @@ def test_a_compiled_step_of_every_param_dtype_under_inductor_matches_the_eager_s
         torch.testing.assert_close(ours, eager, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("storage", [dict(state_precision="bf16"), dict(state_precision="8bit"),
+                                     dict(state_precision="8bit", state_rounding="stochastic"),
+                                     dict(state_precision="8bit", master_weights="remainder")],
+                         ids=["bf16", "8bit", "8bit-stochastic", "8bit-remainder"])
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_a_compiled_step_with_low_precision_states_matches_the_eager_step(storage, backend):
+    """States in bf16 or 8 bits (codes and scales), bf16 params with remainders: the compiled step
+    writes what the eager one writes, bit for bit."""
+    dtype = torch.bfloat16 if "master_weights" in storage else torch.float32
+    results = []
+    for compiler in (None, "inductor"):
+        torch.manual_seed(0)
+        params = [torch.randn(64, 128, dtype=dtype, requires_grad=True), torch.randn(5000, requires_grad=True)]
+        optimizer = fusedopt.AdamW(params, lr=0.1, backend=backend, **storage)
+        step = optimizer.step if compiler is None else torch.compile(optimizer.step, backend=compiler)
+        torch._dynamo.reset()
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=generator).to(p.dtype)
+            step()
+        torch._dynamo.reset()
+        results.append([p.detach().clone() for p in params] +
+                       [value.clone() for p in params for value in optimizer.state[p].values()])
+    expected = torch.bfloat16 if storage["state_precision"] == "bf16" else torch.int8
+    assert optimizer.state[params[0]]["exp_avg"].dtype == expected, "scenario setting"
+    for ours, eager in zip(*reversed(results)):
+        torch.testing.assert_close(ours, eager, rtol=0, atol=0)
+
+
 def reduce_overhead_run(make, compiled):
     """Params after 4 steps of a whole training step on CUDA, compiled with mode="reduce-overhead"
     (CUDA graphs) or eager, and the number of graphs inductor did not capture."""

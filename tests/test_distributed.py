@@ -387,6 +387,44 @@ def test_stochastic_rounding_on_shards_stays_within_bf16_rounding_of_the_fp32_tr
     assert_none(ranks, "beyond_rounding")
 
 
+# ---- states in bf16 and 8 bits, bf16 params with remainders ----
+
+FORMATS = names("formats")
+
+
+@pytest.mark.parametrize("scenario", FORMATS)
+def test_sharded_states_take_the_format_of_the_global_shape_placed_like_their_params(outcome):
+    assert_none(outcome.values(), "layout")
+
+
+@pytest.mark.parametrize("scenario", FORMATS)
+def test_sharded_low_precision_states_step_bit_for_bit_as_unsharded_ones(outcome):
+    assert_none(outcome.values(), "differ")
+
+
+@pytest.mark.parametrize("scenario", FORMATS)
+def test_sharded_low_precision_states_launch_once_per_storage(outcome, scenario):
+    ranks = outcome.values()
+    expected = 0 if backend_of(scenario) == "torch" else ranks[0]["storages"]
+    # fp32 params: 8-bit, bf16 (rows not whole blocks) and plain (small) states; bf16 params: no bf16 tier
+    eight_bit = kwargs_of(scenario)["precision"] == "8bit" and "remainder" not in scenario
+    assert ranks[0]["storages"] == (3 if eight_bit else 2), "scenario setting"
+    assert [value["launches"] for value in ranks] == [[expected] * STEPS] * len(ranks)
+
+
+@pytest.mark.parametrize("scenario", names("formats-load"))
+def test_dcp_reshards_8bit_codes_and_scales_exactly(outcome, scenario):
+    ranks = outcome.values()
+    saved_on = 1 if kwargs_of(scenario)["tag"] == "1to2" else 2
+    assert [value["world_size"] for value in ranks] == [3 - saved_on] * (3 - saved_on)
+    assert_none(ranks, "loaded")
+
+
+@pytest.mark.parametrize("scenario", names("formats-load"))
+def test_training_continues_after_resharding_8bit_states_as_the_reference(outcome):
+    assert_none(outcome.values(), "continued")
+
+
 # ---- torch.distributed.checkpoint ----
 
 TRANSFERS = names("dcp-transfer")

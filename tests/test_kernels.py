@@ -472,12 +472,12 @@ def test_lr_scheduler_gives_torchs_trajectory(rule, scheduler, device):
 # counts, AMP and clip factors, each rule's numbers) are runtime arguments, so that no value of
 # theirs compiles a new kernel; compile-time arguments are the rule itself (its update, its
 # per-block numbers, its flags, which of its states exist), whether grads are scaled and the lr
-# is a tensor or scheduled (all read from memory), how bf16 params are rounded, element type,
-# alignment, block.
+# is a tensor or scheduled (all read from memory), how states and bf16 params are stored and
+# rounded, element type, alignment, block.
 RUNTIME_ARGUMENTS = ["steps", "found_inf", "grad_scale", "clip_coef", "schedule", "group_step", "schedule_length",
                      "rounding_seed", "lr", "numbers"]
 CONSTEXPR_ARGUMENTS = {"UPDATE", "BLOCK_NUMBERS", "OPTIONS", "STATES", "STEPS", "EXTRA", "SCALED_GRADS", "LR_TENSOR",
-                       "SCHEDULED", "STOCHASTIC", "MASTER", "DTYPE", "ALIGNED", "BLOCK"}
+                       "SCHEDULED", "PARAM_ROUNDING", "STOCHASTIC_STATES", "DTYPE", "ALIGNED", "BLOCK"}
 DEVICE_SCALARS = {"steps", "found_inf", "grad_scale", "clip_coef", "lr", "schedule", "group_step", "rounding_seed"}
 
 
@@ -525,7 +525,8 @@ def test_sizes_and_step_counts_are_not_specialised():
 def test_hyperparameters_reach_the_kernel_as_floats(rule, device, monkeypatch):
     """The rule's numbers launched with the kernel are Python floats whatever the user passed (an
     int 0 weight decay), so one compiled kernel serves every value; its flags are booleans; a
-    tensor lr on the params' device goes in as a pointer, read by the kernel (no host sync)."""
+    tensor lr on the params' device goes in as a pointer, read by the kernel (no host sync); each
+    state's storage format is a compile-time code."""
     kernel = update_kernel()
     seen = []
     original = kernel.run
@@ -553,7 +554,10 @@ def test_hyperparameters_reach_the_kernel_as_floats(rule, device, monkeypatch):
         assert all(kind == ("Tensor" if name in DEVICE_SCALARS else "float") for name, kind in kinds.items()), kinds
         # the rule's launch numbers: its Launch NamedTuple, every field a float
         assert type(numbers) is fused.spec.Launch and all(type(value) is float for value in numbers)
-        assert all(type(flag) is bool for flag in (*constexprs["OPTIONS"], *constexprs["STATES"]))
+        assert all(type(flag) is bool for flag in constexprs["OPTIONS"])
+        # each state slot's storage format: a small int code (absent, plain, bf16, signed or unsigned 8-bit)
+        assert all(type(code) is int and 0 <= code <= 4 for code in constexprs["STATES"])
+        assert all(code == 1 for code in constexprs["STATES"] if code)  # fp32 states by default
 
 
 # ---- closures and a model ----

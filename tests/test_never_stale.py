@@ -22,22 +22,10 @@ BACKENDS = ["torch", "triton", "kernels"]  # on the CPU: the reference, Triton's
 BESIDE_THE_ORACLE = True  # the tests run each backend beside the rule's oracle
 
 
-@pytest.fixture(autouse=True, params=["python check", "compiled check"])
-def table_check(request, monkeypatch):
+@pytest.fixture(autouse=True)
+def every_table_check(table_check):
     """Every test runs with the Python table check and with the compiled one (fusedopt.native)."""
-    from fusedopt import native
-
-    if request.param == "python check":
-        monkeypatch.setattr(native, "table_check_class", lambda: None)
-        return request.param
-    compiled = native.table_check_class()
-    if compiled is None:
-        try:
-            compiled = native.build()
-        except RuntimeError as error:
-            pytest.skip(str(error))
-    monkeypatch.setattr(native, "table_check_class", lambda: compiled)
-    return request.param
+    return table_check
 
 
 class Twins:

@@ -34,7 +34,9 @@ def cpu_block(elements, threads):
 # float16 type), widened and rounded by bit operations.
 STORAGE = {torch.float32: np.float32, torch.float64: np.float64, torch.bfloat16: np.uint16, torch.float16: np.int16}
 LIKE = {dtype: np.empty(0, storage) for dtype, storage in STORAGE.items()}
-MASTER_LIKE = np.empty(0, np.float32)
+# The master's array of each param rounding: fp32 copies, 16-bit remainders (none otherwise)
+MASTER_LIKE = {"nearest": np.empty(0, np.float32), "stochastic": np.empty(0, np.float32),
+               "master": np.empty(0, np.float32), "remainder": np.empty(0, np.int16)}
 NO_STEPS = np.zeros(1, np.float32)  # the steps of rules without: the dtype of torch's step counts
 
 _kernels = None  # fusedopt.cpu.kernels once imported; False where numba is unusable
@@ -115,10 +117,10 @@ class CpuTensorTable(tables.TensorTable):
         self._steps = self._step_counts = None
 
     @classmethod
-    def ready(cls, spec, options, param_rounding, dtype):
+    def ready(cls, spec, options, storage, dtype):
         """Whether the rule's kernel runs on `dtype` tables: compiled (or loaded from numba's cache)
         now, before any state is touched; one warning and False where it fails."""
-        return kernel_ready(spec, options, rounding_of(param_rounding, dtype), dtype)
+        return kernel_ready(spec, options, storage, dtype)
 
     def step_counts(self, steps):
         """A numpy view of the bucket's step count buffer, made once per buffer."""
@@ -126,20 +128,18 @@ class CpuTensorTable(tables.TensorTable):
             self._steps, self._step_counts = steps, steps.numpy()
         return self._step_counts
 
-    def step(self, spec, numbers, options, *, lr, steps=None, fresh=False, scaling=None, group_step=None,
-             param_rounding="nearest"):
+    def step(self, spec, numbers, options, storage, *, lr, steps=None, fresh=False, scaling=None, group_step=None):
         """fusedopt.tables.TensorTable.step, on the CPU: the launch's numbers are read on the host
         (the tensors are in host memory; there is nothing to synchronise) and the rule's numba
         kernel makes one parallel pass over the table's blocks, after adding this step to `steps`
         (the counts before it: TensorTable.counts_steps), unless AMP skips the step."""
-        rounding = rounding_of(param_rounding, self.dtype)
-        kernel = kernel_module().kernel_for(spec, options, rounding)
+        kernel = kernel_module().kernel_for(spec, options, storage)
         tables.count_launch()
-        arguments = (self.table_array, self.block_array, self.block, self.like, MASTER_LIKE,
+        arguments = (self.table_array, self.block_array, self.block, self.like, MASTER_LIKE[storage.param_rounding],
                      NO_STEPS if steps is None else self.step_counts(steps),
                      launch_numbers(self, lr, scaling, group_step),
                      np.fromiter(map(float, numbers), np.float64, len(numbers)),  # the Launch's fields, in order
-                     launch_flags(rounding, group_step, steps is not None, fresh))
+                     launch_flags(storage, group_step, steps is not None, fresh))
         self._last_launch = kernel, arguments
         run(kernel, arguments)
 
@@ -148,11 +148,6 @@ class CpuTensorTable(tables.TensorTable):
         they were computed from has changed)."""
         tables.count_launch()
         run(*self._last_launch)
-
-
-def rounding_of(param_rounding, dtype):
-    """How a kernel stores updated params of `dtype`: bf16 as asked, the others to nearest."""
-    return param_rounding if dtype == torch.bfloat16 else "nearest"
 
 
 def run(kernel, arguments):
@@ -182,35 +177,36 @@ def launch_numbers(table, lr, scaling, group_step):
     return np.array([skip, inv_scale, clip, lr, float(from_memory or factors is not None)], dtype=np.float64)
 
 
-def launch_flags(rounding, group_step, counts_steps, reads_extra):
+def launch_flags(storage, group_step, counts_steps, reads_extra):
     """[counts (and reads) steps, reads per-tensor integers, rounding seed, group step count]."""
     seed = count = 0
-    if rounding == "stochastic":
+    if storage.param_rounding == "stochastic" or storage.state_rounding == "stochastic":
         seed, count = int(group_step.rounding_seed), int(float(group_step.count))
     return np.array([int(counts_steps), int(reads_extra), seed, count], dtype=np.int64)
 
 
-def probe_arguments(spec, dtype):
+def probe_arguments(spec, storage, dtype):
     """Arguments of a launch over no blocks, of the types a `dtype` bucket's launch has: running
     the kernel on them compiles it (or loads it from the cache) and touches nothing."""
-    table = np.zeros((tables.FIRST_STATE_ROW + len(spec.states) + 1, 1), dtype=np.int64)
-    return (table, np.zeros((2, 0), dtype=np.int64), CPU_BLOCK, LIKE[dtype], MASTER_LIKE, NO_STEPS, np.zeros(5),
-            np.zeros(len(spec.Launch._fields)), np.zeros(4, dtype=np.int64))
+    table = np.zeros((tables.FIRST_STATE_ROW + 2 * len(spec.states) + 1, 1), dtype=np.int64)
+    return (table, np.zeros((2, 0), dtype=np.int64), CPU_BLOCK, LIKE[dtype], MASTER_LIKE[storage.param_rounding],
+            NO_STEPS, np.zeros(5), np.zeros(len(spec.Launch._fields)), np.zeros(4, dtype=np.int64))
 
 
-def kernel_ready(spec, options, rounding, dtype):
-    """Whether the kernel of `spec` under `options`, storing params by `rounding`, runs on `dtype`
-    tables: compiled (or loaded from numba's cache) now; one warning and False where it fails."""
+def kernel_ready(spec, options, storage, dtype):
+    """Whether the kernel of `spec` under `options` for buckets stored as `storage`
+    (fusedopt.formats.Storage) runs on `dtype` tables: compiled (or loaded from numba's cache)
+    now; one warning and False where it fails."""
     if kernel_module() is None:
         return False
-    key = (spec.update, options, rounding, dtype)
+    key = (spec.update, options, storage, dtype)
     if key in _checked:
         return _checked[key]
     try:
-        run(kernel_module().kernel_for(spec, options, rounding), probe_arguments(spec, dtype))
+        run(kernel_module().kernel_for(spec, options, storage), probe_arguments(spec, storage, dtype))
     except Exception as error:  # a numba typing or lowering error: this rule and dtype use the reference
         _checked[key] = False
-        _warn(f"{spec.name} ({', '.join(spec.state_names(options)) or 'no state'}; {rounding}) on {dtype} did not "
+        _warn(f"{spec.name} ({', '.join(spec.state_names(options)) or 'no state'}; {storage}) on {dtype} did not "
               f"compile: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
         return False
     _checked[key] = True

@@ -20,8 +20,8 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 from numba.np.unsafe.ndarray import to_fixed_tuple
 
+from .. import formats, tables
 from .. import spec as rule_spec
-from .. import tables
 from ..tables import EXTRA_ROW, FIRST_STATE_ROW, GRAD_ROW, NUMEL_ROW, PARAM_ROW
 
 # The launch's numbers (float64): AMP's skip flag and 1/scale (already rounded to fp32), the clip
@@ -32,8 +32,8 @@ SKIP, INV_SCALE, CLIP, LR, DEVICE_LR = range(5)
 # whether the per-tensor integers are read, and the stochastic rounding key.
 COUNTS_STEPS, READS_EXTRA, SEED, COUNT = range(4)
 # How the param is stored, a constant of each kernel
-ROUNDINGS = {"nearest": 0, "stochastic": 1, "master": 2}
-NEAREST, STOCHASTIC, MASTER = ROUNDINGS.values()
+ROUNDINGS = {"nearest": 0, "stochastic": 1, "master": 2, "remainder": 3}
+NEAREST, STOCHASTIC, MASTER, REMAINDER = ROUNDINGS.values()
 MAX_STATES = 3  # state slots a rule may have here
 
 # error_model="numpy": IEEE division (x / 0 is inf or NaN, as in torch), no ZeroDivisionError branch in
@@ -264,49 +264,262 @@ NUMBA_ARITHMETIC = dict(sqrt=square_root, exp2=power_of_two, lerp=lerp, fma=fuse
 assert set(NUMBA_ARITHMETIC) == set(rule_spec.ARITHMETIC)
 
 
+# ---- states in their formats (fusedopt.formats): opened, decoded on load, encoded on store ----
+# Each state slot's format picks its functions (state_functions), which make_kernel binds into the
+# walk as that slot's own: a kernel's code holds only what its states' formats need.
+
+BF16_LIKE = np.empty(0, np.uint16)
+SIGNED_LIKE, UNSIGNED_LIKE = np.empty(0, np.int8), np.empty(0, np.uint8)  # the codes of signed, non-negative states
+SCALES_LIKE = np.empty(0, np.float32)
+QUANT_BLOCK = formats.QUANT_BLOCK
+SIGNED_CODES, UNSIGNED_CODES = np.float32(formats.SIGNED_CODES), np.float32(formats.UNSIGNED_CODES)
+SLOT_STREAM = np.uint64(0xD1B54A32D192ED03)  # sets apart the random streams of the param and each state
+
+
+@njit(error_model="numpy")
+def state_stream(stream, slot):
+    """The random stream of state `slot` beside the param's `stream`."""
+    return mix64(stream + np.uint64(slot + 1) * SLOT_STREAM)
+
+
+@njit(inline="always", error_model="numpy")
+def open_absent(table, row, tensor, start, count, like, param):
+    return param, SCALES_LIKE  # placeholders: an absent state is never touched
+
+
+@njit(inline="always", error_model="numpy")
+def open_plain(table, row, tensor, start, count, like, param):
+    return tensor_array(table[row, tensor] + start * like.itemsize, count, like), SCALES_LIKE
+
+
+@njit(inline="always", error_model="numpy")
+def open_bf16(table, row, tensor, start, count, like, param):
+    return tensor_array(table[row, tensor] + start * 2, count, BF16_LIKE), SCALES_LIKE
+
+
+@njit(inline="always", error_model="numpy")
+def open_signed(table, row, tensor, start, count, like, param):
+    return (tensor_array(table[row, tensor] + start, count, SIGNED_LIKE),
+            tensor_array(table[row + 1, tensor] + start // QUANT_BLOCK * 4, count // QUANT_BLOCK, SCALES_LIKE))
+
+
+@njit(inline="always", error_model="numpy")
+def open_unsigned(table, row, tensor, start, count, like, param):
+    return (tensor_array(table[row, tensor] + start, count, UNSIGNED_LIKE),
+            tensor_array(table[row + 1, tensor] + start // QUANT_BLOCK * 4, count // QUANT_BLOCK, SCALES_LIKE))
+
+
+@njit(inline="always", error_model="numpy")
+def unit_of_none(scales, group):
+    return np.float32(1)
+
+
+@njit(inline="always", error_model="numpy")
+def unit_signed(scales, group):
+    """A code's value in a signed block: its scale / 127 (formats.decode_signed)."""
+    return scales[group] / SIGNED_CODES
+
+
+@njit(inline="always", error_model="numpy")
+def unit_unsigned(scales, group):
+    return scales[group] / UNSIGNED_CODES
+
+
+@njit(inline="always", error_model="numpy")
+def read_absent(values, index, unit, fallback):
+    return fallback  # an absent state is not read by the rule
+
+
+@njit(inline="always", error_model="numpy")
+def read_plain(values, index, unit, fallback):
+    return widen(values, index)
+
+
+@njit(inline="always", error_model="numpy")
+def read_bf16(values, index, unit, fallback):
+    return bfloat16_to_float32(values[index])
+
+
+@njit(inline="always", error_model="numpy")
+def read_signed(values, index, unit, fallback):
+    return np.float32(values[index]) * unit
+
+
+@njit(inline="always", error_model="numpy")
+def read_unsigned(values, index, unit, fallback):
+    root = np.float32(values[index]) * unit
+    return root * root
+
+
+@njit(inline="always", error_model="numpy")
+def write_absent(values, index, value, stash, slot, position, stream, element):
+    pass
+
+
+@njit(inline="always", error_model="numpy")
+def write_nearest(values, index, value, stash, slot, position, stream, element):
+    store_nearest(values, index, value)
+
+
+@njit(inline="always", error_model="numpy")
+def write_bf16_stochastic(values, index, value, stash, slot, position, stream, element):
+    values[index] = float32_to_bfloat16_stochastic(np.float32(value), random_bits16(stream, element))
+
+
+@njit(inline="always", error_model="numpy")
+def write_stash(values, index, value, stash, slot, position, stream, element):
+    stash[slot, position] = np.float32(value)  # encoded with its block, once the block is done
+
+
+@njit(inline="always", error_model="numpy")
+def finish_nothing(values, scales, stash, slot, first, last, stream, start, STOCHASTIC_CODES):
+    pass
+
+
+@njit(inline="always", error_model="numpy")
+def code_of(scaled, stream, element, STOCHASTIC_CODES):
+    """Round a scaled value to a code: to nearest (halves up), or up with probability its fraction."""
+    if STOCHASTIC_CODES:
+        return np.floor(scaled + np.float32(random_bits16(stream, element)) * np.float32(1.0 / 65536))
+    return np.floor(scaled + np.float32(0.5))
+
+
+@njit(inline="always", error_model="numpy")
+def finish_signed(values, scales, stash, slot, first, last, stream, start, STOCHASTIC_CODES):
+    """Encode the stashed block [first, last) of a signed state: its scale, the largest |x| (NaN
+    where one is NaN), and codes -127..127 linear in x / scale (formats.encode_signed)."""
+    largest, has_nan = np.float32(0), False
+    for position in range(last - first):
+        value = stash[slot, position]
+        has_nan |= value != value
+        largest = max(largest, abs(value))
+    scale = np.float32(np.nan) if has_nan else largest
+    safe = scale if scale > 0 else np.float32(1)
+    for position in range(last - first):
+        code = code_of(stash[slot, position] / safe * SIGNED_CODES, stream, start + first + position,
+                       STOCHASTIC_CODES)
+        code = min(max(code, -SIGNED_CODES), SIGNED_CODES)
+        values[first + position] = np.int8(code if code == code else 0)  # a NaN's code: 0 (its scale is NaN)
+    scales[first // QUANT_BLOCK] = scale
+
+
+@njit(inline="always", error_model="numpy")
+def finish_unsigned(values, scales, stash, slot, first, last, stream, start, STOCHASTIC_CODES):
+    """Encode the stashed block [first, last) of a non-negative state: square roots, its scale the
+    largest (NaN where one is NaN), codes 0..255 linear in root / scale, and a nonzero value never
+    code 0 (formats.encode_unsigned)."""
+    largest, has_nan = np.float32(0), False
+    for position in range(last - first):
+        value = stash[slot, position]
+        root = np.sqrt(value if not value < 0 else np.float32(0))
+        stash[slot, position] = root
+        has_nan |= root != root
+        largest = max(largest, root)
+    scale = np.float32(np.nan) if has_nan else largest
+    safe = scale if scale > 0 else np.float32(1)
+    for position in range(last - first):
+        root = stash[slot, position]
+        code = code_of(root / safe * UNSIGNED_CODES, stream, start + first + position, STOCHASTIC_CODES)
+        code = min(max(code, np.float32(0)), UNSIGNED_CODES)
+        if root > 0 and code == 0:
+            code = np.float32(1)  # a nonzero value never reads as zero
+        values[first + position] = np.uint8(code if code == code else 0)
+    scales[first // QUANT_BLOCK] = scale
+
+
+def state_functions(fmt, signed, state_rounding):
+    """(open, unit, read, write, finish, roles) of a state slot of format `fmt`."""
+    if fmt == formats.ABSENT:
+        return open_absent, unit_of_none, read_absent, write_absent, finish_nothing, 0
+    if fmt == formats.PLAIN:
+        return open_plain, unit_of_none, read_plain, write_nearest, finish_nothing, 1
+    if fmt == formats.BF16:
+        write = write_bf16_stochastic if state_rounding == "stochastic" else write_nearest
+        return open_bf16, unit_of_none, read_bf16, write, finish_nothing, 1
+    if signed:
+        return open_signed, unit_signed, read_signed, write_stash, finish_signed, 2
+    return open_unsigned, unit_unsigned, read_unsigned, write_stash, finish_unsigned, 2
+
+
 # ---- the shared walks; the names in capitals are each kernel's constants ----
 
 # Bound by make_kernel in each kernel's own copy of the templates below (never compiled as they are)
-UPDATE = OPTIONS = PRESENT = SLOTS = ROUNDING = WALK = NUMBERS_OF_BLOCK = BLOCK_NUMBERS = LAUNCH = LAUNCH_LENGTH = None
+UPDATE = OPTIONS = SLOTS = ROUNDING = WALK = NUMBERS_OF_BLOCK = BLOCK_NUMBERS = LAUNCH = LAUNCH_LENGTH = None
+OPEN0 = OPEN1 = OPEN2 = UNIT0 = UNIT1 = UNIT2 = READ0 = READ1 = READ2 = WRITE0 = WRITE1 = WRITE2 = None
+FINISH0 = FINISH1 = FINISH2 = ROW0 = ROW1 = ROW2 = MASTER_ROW = GROUP = STASH = STOCHASTIC_CODES = None
 
 
-def walk_block(numbers, param, master, grad, states, start, count, inv_scale, clip, stream):
-    """Load param, grad and the present states of the `count` elements of a block (arrays from
-    its first element, `start` in its tensor), apply the rule, store them back. Made per kernel
-    (make_kernel) with its constants: UPDATE, OPTIONS, PRESENT (each slot's presence, padded to
-    MAX_STATES), SLOTS (the rule's number of slots) and ROUNDING."""
-    state0, state1, state2 = states
-    for index in range(count):
-        if ROUNDING == MASTER:
-            p = to_compute(master[index], param)
-        else:
-            p = widen(param, index)
-        g = widen(grad, index) * inv_scale * clip  # unscale, then clip: unscale_ then clip_grad_norm_
-        s0 = widen(state0, index) if PRESENT[0] else g  # an absent state is not read by the rule
-        s1 = widen(state1, index) if PRESENT[1] else g
-        s2 = widen(state2, index) if PRESENT[2] else g
-        # (param, *states), padded so that every slot index below exists
-        updated = UPDATE(p, g, *(s0, s1, s2)[:SLOTS], numbers, OPTIONS) + (g, g, g)
-        if ROUNDING == MASTER:
-            master[index] = np.float32(updated[0])
-            store_nearest(param, index, updated[0])
-        elif ROUNDING == STOCHASTIC:
-            store_stochastic(param, index, updated[0], random_bits16(stream, start + index))
-        else:
-            store_nearest(param, index, updated[0])
-        if PRESENT[0]:
-            store_nearest(state0, index, updated[1])
-        if PRESENT[1]:
-            store_nearest(state1, index, updated[2])
-        if PRESENT[2]:
-            store_nearest(state2, index, updated[3])
+def walk_block(numbers, table, tensor, start, count, like, param, master, grad, inv_scale, clip, stream):
+    """Open the present states of the `count` elements of a block (`start` in its tensor; param,
+    master and grad: arrays from the block's first element), then, group by group (8-bit blocks,
+    where a state is 8-bit; else the whole block), load param, grad and the states (decoded), apply
+    the rule, store them back (encoded: 8-bit states once their group is done). Made per kernel
+    (make_kernel) with its constants: UPDATE, OPTIONS, SLOTS (the rule's number of slots),
+    ROUNDING, each slot's functions (OPEN0, UNIT0, READ0, WRITE0, FINISH0, ...; formats absent from
+    the rule or the options: placeholders) and table rows (ROW0, ...), GROUP and STASH."""
+    values0, scales0 = OPEN0(table, FIRST_STATE_ROW + ROW0, tensor, start, count, like, param)
+    values1, scales1 = OPEN1(table, FIRST_STATE_ROW + ROW1, tensor, start, count, like, param)
+    values2, scales2 = OPEN2(table, FIRST_STATE_ROW + ROW2, tensor, start, count, like, param)
+    stash = np.empty((MAX_STATES, STASH), np.float32)  # an 8-bit group's new values, until encoded
+    streams = (state_stream(stream, 0), state_stream(stream, 1), state_stream(stream, 2))
+    for first in range(0, count, GROUP):
+        last = min(first + GROUP, count)
+        unit0 = UNIT0(scales0, first // QUANT_BLOCK)
+        unit1 = UNIT1(scales1, first // QUANT_BLOCK)
+        unit2 = UNIT2(scales2, first // QUANT_BLOCK)
+        for index in range(first, last):
+            if ROUNDING == MASTER:
+                p = to_compute(master[index], param)
+            elif ROUNDING == REMAINDER:
+                p = join_master(param[index], master[index])
+            else:
+                p = widen(param, index)
+            g = widen(grad, index) * inv_scale * clip  # unscale, then clip: unscale_ then clip_grad_norm_
+            s0 = READ0(values0, index, unit0, g)
+            s1 = READ1(values1, index, unit1, g)
+            s2 = READ2(values2, index, unit2, g)
+            # (param, *states), padded so that every slot index below exists
+            updated = UPDATE(p, g, *(s0, s1, s2)[:SLOTS], numbers, OPTIONS) + (g, g, g)
+            if ROUNDING == MASTER:
+                master[index] = np.float32(updated[0])
+                store_nearest(param, index, updated[0])
+            elif ROUNDING == REMAINDER:
+                param[index], master[index] = split_master(np.float32(updated[0]))
+            elif ROUNDING == STOCHASTIC:
+                store_stochastic(param, index, updated[0], random_bits16(stream, start + index))
+            else:
+                store_nearest(param, index, updated[0])
+            WRITE0(values0, index, updated[1], stash, 0, index - first, streams[0], start + index)
+            WRITE1(values1, index, updated[2], stash, 1, index - first, streams[1], start + index)
+            WRITE2(values2, index, updated[3], stash, 2, index - first, streams[2], start + index)
+        FINISH0(values0, scales0, stash, 0, first, last, streams[0], start, STOCHASTIC_CODES)
+        FINISH1(values1, scales1, stash, 1, first, last, streams[1], start, STOCHASTIC_CODES)
+        FINISH2(values2, scales2, stash, 2, first, last, streams[2], start, STOCHASTIC_CODES)
+
+
+@njit(inline="always", error_model="numpy")
+def join_master(high, remainder):
+    """The fp32 master a bf16 param (its bits) and its int16 remainder stand for."""
+    bits = ((np.int64(high) << 16) + np.int64(remainder)) & 0xFFFFFFFF
+    return bits_float32(np.uint32(bits))
+
+
+@njit(inline="always", error_model="numpy")
+def split_master(value):
+    """An fp32 master as (bf16 param bits, int16 remainder): rounded to nearest, ties away from
+    zero, so that the remainder fits 16 bits (fusedopt.rounding.split_master)."""
+    bits = np.int64(float32_bits(value))
+    high = (bits + 0x8000) >> 16
+    remainder = np.int16(bits - (high << 16))
+    return np.uint16(0x7FC0 if value != value else high & 0xFFFF), remainder
 
 
 @njit(inline="always", error_model="numpy")  # the prange must sit in the parallel kernel itself
-def run_blocks(walk, block_numbers, present, rounding, table, blocks, block, like, master_like, steps, numbers, launch,
-               flags):
+def run_blocks(walk, block_numbers, rounding, master_row, table, blocks, block, like, master_like, steps, numbers,
+               launch, flags):
     """One parallel pass over the blocks (owner, start) of `blocks`: per block, the tensor's
-    arrays from the table, the rule's numbers, and the walk over its elements."""
+    param, grad and master arrays from the table, the rule's numbers, and the walk over its
+    elements."""
     if numbers[SKIP] != 0:  # AMP found an inf or NaN: nothing is written, the step does not count
         return
     counts_steps, reads_extra = flags[COUNTS_STEPS] != 0, flags[READS_EXTRA] != 0
@@ -324,26 +537,15 @@ def run_blocks(walk, block_numbers, present, rounding, table, blocks, block, lik
         offset = start * like.itemsize
         param = tensor_array(table[PARAM_ROW, tensor] + offset, count, like)
         grad = tensor_array(table[GRAD_ROW, tensor] + offset, count, like)
-        row = FIRST_STATE_ROW  # the present states' rows follow param and grad, in slot order
-        state0 = state1 = state2 = param  # placeholders for absent slots: never touched
-        if present[0]:
-            state0 = tensor_array(table[row, tensor] + offset, count, like)
-            row += 1
-        if present[1]:
-            state1 = tensor_array(table[row, tensor] + offset, count, like)
-            row += 1
-        if present[2]:
-            state2 = tensor_array(table[row, tensor] + offset, count, like)
-            row += 1
-        if rounding == MASTER:
-            master = tensor_array(table[row, tensor] + start * master_like.itemsize, count, master_like)
+        if rounding == MASTER or rounding == REMAINDER:
+            master = tensor_array(table[master_row, tensor] + start * master_like.itemsize, count, master_like)
         else:
             master = tensor_array(table[PARAM_ROW, tensor], 0, master_like)
         step = np.float64(steps[tensor]) if counts_steps else 0.0
         extra = table[EXTRA_ROW, tensor] if reads_extra else 0
         block_values = block_numbers(lr, step, extra, launch, device_lr, like)
         stream = rounding_stream(seed, group_step, tensor)
-        walk(block_values, param, master, grad, (state0, state1, state2), start, count, inv_scale, clip, stream)
+        walk(block_values, table, tensor, start, count, like, param, master, grad, inv_scale, clip, stream)
 
 
 def numbers_of_block(lr, step, extra, launch, device_lr, like):
@@ -355,9 +557,9 @@ def numbers_of_block(lr, step, extra, launch, device_lr, like):
 
 
 def rule_kernel(table, blocks, block, like, master_like, steps, numbers, launch, flags):
-    """A rule's kernel, made per (rule, options, rounding) (make_kernel) with its constants: WALK,
-    NUMBERS_OF_BLOCK, PRESENT and ROUNDING."""
-    run_blocks(WALK, NUMBERS_OF_BLOCK, PRESENT, ROUNDING, table, blocks, block, like, master_like, steps, numbers,
+    """A rule's kernel, made per (rule, options, storage) (make_kernel) with its constants: WALK,
+    NUMBERS_OF_BLOCK, ROUNDING and MASTER_ROW."""
+    run_blocks(WALK, NUMBERS_OF_BLOCK, ROUNDING, MASTER_ROW, table, blocks, block, like, master_like, steps, numbers,
                launch, flags)
 
 
@@ -373,8 +575,8 @@ def with_names(function, names, name=None):
 
 def source_digest(spec):
     """A digest of every source file a kernel of `spec` is made from: this file, the table layout,
-    and the files of the rule's functions."""
-    files = sorted({__file__, tables.__file__, inspect.getsourcefile(spec.update),
+    the state formats, and the files of the rule's functions."""
+    files = sorted({__file__, tables.__file__, formats.__file__, inspect.getsourcefile(spec.update),
                     inspect.getsourcefile(spec.block_numbers)})
     digest = hashlib.sha256()
     for path in files:
@@ -383,40 +585,50 @@ def source_digest(spec):
     return digest.hexdigest()[:16]
 
 
-def kernel_name(spec, options, rounding):
-    """The kernel's name, which its cache entry carries: rule, options, rounding, source digest."""
+def kernel_name(spec, options, storage):
+    """The kernel's name, which its cache entry carries: rule, options, storage, source digest."""
     flags = "_".join(name for name, value in zip(options._fields, options) if value) or "plain"
-    return f"{spec.name}_{flags}_{rounding}_{source_digest(spec)}"
+    states = "_".join(storage.states)
+    return f"{spec.name}_{flags}_{states}_{storage.state_rounding}_{storage.param_rounding}_{source_digest(spec)}"
 
 
-_kernels = {}  # (the rule's update function, options, rounding) -> its kernel
+_kernels = {}  # (the rule's update function, options, storage) -> its kernel
 
 
-def kernel_for(spec, options, rounding):
-    """The kernel of `spec` under `options` with the param rounding `rounding`, made once (numba
-    compiles it per param dtype at its first call, or loads it from its cache)."""
-    key = (spec.update, options, rounding)
+def kernel_for(spec, options, storage):
+    """The kernel of `spec` under `options` for a bucket stored as `storage` (fusedopt.formats.Storage),
+    made once (numba compiles it per param dtype at its first call, or loads it from its cache)."""
+    key = (spec.update, options, storage)
     kernel = _kernels.get(key)
     if kernel is None:
-        kernel = _kernels[key] = make_kernel(spec, options, rounding)
+        kernel = _kernels[key] = make_kernel(spec, options, storage)
     return kernel
 
 
-def make_kernel(spec, options, rounding):
+def make_kernel(spec, options, storage):
     """The rule's two functions compiled with numba's arithmetic, in its own copies of the walks
-    with this kernel's constants, the kernel named by kernel_name (its cache entry's name)."""
+    with this kernel's constants (each state slot's functions for its format), the kernel named by
+    kernel_name (its cache entry's name)."""
     if len(spec.states) > MAX_STATES:
         raise ValueError(f"{spec.name}: the CPU kernels take at most {MAX_STATES} state slots")
     update, block_numbers = (njit(error_model="numpy")(with_names(function, NUMBA_ARITHMETIC))
                              for function in (spec.update, spec.block_numbers))
-    present = (spec.present(options) + (False,) * MAX_STATES)[:MAX_STATES]
-    constants = dict(PRESENT=present, ROUNDING=ROUNDINGS[rounding])
-    walk = njit(inline="always", error_model="numpy")(
-        with_names(walk_block, dict(constants, UPDATE=update, OPTIONS=options, SLOTS=len(spec.states))))
+    slots = list(zip(storage.states, (slot.signed for slot in spec.states)))
+    slots += [(formats.ABSENT, False)] * (MAX_STATES - len(slots))
+    constants, row = {}, 0
+    for index, (fmt, signed) in enumerate(slots):
+        opener, unit, read, write, finish, roles = state_functions(fmt, signed, storage.state_rounding)
+        constants.update({f"OPEN{index}": opener, f"UNIT{index}": unit, f"READ{index}": read, f"WRITE{index}": write,
+                          f"FINISH{index}": finish, f"ROW{index}": row})
+        row += roles
+    quantized = formats.Q8 in storage.states
+    rounding = ROUNDINGS[storage.param_rounding]
+    walk = njit(inline="always", error_model="numpy")(with_names(walk_block, dict(
+        constants, UPDATE=update, OPTIONS=options, SLOTS=len(spec.states), ROUNDING=rounding,
+        GROUP=QUANT_BLOCK if quantized else 1 << 62, STASH=QUANT_BLOCK if quantized else 1,
+        STOCHASTIC_CODES=storage.state_rounding == "stochastic")))
     numbers = njit(error_model="numpy")(with_names(numbers_of_block, dict(
         BLOCK_NUMBERS=block_numbers, LAUNCH=spec.Launch, LAUNCH_LENGTH=len(spec.Launch._fields))))
-    kernel = with_names(rule_kernel, dict(constants, WALK=walk, NUMBERS_OF_BLOCK=numbers),
-                        kernel_name(spec, options, rounding))
+    kernel = with_names(rule_kernel, dict(WALK=walk, NUMBERS_OF_BLOCK=numbers, ROUNDING=rounding,
+                                          MASTER_ROW=FIRST_STATE_ROW + row), kernel_name(spec, options, storage))
     return njit(**KERNEL_OPTIONS)(kernel)
-
-

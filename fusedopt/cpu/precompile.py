@@ -10,6 +10,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
+from .. import formats
 from . import available, kernel_ready
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -30,13 +31,15 @@ def kernels_of(name):
 
 
 def compile_kernel(name, options):
-    """Compile (or load from the cache) the kernel of rule `name` under `options` for every dtype
-    and bf16 rounding; the ones that failed, as "rule options dtype rounding"."""
+    """Compile (or load from the cache) the kernel of rule `name` under `options`, its states in
+    the params' dtype (torch's layout), for every dtype and bf16 rounding; the ones that failed,
+    as "rule options dtype rounding". (Kernels of states in bf16 or 8 bits compile at first use.)"""
     spec = rule_specs()[name]
+    states = tuple(formats.PLAIN if present else formats.ABSENT for present in spec.present(options))
     failed = []
     for dtype in DTYPES:
         for rounding in BF16_ROUNDINGS if dtype == torch.bfloat16 else ("nearest",):
-            if not kernel_ready(spec, options, rounding, dtype):
+            if not kernel_ready(spec, options, formats.Storage(states, "nearest", rounding), dtype):
                 failed.append(f"{name} {options} {dtype} {rounding}")
     return failed
 

@@ -1,0 +1,509 @@
+"""Specification of optimizer states stored in bf16 and in blockwise 8 bits, and of bf16 params with
+16-bit remainders (fusedopt.formats): the plain-torch codec's round trips and error bounds; which
+format a param's states take; every rule's kernels (Triton's, numba's) against the plain-torch
+reference with the same formats; an AMP-skipped step; stochastic rounding; checkpoints both ways;
+states a user stored in bf16; remainders bitwise the fp32 master."""
+import io
+import math
+
+import pytest
+import torch
+
+import fusedopt
+from fusedopt import formats
+from fusedopt.registry import RULES as REGISTRY
+from fusedopt.rounding import join_master, split_master
+from helpers import DEFAULT_LR, RULES, assert_close
+
+# Params of every kind a format decision meets: 8-bit (rows of whole blocks, the last kernel block
+# partly filled), 1-D (bf16: no blocks), rows that are not whole blocks (bf16), and small (plain).
+SHAPES = [(37, 128), (70, 64), (4500,), (48, 100), (9, 7)]
+PRECISIONS = ["bf16", "8bit"]
+KERNELS = ["triton", "numba"]
+# The kernels against the reference on each device they run on: CPU tensors (Triton's interpreter,
+# numba), CUDA ones (Triton, compiled).
+KERNELS_ON = [("cpu", "triton"), ("cpu", "numba")] + ([("cuda", "triton")] if torch.cuda.is_available() else [])
+
+
+def make_params(seed, shapes=SHAPES, dtype=torch.float32, scale=1.0, device="cpu"):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter((torch.randn(shape, generator=generator) * scale).to(device, dtype)) for shape in shapes]
+
+
+def give_grads(params, generator, scale=1.0):
+    return [(torch.randn(p.shape, generator=generator) * scale).to(p.device, p.dtype) for p in params]
+
+
+def build(rule, params, backend, **options):
+    info = REGISTRY[rule]
+    return info.optimizer(params, backend=backend, **{"lr": DEFAULT_LR[rule], **info.richest[0], **options})
+
+
+def decoded_states(optimizer, params):
+    """{(param index, key): values in fp32} of every state tensor (8-bit codes decoded)."""
+    out = {}
+    for index, p in enumerate(params):
+        state = optimizer.state[p]
+        for key in optimizer.state_keys(optimizer.param_groups[0]):
+            if key in state:
+                out[index, key] = formats.decode(state, key, torch.float32)
+    return out
+
+
+# ---- the codec ----
+
+
+def test_bf16_states_round_to_nearest_and_back_within_half_a_bf16_ulp():
+    values = torch.randn(4096, 64) * 10
+    state = {"m": torch.zeros(4096, 64, dtype=torch.bfloat16)}
+    formats.encode(values, state, "m")
+    decoded = formats.decode(state, "m", torch.float32)
+    assert torch.equal(state["m"], values.bfloat16())
+    assert ((decoded - values).abs() <= values.abs() * 2.0**-8).all()
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("magnitude", [1e-30, 1e-6, 1.0, 1e20])
+def test_8bit_codes_round_trip_within_half_a_code_step_of_each_block(signed, magnitude):
+    """Every element within half a code step of its block's scale (signed: scale / 127; the
+    non-negative, stored as square roots: a half step in the root); a nonzero non-negative value
+    never decodes to zero; a block of zeros stays zeros."""
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(64, 4 * formats.QUANT_BLOCK, generator=generator) * magnitude
+    values[3] = 0.0  # whole blocks of zeros
+    values[5, 7] = magnitude * 1e-9  # a tiny value beside large ones
+    if not signed:
+        values = values.abs()
+    codes, scales = (formats.encode_signed if signed else formats.encode_unsigned)(values)
+    assert codes.dtype == (torch.int8 if signed else torch.uint8) and codes.shape == values.shape
+    assert scales.shape == (64, 4) and scales.dtype == torch.float32
+    decoded = (formats.decode_signed if signed else formats.decode_unsigned)(codes, scales)
+    step = scales.repeat_interleave(formats.QUANT_BLOCK, dim=1) / (formats.SIGNED_CODES if signed else
+                                                                     formats.UNSIGNED_CODES)
+    if signed:
+        assert ((decoded - values).abs() <= step / 2 * (1 + 1e-6)).all()
+    else:
+        roots = values.sqrt()
+        # codes rounded to nearest, and a nonzero root never below one step
+        assert ((decoded.sqrt() - roots).abs() <= torch.maximum(step / 2 * (1 + 1e-6), step)).all()
+        assert ((values > 0) <= (decoded > 0)).all()
+    assert (decoded[3] == 0).all()
+
+
+def test_a_nan_in_an_8bit_block_makes_that_block_nan_and_leaves_the_others():
+    values = torch.randn(2, 2 * formats.QUANT_BLOCK)
+    values[0, 3] = math.nan
+    codes, scales = formats.encode_signed(values)
+    decoded = formats.decode_signed(codes, scales)
+    assert decoded[0, :formats.QUANT_BLOCK].isnan().all()
+    assert decoded[0, formats.QUANT_BLOCK:].isfinite().all() and decoded[1].isfinite().all()
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_stochastic_codes_are_unbiased(signed):
+    """Averaged over many roundings, the decoded value is the value (to 1% of a code step)."""
+    values = (torch.rand(1, formats.QUANT_BLOCK) * 2 - (1 if signed else 0)).expand(4000, -1).contiguous()
+    values[:, 0] = 1.0  # each block's scale: 1
+    generator = torch.Generator().manual_seed(0)
+    codes, scales = (formats.encode_signed if signed else formats.encode_unsigned)(values, generator)
+    decoded = (formats.decode_signed if signed else formats.decode_unsigned)(codes, scales)
+    target = values if signed else values  # unsigned: unbiased in the root
+    mean = decoded.mean(0) if signed else decoded.sqrt().mean(0)
+    expected = target[0] if signed else target[0].sqrt()
+    step = 1 / (formats.SIGNED_CODES if signed else formats.UNSIGNED_CODES)
+    assert ((mean - expected).abs() < 0.05 * step).all()
+
+
+def test_remainders_give_the_fp32_master_back_bit_for_bit():
+    master = torch.randn(100_000) * 1e3
+    master[:5] = torch.tensor([math.inf, -math.inf, 3.4e38, -0.0, 1e-40])
+    param, remainder = split_master(master)
+    assert param.dtype == torch.bfloat16 and remainder.dtype == torch.int16
+    assert torch.equal(join_master(param, remainder).view(torch.int32), master.view(torch.int32))
+    # the param is the master rounded to nearest (ties away from zero): within half a bf16 ulp
+    finite = master.isfinite() & (master.abs() < 3e38)
+    assert ((param.float() - master).abs()[finite] <= master.abs()[finite] * 2.0**-8 + 2.0**-134).all()
+    nan_param, _ = split_master(torch.tensor([math.nan]))
+    assert nan_param.isnan().all()
+
+
+# ---- which format a param's states take ----
+
+
+@pytest.mark.parametrize("shape, dtype, expected", [
+    ((37, 128), torch.float32, {"fp32": "plain", "bf16": "bf16", "8bit": "8bit"}),
+    ((4500,), torch.float32, {"fp32": "plain", "bf16": "bf16", "8bit": "bf16"}),  # 1-D: no blocks within rows
+    ((48, 100), torch.float32, {"fp32": "plain", "bf16": "bf16", "8bit": "bf16"}),  # rows not whole blocks
+    ((9, 7), torch.float32, {"fp32": "plain", "bf16": "plain", "8bit": "plain"}),  # small: below the threshold
+    ((37, 128), torch.bfloat16, {"fp32": "plain", "bf16": "plain", "8bit": "8bit"}),
+    ((37, 128), torch.float64, {"fp32": "plain", "bf16": "plain", "8bit": "plain"}),
+])
+def test_the_format_follows_the_global_shape(shape, dtype, expected):
+    param = torch.zeros(shape, dtype=dtype)
+    assert {precision: formats.state_format(precision, param) for precision in formats.PRECISIONS} == expected
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_state_tensors_take_the_format_and_cost_the_bytes_it_says(rule, precision):
+    params = make_params(1)
+    optimizer = build(rule, params, "torch", state_precision=precision, **REGISTRY[rule].stateful)
+    for p, g in zip(params, give_grads(params, torch.Generator().manual_seed(2))):
+        p.grad = g
+    optimizer.step()
+    for p in params:
+        state = optimizer.state[p]
+        group = optimizer.param_groups[0]
+        for key in optimizer.state_keys(group):
+            fmt = formats.state_format(precision, p, optimizer.spec.may_code(optimizer.spec.options(group), key))
+            assert formats.format_of(state, key, p) == fmt, (rule, key, p.shape)
+            nbytes = sum(state[key + suffix].numel() * state[key + suffix].element_size()
+                         for suffix in formats.suffixes(state, key))
+            per_element = {formats.PLAIN: 4, formats.BF16: 2, formats.Q8: 1 + 4 / formats.QUANT_BLOCK}[fmt]
+            assert nbytes == p.numel() * per_element
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_centered_rmsprop_keeps_its_variance_pair_out_of_8bit_codes(backend):
+    """sqrt(square_avg - grad_avg^2) of two states coded apart could take the root of a negative:
+    under "8bit", centered RMSprop stores that pair in bf16 (its momentum buffer still in codes),
+    and uncentered RMSprop codes square_avg."""
+    expected = {True: {"square_avg": formats.BF16, "momentum_buffer": formats.Q8, "grad_avg": formats.BF16},
+                False: {"square_avg": formats.Q8, "momentum_buffer": formats.Q8}}
+    for centered in (True, False):
+        param = torch.nn.Parameter(torch.randn(64, 128))
+        optimizer = fusedopt.RMSprop([param], lr=0.01, momentum=0.9, centered=centered, state_precision="8bit",
+                                     backend=backend)
+        param.grad = torch.randn(64, 128)
+        optimizer.step()
+        state = optimizer.state[param]
+        assert {key: formats.format_of(state, key, param) for key in expected[centered]} == expected[centered]
+
+
+def test_unknown_formats_raise_value_error_naming_the_argument():
+    param = [torch.nn.Parameter(torch.zeros(3))]
+    with pytest.raises(ValueError, match="state_precision.*'fp32', 'bf16', '8bit'"):
+        fusedopt.Adam(param, state_precision="fp8")
+    with pytest.raises(ValueError, match="state_rounding.*'nearest', 'stochastic'"):
+        fusedopt.Adam(param, state_rounding="up")
+    with pytest.raises(ValueError, match="master_weights"):
+        fusedopt.Adam(param, master_weights="fp16")
+    optimizer = fusedopt.Adam(param)
+    with pytest.raises(ValueError, match="state_precision"):
+        optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "state_precision": 8})
+
+
+def test_the_storage_options_are_kept_per_group_and_only_where_set():
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
+    optimizer = fusedopt.Adam([{"params": [a]}, {"params": [b], "state_precision": "bf16"}], state_precision="8bit",
+                              state_rounding="stochastic")
+    assert optimizer.param_groups[0]["state_precision"] == "8bit"
+    assert optimizer.param_groups[1]["state_precision"] == "bf16"
+    assert optimizer.param_groups[1]["state_rounding"] == "stochastic"
+    assert "state_precision" not in fusedopt.Adam([a]).param_groups[0]  # torch.optim's groups, as they are
+
+
+# ---- the kernels against the reference, format by format ----
+
+
+def run_beside_reference(rule, backend, precision, rounding="nearest", steps=4, seed=3, dtype=torch.float32,
+                         poison=None, device="cpu", **options):
+    """The rule on `backend` and on the plain-torch reference, same formats, same grads."""
+    ours_params, theirs_params = (make_params(seed, dtype=dtype, device=device) for _ in range(2))
+    options = dict(REGISTRY[rule].stateful, state_precision=precision, state_rounding=rounding, **options)
+    ours, theirs = build(rule, ours_params, backend, **options), build(rule, theirs_params, "torch", **options)
+    generator = torch.Generator().manual_seed(seed + 1)
+    for step in range(steps):
+        grads = give_grads(ours_params, generator)
+        if poison is not None:
+            poison(step, grads)
+        for p, q, g in zip(ours_params, theirs_params, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    if backend != "torch":
+        assert all(not plan.reference_params for plan in ours._plans.values()), "a param took the reference"
+    return ours, theirs, ours_params, theirs_params
+
+
+def assert_states_within_a_code_step(ours, theirs, ours_params, theirs_params, where):
+    """Decoded states equal the reference's, but for an occasional code (or bf16 rounding) that
+    falls the other way: within one step of its block (8-bit) or one bf16 ulp."""
+    mine, reference = decoded_states(ours, ours_params), decoded_states(theirs, theirs_params)
+    for (index, key), expected in reference.items():
+        actual = mine[index, key]
+        state = theirs.state[theirs_params[index]]
+        if formats.format_of(state, key, theirs_params[index]) == formats.Q8:
+            scales = formats.decode(dict(m=state[key + formats.SCALES]), "m", torch.float32)
+            step = scales.repeat_interleave(formats.QUANT_BLOCK, dim=1).reshape(expected.shape) / 127
+            step = step * (2 * expected.abs().sqrt() + step) if state[key].dtype == torch.uint8 else step
+            tolerance = step * 1.01 + 1e-30
+        else:
+            tolerance = expected.abs() * 2.0**-7 + 1e-30
+        bad = (actual - expected).abs() > tolerance
+        assert not bad.any(), f"{where} param {index} {key}: {int(bad.sum())} of {bad.numel()} elements differ"
+
+
+@pytest.mark.parametrize("device, backend", KERNELS_ON, ids=[f"{d}-{b}" for d, b in KERNELS_ON])
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("rule", RULES)
+def test_kernels_give_the_references_states_and_params(rule, precision, device, backend):
+    ours, theirs, ours_params, theirs_params = run_beside_reference(rule, backend, precision, device=device)
+    assert_states_within_a_code_step(ours, theirs, ours_params, theirs_params, f"{rule} {precision} {backend}")
+    for index, (p, q) in enumerate(zip(ours_params, theirs_params)):
+        assert_close(p.detach(), q.detach(), rtol=1e-3, atol=1e-3 * DEFAULT_LR[rule],
+                     name=f"{rule} {precision} {backend} param {index}")
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_an_amp_skipped_step_leaves_codes_scales_and_params_bit_identical(precision, backend):
+    params = make_params(4)
+    optimizer = build("adam", params, backend, state_precision=precision)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    generator = torch.Generator().manual_seed(5)
+    for step in range(3):
+        grads = give_grads(params, generator)
+        if step == 2:
+            grads[0][0, 0] = math.inf
+        scaler.scale(torch.ones(()))  # as a scaled loss would: the scaler's scale made
+        for p, g in zip(params, grads):
+            p.grad = g * scaler.get_scale()
+        before = [t.clone() for p in params for t in [p.detach(), *optimizer.state[p].values()]] if step == 2 else None
+        scaler.step(optimizer)
+        scaler.update()
+    after = [t for p in params for t in [p.detach(), *optimizer.state[p].values()]]
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_infs_and_nans_in_grads_reach_the_states_as_in_the_reference(backend):
+    def poison(step, grads):
+        if step == 1:
+            grads[0][2, 5] = math.nan
+            grads[1][0, 0] = math.inf
+
+    ours, theirs, ours_params, theirs_params = run_beside_reference("adam", backend, "8bit", poison=poison)
+    mine, reference = decoded_states(ours, ours_params), decoded_states(theirs, theirs_params)
+    for key, expected in reference.items():
+        assert torch.equal(mine[key].isnan(), expected.isnan()), key
+
+
+@pytest.mark.parametrize("backend", KERNELS + ["torch"])
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_stochastic_rounding_of_states_is_reproducible_and_differs_from_nearest(precision, backend):
+    runs = [run_beside_reference("adam", backend, precision, rounding, seed=6)[0] for rounding in
+            ("stochastic", "stochastic", "nearest")]
+    states = [decoded_states(run, run.param_groups[0]["params"]) for run in runs]
+    assert all(torch.equal(states[0][key], states[1][key]) for key in states[0])
+    assert any(not torch.equal(states[0][key], states[2][key]) for key in states[0])
+
+
+# ---- bf16 params whose fp32 master is a 16-bit remainder ----
+
+
+@pytest.mark.parametrize("backend", KERNELS + ["torch"])
+@pytest.mark.parametrize("rule", RULES)
+def test_remainders_keep_the_fp32_master_bit_for_bit(rule, backend):
+    ours_params, theirs_params = make_params(7, dtype=torch.bfloat16), make_params(7, dtype=torch.bfloat16)
+    ours = build(rule, ours_params, backend, master_weights="remainder")
+    theirs = build(rule, theirs_params, backend, master_weights=True)
+    generator = torch.Generator().manual_seed(8)
+    for _ in range(4):
+        for p, q, g in zip(ours_params, theirs_params, give_grads(ours_params, generator)):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    for p, q in zip(ours_params, theirs_params):
+        assert ours.state[p]["master_remainder"].dtype == torch.int16 and "master_param" not in ours.state[p]
+        master = join_master(p.detach(), ours.state[p]["master_remainder"])
+        assert torch.equal(master.view(torch.int32), theirs.state[q]["master_param"].view(torch.int32))
+        assert torch.equal(p.detach(), split_master(master)[0])
+
+
+# ---- checkpoints ----
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_a_low_precision_checkpoint_is_compact_and_loads_back_exactly(precision):
+    params = make_params(9)
+    optimizer = build("adam", params, "numba", state_precision=precision)
+    for p, g in zip(params, give_grads(params, torch.Generator().manual_seed(9))):
+        p.grad = g
+    optimizer.step()
+    saved = optimizer.state_dict()
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    elements = sum(p.numel() for p in params)
+    nbytes = sum(t.numel() * t.element_size() for values in loaded["state"].values() for key, t in values.items()
+                 if key != "step")
+    fp32_bytes = elements * 4 * len(optimizer.state_keys(optimizer.param_groups[0]))
+    assert nbytes < fp32_bytes * (0.6 if precision == "bf16" else 0.4)
+    twin_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    twin = build("adam", twin_params, "numba", state_precision=precision)
+    twin.load_state_dict(loaded)
+    for index, values in twin.state_dict()["state"].items():
+        for key, value in values.items():
+            assert value.dtype == saved["state"][index][key].dtype and torch.equal(value, saved["state"][index][key])
+    grads = give_grads(params, torch.Generator().manual_seed(10))
+    for p, q, g in zip(params, twin_params, grads):
+        p.grad, q.grad = g.clone(), g.clone()
+    optimizer.step()
+    twin.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, twin_params))
+
+
+def test_a_torch_optim_checkpoint_loads_into_8bit_states_and_exports_back():
+    params = make_params(11)
+    torch_optimizer = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in params], lr=0.01)
+    for p, g in zip(torch_optimizer.param_groups[0]["params"], give_grads(params, torch.Generator().manual_seed(11))):
+        p.grad = g
+    torch_optimizer.step()
+    ours = fusedopt.AdamW(params, lr=0.01, state_precision="8bit")
+    ours.load_state_dict(torch_optimizer.state_dict())
+    assert ours.param_groups[0]["state_precision"] == "8bit"  # a torch.optim group keeps this optimizer's
+    for p, q in zip(params, torch_optimizer.param_groups[0]["params"]):
+        fmt = formats.state_format("8bit", p)
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert formats.format_of(ours.state[p], key, p) == fmt
+            expected = torch_optimizer.state[q][key]
+            assert_close(formats.decode(ours.state[p], key, torch.float32), expected, rtol=0.02,
+                         atol=float(expected.abs().max()) / 100, name=key)
+    exported = fusedopt.fp32_state_dict(ours)
+    back = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in params], lr=0.01)
+    back.load_state_dict(exported)
+    for q in back.param_groups[0]["params"]:
+        assert {key: value.dtype for key, value in back.state[q].items()} == {
+            "step": torch.float32, "exp_avg": torch.float32, "exp_avg_sq": torch.float32}
+    assert "state_precision" not in exported["param_groups"][0]
+
+
+def test_codes_that_do_not_fit_their_param_raise_and_load_nothing():
+    params = make_params(12)
+    optimizer = build("adam", params, "torch", state_precision="8bit")
+    for p, g in zip(params, give_grads(params, torch.Generator().manual_seed(12))):
+        p.grad = g
+    optimizer.step()
+    saved = optimizer.state_dict()
+    other = [torch.nn.Parameter(torch.zeros(38, 128))] + make_params(12)[1:]
+    target = build("adam", other, "torch", state_precision="8bit")
+    with pytest.raises(ValueError, match="shape"):
+        target.load_state_dict(saved)
+    assert len(target.state) == 0 and "state_precision" in target.param_groups[0]
+
+
+# ---- states a user stored in bf16 ----
+
+
+@pytest.mark.parametrize("backend", KERNELS + ["torch"])
+def test_bf16_states_put_in_by_the_user_step_as_bf16_precision(backend):
+    """fp32 params whose exp_avg and exp_avg_sq a pre-step hook made bf16 (as torchtitan does) step as
+    state_precision="bf16" would."""
+    shapes = [shape for shape in SHAPES if math.prod(shape) >= formats.SMALLEST_QUANTIZED]  # small: plain
+    ours_params, theirs_params = make_params(13, shapes), make_params(13, shapes)
+    ours = build("adam", ours_params, backend, amsgrad=False)
+    theirs = build("adam", theirs_params, backend, amsgrad=False, state_precision="bf16")
+
+    def to_bf16(optimizer, args, kwargs):
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                state = optimizer.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        state[key] = torch.zeros_like(p, dtype=torch.bfloat16)
+
+    ours.register_step_pre_hook(to_bf16)
+    generator = torch.Generator().manual_seed(14)
+    for _ in range(3):
+        for p, q, g in zip(ours_params, theirs_params, give_grads(ours_params, generator)):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    for p, q in zip(ours_params, theirs_params):
+        assert torch.equal(p, q)
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert ours.state[p][key].dtype == torch.bfloat16
+            assert torch.equal(formats.decode(ours.state[p], key, torch.float32),
+                               formats.decode(theirs.state[q], key, torch.float32))
+
+
+# ---- the tables behind 8-bit states are never stale ----
+
+
+def step_both(ours, theirs, ours_params, theirs_params, seed, steps=2):
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p, q, g in zip(ours_params, theirs_params, give_grads(ours_params, generator)):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+
+
+def assert_runs_match(ours, theirs, ours_params, theirs_params, where):
+    assert all(not plan.reference_params for plan in ours._plans.values()), "a param took the reference"
+    assert_states_within_a_code_step(ours, theirs, ours_params, theirs_params, where)
+    for index, (p, q) in enumerate(zip(ours_params, theirs_params)):
+        assert_close(p.detach(), q.detach(), rtol=1e-3, atol=1e-3 * DEFAULT_LR["adam"], name=f"{where} param {index}")
+
+
+@pytest.mark.parametrize("how", ["data", "set_"])
+@pytest.mark.parametrize("backend", KERNELS)
+def test_8bit_codes_and_scales_given_new_storage_are_updated_there(backend, how, table_check):
+    """Codes and scales moved to new storage (same values) between steps: the kernel reads and
+    writes the new storage, and never again the old."""
+    ours, theirs, ours_params, theirs_params = run_beside_reference("adam", backend, "8bit", steps=2)
+    old = []
+    for optimizer, params in ((ours, ours_params), (theirs, theirs_params)):
+        for p in params:
+            for key, value in optimizer.state[p].items():
+                if key != "step":
+                    if optimizer is ours:
+                        old.append((value.data, value.data.clone()))
+                    new = value.detach().clone()
+                    if how == "data":
+                        value.data = new
+                    else:
+                        value.set_(new)
+    step_both(ours, theirs, ours_params, theirs_params, seed=16)
+    assert_runs_match(ours, theirs, ours_params, theirs_params, f"8-bit states moved by {how}")
+    assert all(torch.equal(alias, before) for alias, before in old), "an old storage was written"
+
+
+@pytest.mark.parametrize("how", ["replaced", "data"])
+@pytest.mark.parametrize("backend", KERNELS)
+def test_scales_that_do_not_fit_their_codes_raise_before_anything_is_written(backend, how, table_check):
+    ours, _, ours_params, _ = run_beside_reference("adam", backend, "8bit", steps=2)
+    state = ours.state[ours_params[0]]
+    rows, blocks = state["exp_avg_sq_scales"].shape
+    wrong = torch.ones(rows, blocks + 1)
+    if how == "replaced":
+        state["exp_avg_sq_scales"] = wrong
+    else:
+        state["exp_avg_sq_scales"].data = wrong
+    before = [p.detach().clone() for p in ours_params], [{k: v.clone() for k, v in ours.state[p].items()}
+                                                         for p in ours_params]
+    for p, g in zip(ours_params, give_grads(ours_params, torch.Generator().manual_seed(17))):
+        p.grad = g
+    with pytest.raises(RuntimeError, match="scales of state 'exp_avg_sq'"):
+        ours.step()
+    for p, value, saved in zip(ours_params, *before):
+        assert torch.equal(p.detach(), value)
+        assert all(torch.equal(ours.state[p][key], tensor) for key, tensor in saved.items())
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_8bit_states_the_user_replaces_by_bf16_ones_step_as_bf16(backend, table_check):
+    ours, theirs, ours_params, theirs_params = run_beside_reference("adam", backend, "8bit", steps=2)
+    for optimizer, params in ((ours, ours_params), (theirs, theirs_params)):
+        for p in params:
+            state = optimizer.state[p]
+            for key in optimizer.state_keys(optimizer.param_groups[0]):
+                if formats.format_of(state, key, p) == formats.Q8:
+                    state[key] = formats.decode(state, key, torch.float32).bfloat16()
+                    del state[key + formats.SCALES]
+    step_both(ours, theirs, ours_params, theirs_params, seed=18)
+    assert all(formats.format_of(ours.state[p], "exp_avg", p) != formats.Q8 for p in ours_params)
+    assert_runs_match(ours, theirs, ours_params, theirs_params, "8-bit states made bf16")
