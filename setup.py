@@ -16,9 +16,10 @@ setup(
                       'triton>=3.6; platform_system == "Linux" and '
                       '(platform_machine == "x86_64" or platform_machine == "aarch64")'],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "matplotlib", "tqdm", "ninja", "lightning"],
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", "matplotlib", "tqdm", "ninja", "lightning",
+                 "scikit-learn"],
         "plot": ["matplotlib"],
-        "bench": ["matplotlib", "tqdm", "pytest-benchmark", "ninja"],
+        "bench": ["matplotlib", "tqdm", "pytest-benchmark", "ninja", "scikit-learn"],  # sklearn: the digits data
         "native": ["ninja"],  # python -m fusedopt.native builds the compiled table check
     },
 )

@@ -332,19 +332,26 @@ def markdown_table(rows, task, variants, formats):
 # ---- the bf16 second-moment stall ----
 
 
-def stall_demo(steps=6000, drop_at=2000, elements=8192, beta2=0.999, seed=0):
+def stall_formats():
+    """The second-moment formats the stall demonstration follows, by name."""
+    policies = state_codecs.candidate_policies()
+    formats = {"fp32": state_codecs.FP32, "bf16": state_codecs.Bf16(), "bf16-sr": state_codecs.Bf16(True)}
+    for policy in ("softsign+sqrt-nz", "softsign+sqrt-nz sr", "softsign+log", "softsign+log sr", "dynamic+udynamic",
+                   "dynamic+udynamic sr"):
+        formats[policies[policy].nonnegative.name] = policies[policy].nonnegative
+    return formats
+
+
+def stall_demo(steps=6000, drop_at=2000, elements=8192, beta2=0.999, seed=0, formats=None):
     """Adam's second moment v = beta2 v + (1 - beta2) g^2 on a stream of grads whose scale drops 10x
     at `drop_at` (so v should fall 100x), elements of scales spread over 3 decades, 256 to a row.
-    Returns the geometric mean of v_stored / v_fp32 over the elements, per step, per format."""
+    Returns the geometric mean of v_stored / v_fp32 over the elements, per step, per format (names
+    of `stall_formats()`; default all)."""
     generator = torch.Generator().manual_seed(seed)
     scales = 10 ** (-3 * torch.rand(elements // 256, 256, generator=generator))
-    policies = state_codecs.candidate_policies()
-    formats = {"fp32": state_codecs.FP32, "bf16": state_codecs.Bf16(), "bf16-sr": state_codecs.Bf16(True),
-               "usqrt.8bit-nz/b256": policies["softsign+sqrt-nz"].nonnegative,
-               "usqrt.8bit-nz/b256-sr": policies["softsign+sqrt-nz sr"].nonnegative,
-               "ulog.8bit/b256": policies["softsign+log"].nonnegative,
-               "ulog.8bit/b256-sr": policies["softsign+log sr"].nonnegative,
-               "udynamic.8bit/b256": policies["dynamic+udynamic"].nonnegative}
+    available = stall_formats()
+    formats = {name: available[name] for name in (formats or available)}
+    formats.setdefault("fp32", state_codecs.FP32)
     states = {name: torch.zeros_like(scales) for name in formats}
     rounding = torch.Generator().manual_seed(seed + 1)
     ratios = {name: [] for name in formats}
