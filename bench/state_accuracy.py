@@ -79,8 +79,9 @@ def apply_policy(optimizer, params, slots, policy, generator):
     with torch.no_grad():
         for p in params:
             state = optimizer.state[p]
+            keys = [key for key, _ in slots]
             for key, signed in slots:
-                fmt = policy.format_for(p, signed)
+                fmt = policy.format_for(p, signed, key, keys)
                 if fmt is not state_codecs.FP32:
                     state[key].copy_(state_codecs.roundtrip(fmt, state[key], generator))
 
@@ -189,8 +190,8 @@ class CharTransformer(nn.Module):
 
 @dataclass(frozen=True)
 class CharText:
-    steps: int = 400
-    batch: int = 32
+    steps: int = 300
+    batch: int = 16
     context: int = 64
     width: int = 128
     layers: int = 2
@@ -225,7 +226,14 @@ class CharText:
 
 
 TASKS = {"digits": Digits, "transformer": CharText}
-QUICK = {"digits": dict(epochs=3), "transformer": dict(steps=30, tail=10, width=64, context=32, batch=16)}
+QUICK = {"digits": dict(epochs=2), "transformer": dict(steps=20, tail=10, width=64, context=32, batch=16)}
+# the formats each task runs unless --formats names them: every candidate on digits, the leading
+# ones on the slower transformer, a few for --quick
+DEFAULT_FORMATS = {"digits": None,
+                   "transformer": ("fp32", "bf16", "bf16-sr", "softsign+sqrt", "dynamic+udynamic", "softsign+sqrt-nz",
+                                   "softsign+sqrt-nz sr", "softsign+log", "softsign+log sr",
+                                   "softsign+log, centered pair bf16", "4bit softsign+log b32 sr")}
+QUICK_FORMATS = ("fp32", "bf16", "softsign+sqrt", "softsign+log")
 
 
 # ---- running the grid ----
@@ -407,7 +415,7 @@ def bytes_table(formats, shapes):
     """State bytes per param of each rule variant x format over `shapes`, from the encoded tensors."""
     count = sum(math.prod(s) for s in shapes)
     policies = state_codecs.candidate_policies()
-    return {v.name: {f: state_codecs.state_bytes(policies[f], shapes, [s for _, s in v.slots()]) / count
+    return {v.name: {f: state_codecs.state_bytes(policies[f], shapes, v.slots()) / count
                      for f in formats}
             for v in rule_variants().values()}
 
@@ -499,7 +507,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="short runs, one seed (a smoke test)")
     parser.add_argument("--tasks", default="all", help=f"comma-separated: {', '.join(TASKS)}; or none")
     parser.add_argument("--rules", default="all", help="comma-separated rule variants (default: all)")
-    parser.add_argument("--formats", default="all", help="comma-separated candidate formats (default: all)")
+    parser.add_argument("--formats", default=None,
+                        help="comma-separated candidate formats, or all (default: all on digits, the leading ones on "
+                             "the transformer; with --quick: " + ",".join(QUICK_FORMATS) + ")")
     parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; 1 with --quick)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
     parser.add_argument("--no-stall", action="store_true", help="skip the bf16 stall demonstration")
@@ -508,23 +518,32 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     variants = _choose(args.rules, rule_variants(), "rule variant")
-    formats = _choose(args.formats, state_codecs.candidate_policies(), "format")
-    if "fp32" not in formats:
-        formats.insert(0, "fp32")
+    candidates = state_codecs.candidate_policies()
     task_names = [] if args.tasks == "none" else _choose(args.tasks, TASKS, "task")
     seeds = range(args.seeds if args.seeds is not None else (1 if args.quick else 3))
     tasks = [TASKS[name](**(QUICK[name] if args.quick else {})) for name in task_names]
+    task_formats = {}
+    for name in task_names:
+        if args.formats is not None:
+            chosen = _choose(args.formats, candidates, "format")
+        elif args.quick:
+            chosen = list(QUICK_FORMATS)
+        else:
+            chosen = list(DEFAULT_FORMATS[name] or candidates)
+        task_formats[name] = ["fp32"] + [f for f in chosen if f != "fp32"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = dict(command=" ".join(["python -m bench.state_accuracy", *(argv if argv is not None else sys.argv[1:])]),
                   torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M"),
                   load_average=os.getloadavg(), tasks={t.name: vars(t) for t in tasks},
-                  variants={v: rule_variants()[v].options for v in variants}, formats=formats, seeds=list(seeds))
+                  variants={v: rule_variants()[v].options for v in variants}, formats=task_formats, seeds=list(seeds))
     report = [f"# Optimizer state formats: accuracy against fp32 states\n\n`{result['command']}` "
               f"({result['date']}, torch {result['torch']}, load {result['load_average'][0]:.1f})\n"]
 
     started = time.perf_counter()
-    records = run_grid(tasks, variants, formats, seeds, args.jobs)
+    records = []
+    for task in tasks:
+        records += run_grid([task], variants, task_formats[task.name], seeds, args.jobs)
     rows = summarize(records)
     result.update(records=records, rows=rows, seconds=time.perf_counter() - started)
     for task in tasks:
@@ -532,15 +551,15 @@ def main(argv=None):
                 "L its range over seeds" if task.name == "digits" else
                 f"mean train loss of the last {task.tail} steps (its difference from fp32 states')")
         report.append(f"## {task.name}: {what}; means over {len(seeds)} seed(s)\n")
-        report.append(markdown_table(rows, task.name, variants, formats) + "\n")
-        plot_losses(records, task.name, variants, formats, out / f"loss_{task.name}.png",
+        report.append(markdown_table(rows, task.name, variants, task_formats[task.name]) + "\n")
+        plot_losses(records, task.name, variants, task_formats[task.name], out / f"loss_{task.name}.png",
                     smooth=20 if task.name == "transformer" else 5)
     failed = [r for r in rows if r["format"] != "fp32" and not r.get("passed", True)]
     report.append(f"Failed: {len(failed)} of {sum(r['format'] != 'fp32' for r in rows)} (task, rule, format) cells; "
                   f"with non-finite losses: {', '.join(sorted({r['format'] for r in rows if r['non_finite']})) or 'none'}\n")
 
     if not args.no_stall:
-        stall = stall_demo(steps=1500 if args.quick else 6000, drop_at=500 if args.quick else 2000)
+        stall = stall_demo(**(dict(steps=1200, drop_at=400, elements=2048) if args.quick else {}))
         result["stall"] = stall
         plot_stall(stall, out / "stall_v.png")
         report.append(f"## v at beta2 = {stall['beta2']} after the grad scale drops 10x (v should fall 100x): "
@@ -564,12 +583,12 @@ def main(argv=None):
     from bench.cases import gpt2_shapes
 
     shapes = gpt2_shapes()
-    table = bytes_table(formats, shapes)
+    table = bytes_table(list(candidates), shapes)
     result["state_bytes_gpt2"] = table
     report.append("## State bytes per param, GPT-2 small's shapes (1-D params keep fp32 states under blockwise "
                   "formats), from the encoded tensors\n")
     report.append("| format | " + " | ".join(table) + " |\n|" + "---|" * (len(table) + 1))
-    for fmt in formats:
+    for fmt in candidates:
         report.append(f"| {fmt} | " + " | ".join(f"{table[v][fmt]:.3f}" for v in table) + " |")
 
     (out / "state_accuracy.json").write_text(json.dumps(result, indent=1))

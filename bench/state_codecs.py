@@ -264,16 +264,22 @@ class StatePolicy:
     """The formats of a run: `signed` for states that may be negative (momentum, exp_avg, grad_avg),
     `nonnegative` for the others (exp_avg_sq, max_exp_avg_sq, sum, square_avg). A param with fewer
     than `min_numel` elements, or fewer than two dims where the format needs blocks within dim-0
-    slices (a 1-D param's slices are single elements), keeps `small` (fp32 unless said)."""
+    slices (a 1-D param's slices are single elements), keeps `small` (fp32 unless said).
+    `overrides`: (when, key, format) entries: state `key` takes `format` where the rule keeps a
+    state named `when` (e.g. centered RMSprop, the one rule with a grad_avg)."""
 
     name: str
     signed: object
     nonnegative: object
     min_numel: int = 0
     small: object = None
+    overrides: tuple = ()
 
-    def format_for(self, param, signed):
+    def format_for(self, param, signed, key=None, keys=()):
         fmt = self.signed if signed else self.nonnegative
+        for when, overridden, override in self.overrides:
+            if key == overridden and when in keys:
+                fmt = override
         needs_rows = isinstance(fmt, Blockwise) and fmt.layout == "rows"
         if param.numel() < self.min_numel or (needs_rows and param.dim() < 2):
             return self.small or FP32
@@ -315,6 +321,10 @@ def candidate_policies():
     add(blockwise("softsign", "root4", floor_nonzero=True, name="softsign+root4-nz"))
     add(blockwise("softsign", "sqrt", floor_nonzero=True, stochastic=True, name="softsign+sqrt-nz sr"))
     add(blockwise("softsign", "log", stochastic=True, name="softsign+log sr"))
+    # centered RMSprop divides by sqrt(square_avg - grad_avg^2): that pair in bf16
+    log = p["softsign+log"]
+    add(StatePolicy("softsign+log, centered pair bf16", log.signed, log.nonnegative,
+                    overrides=(("grad_avg", "grad_avg", Bf16()), ("grad_avg", "square_avg", Bf16()))))
     for block in (32, 64, 128):
         add(blockwise("softsign", "sqrt", block=block, name=f"softsign+sqrt b{block}"))
         add(blockwise("softsign", "log", block=block, name=f"softsign+log b{block}"))
@@ -328,9 +338,9 @@ def candidate_policies():
 def state_bytes(policy, shapes, slots):
     """Bytes of the stored states of params of `shapes` under `policy` (each format's
     `storage_bytes`, which equals what its `encode` stores: tests/test_state_codecs.py); `slots`
-    lists each state's signedness (True: signed)."""
-    total = 0
+    lists each state as (key, signed)."""
+    total, keys = 0, [key for key, _ in slots]
     for shape in shapes:
         param = torch.empty(shape, device="meta")
-        total += sum(policy.format_for(param, signed).storage_bytes(shape) for signed in slots)
+        total += sum(policy.format_for(param, signed, key, keys).storage_bytes(shape) for key, signed in slots)
     return total

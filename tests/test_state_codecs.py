@@ -148,4 +148,4 @@ def test_policy_keeps_small_and_one_dim_params_in_fp32():
     assert small.format_for(torch.empty(63, 64), True) is sc.FP32
     assert small.format_for(torch.empty(64, 64), True) is policy.signed
     # 8-bit codes and a 4-byte scale per 256: 1 + 4/256 bytes per element, for each of Adam's two states
-    assert sc.state_bytes(policy, [(512, 1024)], [True, False]) == 2 * (512 * 1024 + 4 * 512 * 4)
+    assert sc.state_bytes(policy, [(512, 1024)], [("m", True), ("v", False)]) == 2 * (512 * 1024 + 4 * 512 * 4)
