@@ -57,17 +57,24 @@ class Variant:
         return self.info.oracle_class(params, **self.options)
 
 
-def rule_variants():
+LR_SOURCES = ("benchmark", "default_lr")
+
+
+def rule_variants(lr_source="benchmark"):
     """Each registry rule's benchmark variants (their options: torch.optim's default lr and the
     like) that keep state; and the variant with the rule's `stateful` options added where that
-    adds state tensors (Adam's amsgrad, RMSprop centered with momentum)."""
+    adds state tensors (Adam's amsgrad, RMSprop centered with momentum). `lr_source` "default_lr":
+    the registry's `default_lr` instead (larger: SGD's 1e-3 barely trains in a few epochs)."""
+    if lr_source not in LR_SOURCES:
+        raise ValueError(f"lr_source {lr_source!r} is not one of {LR_SOURCES}")
     variants = {}
     for info in RULES.values():
         for benchmark in info.benchmarks:
-            keys = info.state_keys(**benchmark.options)
+            options = dict(benchmark.options, **({"lr": info.default_lr} if lr_source == "default_lr" else {}))
+            keys = info.state_keys(**options)
             if keys:
-                variants[benchmark.name] = Variant(benchmark.name, info, dict(benchmark.options))
-            richer = {**benchmark.options, **info.stateful}
+                variants[benchmark.name] = Variant(benchmark.name, info, options)
+            richer = {**options, **info.stateful}
             if set(info.state_keys(**richer)) > set(keys) and keys:
                 name = benchmark.name + "+" + ",".join(f"{k}={v}" for k, v in info.stateful.items())
                 variants[name] = Variant(name, info, richer)
@@ -240,9 +247,9 @@ QUICK_FORMATS = ("fp32", "bf16", "softsign+sqrt", "softsign+log")
 
 
 def _one_run(job):
-    task, variant_name, policy_name, seed = job
+    task, variant_name, policy_name, seed, lr_source = job
     started = time.perf_counter()
-    result = task.run(rule_variants()[variant_name], state_codecs.candidate_policies()[policy_name], seed)
+    result = task.run(rule_variants(lr_source)[variant_name], state_codecs.candidate_policies()[policy_name], seed)
     return dict(task=task.name, variant=variant_name, format=policy_name, seed=seed,
                 seconds=time.perf_counter() - started, **result)
 
@@ -251,9 +258,9 @@ def _worker_init():
     torch.set_num_threads(1)  # one run per core: small models gain nothing from intra-op threads
 
 
-def run_grid(tasks, variants, formats, seeds, jobs=1, progress=True):
+def run_grid(tasks, variants, formats, seeds, jobs=1, progress=True, lr_source="benchmark"):
     """Every task x rule variant x format x seed; a list of run records."""
-    grid = [(task, v, f, s) for task in tasks for v in variants for f in formats for s in seeds]
+    grid = [(task, v, f, s, lr_source) for task in tasks for v in variants for f in formats for s in seeds]
     records = []
     if jobs <= 1:
         for index, job in enumerate(grid):
@@ -443,31 +450,46 @@ def _smooth(values, width):
 
 
 def plot_losses(records, task, variants, formats, path, smooth=20):
-    """One panel per rule variant: each format's train loss (mean over seeds, running mean)."""
+    """One panel per rule variant: each format's train loss (mean over seeds, running mean). The y
+    axis spans fp32's curve (to twice its first loss), so a run that diverges leaves through the
+    top; each panel's title names the formats with non-finite losses and on how many seeds."""
     plt = _pyplot()
     columns = min(3, len(variants))
     rows = math.ceil(len(variants) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(6 * columns, 3.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(6 * columns, 3.6 * rows + 1.2), squeeze=False)
     colors = plt.get_cmap("tab20")
+    lines = {}
     for ax, variant in zip(axes.flat, variants):
+        ax.set_yscale("log")
+        span, diverged = None, []
         for index, fmt in enumerate(formats):
-            runs = [r["losses"] for r in records if (r["task"], r["variant"], r["format"]) == (task, variant, fmt)]
+            runs = [r for r in records if (r["task"], r["variant"], r["format"]) == (task, variant, fmt)]
             if not runs:
                 continue
-            length = min(map(len, runs))
-            mean = [statistics.fmean(run[i] for run in runs) for i in range(length)]
-            ax.plot(_smooth(mean, smooth), label=fmt, color=colors(index % 20),
-                    linewidth=2.0 if fmt == "fp32" else 1.0, linestyle="-" if index < 10 else "--")
-        ax.set_title(variant, fontsize=9)
-        ax.set_yscale("log")
+            losses = [r["losses"] for r in runs]
+            length = max(map(len, losses))
+            # a diverged run stops early: it stays at its last (non-finite) value for the mean
+            mean = _smooth([statistics.fmean(run[min(i, len(run) - 1)] for run in losses) for i in range(length)], smooth)
+            count = sum(not r["finite"] for r in runs)
+            if count:
+                diverged.append(f"{fmt} ({count}/{len(runs)})")
+            lines[fmt], = ax.plot(mean, color=colors(index % 20), linewidth=2.0 if fmt == "fp32" else 1.0,
+                                  linestyle="-" if index < 10 else "--")
+            if fmt == "fp32":
+                span = (0.7 * min(mean), 2 * mean[0])
+        if span is not None and all(map(math.isfinite, span)):
+            ax.set_ylim(*span)
+        title = variant + ("\nnon-finite: " + ", ".join(diverged) if diverged else "")
+        ax.set_title(title, fontsize=7 if diverged else 9, wrap=True)
         ax.set_xlabel("step", fontsize=8)
         ax.set_ylabel(f"train loss (mean of seeds, running mean of {smooth})", fontsize=7)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(variants):]:
         ax.set_visible(False)
-    axes.flat[0].legend(fontsize=6, loc="upper right")
+    fig.legend(list(lines.values()), list(lines), loc="lower center", ncol=min(6, len(lines)), fontsize=7)
     fig.suptitle(f"{task}: train loss by state format", fontsize=10)
-    fig.tight_layout()
+    height = fig.get_size_inches()[1]
+    fig.tight_layout(rect=(0, (0.25 + 0.17 * math.ceil(len(lines) / 6)) / height, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -511,13 +533,16 @@ def main(argv=None):
                         help="comma-separated candidate formats, or all (default: all on digits, the leading ones on "
                              "the transformer; with --quick: " + ",".join(QUICK_FORMATS) + ")")
     parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; 1 with --quick)")
+    parser.add_argument("--lr", choices=LR_SOURCES, default="benchmark",
+                        help="each rule's lr: its registry benchmark variant's (torch.optim's default; the default) "
+                             "or the registry's default_lr")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
     parser.add_argument("--no-stall", action="store_true", help="skip the bf16 stall demonstration")
     parser.add_argument("--no-codec-time", action="store_true", help="skip the codec timing")
     parser.add_argument("--out", default="bench/out/state_accuracy", help="folder for JSON, tables and plots")
     args = parser.parse_args(argv)
 
-    variants = _choose(args.rules, rule_variants(), "rule variant")
+    variants = _choose(args.rules, rule_variants(args.lr), "rule variant")
     candidates = state_codecs.candidate_policies()
     task_names = [] if args.tasks == "none" else _choose(args.tasks, TASKS, "task")
     seeds = range(args.seeds if args.seeds is not None else (1 if args.quick else 3))
@@ -536,14 +561,16 @@ def main(argv=None):
     result = dict(command=" ".join(["python -m bench.state_accuracy", *(argv if argv is not None else sys.argv[1:])]),
                   torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M"),
                   load_average=os.getloadavg(), tasks={t.name: vars(t) for t in tasks},
-                  variants={v: rule_variants()[v].options for v in variants}, formats=task_formats, seeds=list(seeds))
+                  variants={v: rule_variants(args.lr)[v].options for v in variants}, formats=task_formats, seeds=list(seeds))
     report = [f"# Optimizer state formats: accuracy against fp32 states\n\n`{result['command']}` "
-              f"({result['date']}, torch {result['torch']}, load {result['load_average'][0]:.1f})\n"]
+              f"({result['date']}, torch {result['torch']}, load {result['load_average'][0]:.1f})\n",
+              "Rules (the registry's options, lr from its " + args.lr + "): "
+              + "; ".join(f"{v} {result['variants'][v]}" for v in variants) + "\n"]
 
     started = time.perf_counter()
     records = []
     for task in tasks:
-        records += run_grid([task], variants, task_formats[task.name], seeds, args.jobs)
+        records += run_grid([task], variants, task_formats[task.name], seeds, args.jobs, lr_source=args.lr)
     rows = summarize(records)
     result.update(records=records, rows=rows, seconds=time.perf_counter() - started)
     for task in tasks:
