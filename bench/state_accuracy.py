@@ -76,7 +76,7 @@ def rule_variants(lr_source="benchmark"):
                 variants[benchmark.name] = Variant(benchmark.name, info, options)
             richer = {**options, **info.stateful}
             if set(info.state_keys(**richer)) > set(keys) and keys:
-                name = benchmark.name + "+" + ",".join(f"{k}={v}" for k, v in info.stateful.items())
+                name = benchmark.name + "".join(f"+{k}={v}" for k, v in info.stateful.items())
                 variants[name] = Variant(name, info, richer)
     return variants
 
@@ -197,10 +197,10 @@ class CharTransformer(nn.Module):
 
 @dataclass(frozen=True)
 class CharText:
-    steps: int = 300
+    steps: int = 250
     batch: int = 16
     context: int = 64
-    width: int = 128
+    width: int = 96
     layers: int = 2
     heads: int = 4
     tail: int = TAIL_STEPS
@@ -238,8 +238,7 @@ QUICK = {"digits": dict(epochs=2), "transformer": dict(steps=20, tail=10, width=
 # ones on the slower transformer, a few for --quick
 DEFAULT_FORMATS = {"digits": None,
                    "transformer": ("fp32", "bf16", "bf16-sr", "softsign+sqrt", "dynamic+udynamic", "softsign+sqrt-nz",
-                                   "softsign+sqrt-nz sr", "softsign+log", "softsign+log sr",
-                                   "softsign+log, centered pair bf16", "4bit softsign+log b32 sr")}
+                                   "softsign+log", "softsign+log sr", "softsign+log centered-bf16")}
 QUICK_FORMATS = ("fp32", "bf16", "softsign+sqrt", "softsign+log")
 
 
@@ -259,8 +258,11 @@ def _worker_init():
 
 
 def run_grid(tasks, variants, formats, seeds, jobs=1, progress=True, lr_source="benchmark"):
-    """Every task x rule variant x format x seed; a list of run records."""
-    grid = [(task, v, f, s, lr_source) for task in tasks for v in variants for f in formats for s in seeds]
+    """Every task x rule variant x format x seed; a list of run records. A format with overrides
+    runs only on the rules they apply to (elsewhere it is its base format, run already)."""
+    policies, rules = state_codecs.candidate_policies(), rule_variants(lr_source)
+    grid = [(task, v, f, s, lr_source) for task in tasks for v in variants for f in formats for s in seeds
+            if not policies[f].overrides or policies[f].overridden([key for key, _ in rules[v].slots()])]
     records = []
     if jobs <= 1:
         for index, job in enumerate(grid):

@@ -275,6 +275,11 @@ class StatePolicy:
     small: object = None
     overrides: tuple = ()
 
+    def overridden(self, keys):
+        """Whether an override applies to a rule keeping the states `keys` (if not, the policy
+        stores them as its plain `signed` and `nonnegative` formats do)."""
+        return any(when in keys for when, _, _ in self.overrides)
+
     def format_for(self, param, signed, key=None, keys=()):
         fmt = self.signed if signed else self.nonnegative
         for when, overridden, override in self.overrides:
@@ -323,7 +328,7 @@ def candidate_policies():
     add(blockwise("softsign", "log", stochastic=True, name="softsign+log sr"))
     # centered RMSprop divides by sqrt(square_avg - grad_avg^2): that pair in bf16
     log = p["softsign+log"]
-    add(StatePolicy("softsign+log, centered pair bf16", log.signed, log.nonnegative,
+    add(StatePolicy("softsign+log centered-bf16", log.signed, log.nonnegative,
                     overrides=(("grad_avg", "grad_avg", Bf16()), ("grad_avg", "square_avg", Bf16()))))
     for block in (32, 64, 128):
         add(blockwise("softsign", "sqrt", block=block, name=f"softsign+sqrt b{block}"))

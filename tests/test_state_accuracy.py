@@ -57,6 +57,15 @@ def test_every_state_is_stored_after_every_step():
         assert policy.format_for(params[1], signed) is sc.FP32  # a 1-D param's states stay fp32
 
 
+def test_a_format_with_overrides_runs_only_where_they_apply(monkeypatch):
+    ran = []
+    monkeypatch.setattr(sa, "_one_run", lambda job: ran.append(job[1:3]) or {})
+    monkeypatch.setattr(sa, "_progress", lambda *args: None)
+    centered = next(name for name, v in sa.rule_variants().items() if "grad_avg" in dict(v.slots()))
+    sa.run_grid([sa.Digits()], ["adam", centered], ["softsign+log", "softsign+log centered-bf16"], [0])
+    assert ran == [("adam", "softsign+log"), (centered, "softsign+log"), (centered, "softsign+log centered-bf16")]
+
+
 def test_verdicts_follow_the_bands():
     def digits(fmt, accuracies, losses):
         return [dict(task="digits", variant="adam", format=fmt, seed=s, test_accuracy=a, last_epoch_loss=l,

@@ -149,3 +149,14 @@ def test_policy_keeps_small_and_one_dim_params_in_fp32():
     assert small.format_for(torch.empty(64, 64), True) is policy.signed
     # 8-bit codes and a 4-byte scale per 256: 1 + 4/256 bytes per element, for each of Adam's two states
     assert sc.state_bytes(policy, [(512, 1024)], [("m", True), ("v", False)]) == 2 * (512 * 1024 + 4 * 512 * 4)
+
+
+def test_overrides_apply_only_where_the_rule_keeps_the_named_state():
+    policy = sc.candidate_policies()["softsign+log centered-bf16"]
+    param = torch.empty(16, 16)
+    centered = ["square_avg", "momentum_buffer", "grad_avg"]
+    assert policy.overridden(centered) and not policy.overridden(["square_avg"])
+    assert isinstance(policy.format_for(param, False, "square_avg", centered), sc.Bf16)
+    assert isinstance(policy.format_for(param, True, "grad_avg", centered), sc.Bf16)
+    assert policy.format_for(param, True, "momentum_buffer", centered) is policy.signed
+    assert policy.format_for(param, False, "square_avg", ["square_avg"]) is policy.nonnegative
