@@ -332,6 +332,9 @@ def candidate_policies():
                     overrides=(("grad_avg", "grad_avg", Bf16()), ("grad_avg", "square_avg", Bf16()))))
     for block in (32, 64, 128):
         add(blockwise("softsign", "sqrt", block=block, name=f"softsign+sqrt b{block}"))
+        # the never-zero square-root code of second moments with linear or softsign first moments
+        add(blockwise("linear", "sqrt", block=block, floor_nonzero=True, name=f"linear+sqrt-nz b{block}"))
+        add(blockwise("softsign", "sqrt", block=block, floor_nonzero=True, name=f"softsign+sqrt-nz b{block}"))
         add(blockwise("softsign", "log", block=block, name=f"softsign+log b{block}"))
     # 4-bit: the same mechanism with 15 (signed) or 16 (unsigned) levels
     add(blockwise("softsign", "log", bits=4, block=32, name="4bit softsign+log b32"))
