@@ -119,10 +119,10 @@ def compile_specialization(spec, arch):
         rule, options, extra = spec.arguments
         update, block_numbers = rule_functions(rule)
         precision, rounding = spec.options["STATES"] or "fp32", spec.options["ROUNDING"] or "nearest"
-        made = formats.state_format(precision, torch.empty(formats.QUANT_BLOCK, formats.SMALLEST_QUANTIZED,
-                                                           dtype=torch_dtype))
-        storage = formats.Storage(tuple(made if present else formats.ABSENT for present in rule.present(options)),
-                                  "stochastic" if spec.options["STOCHASTIC_STATES"] else "nearest", rounding)
+        param = torch.empty(formats.QUANT_BLOCK, formats.SMALLEST_QUANTIZED, dtype=torch_dtype)
+        made = tuple(formats.state_format(precision, param, rule.may_code(options, slot.name)) if present
+                     else formats.ABSENT for slot, present in zip(rule.states, rule.present(options)))
+        storage = formats.Storage(made, "stochastic" if spec.options["STOCHASTIC_STATES"] else "nearest", rounding)
         constexprs.update({name: value for name, value in spec.options.items() if name in kernel.arg_names},
                           UPDATE=update, BLOCK_NUMBERS=block_numbers, OPTIONS=options,
                           STATES=state_formats(rule, storage), STEPS=rule.steps, EXTRA=extra,
