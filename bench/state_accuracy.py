@@ -5,8 +5,11 @@ an MLP on scikit-learn's digits and a small character-level transformer on a gen
 The simulation: the optimizer (torch.optim's class, or fusedopt's plain-torch reference where
 torch.optim has not the rule) steps in fp32 on the decoded states; after every step each state is
 encoded and decoded again in place, so the next step reads exactly what a kernel would decode from
-the stored codes. Also: the bf16 second-moment stall at beta2 = 0.999 (``--stall``) and the CPU
-time of each codec's encode and decode (``--codec-time``, plain torch: a proxy for the kernels).
+the stored codes. fusedopt's own formats (`fusedopt-bf16`, `fusedopt-8bit`, and their `-sr`
+stochastic roundings) run fusedopt's class on its numba CPU kernels instead, which store the
+states themselves: what a user gets. Also: the bf16 second-moment stall at beta2 = 0.999
+(``--stall``) and the CPU time of each codec's encode and decode (``--codec-time``, plain torch:
+a proxy for the kernels).
 
     python -m bench.state_accuracy --quick          # a smoke run (~1 minute)
     python -m bench.state_accuracy                  # the study (digits, transformer, stall, codec time)
@@ -53,11 +56,48 @@ class Variant:
         signed = {slot.name: slot.signed for slot in self.info.optimizer.spec.states}
         return [(key, signed[key]) for key in self.info.state_keys(**self.options)]
 
-    def build(self, params):
+    def build(self, params, policy=None):
+        """The run's optimizer: the oracle (torch.optim's class, or fusedopt's reference) whose
+        states the policy rounds after each step; or, for one of fusedopt's own formats, fusedopt's
+        class on the numba CPU kernels, which store the states themselves."""
+        own = FUSEDOPT_FORMATS.get(getattr(policy, "name", None))
+        if own is not None:
+            return self.info.optimizer(params, backend="numba", **self.options, **own)
         return self.info.oracle_class(params, **self.options)
 
 
+# fusedopt's state formats as it stores them (fusedopt/formats.py), run through its own kernels
+FUSEDOPT_FORMATS = {"fusedopt-bf16": dict(state_precision="bf16"),
+                    "fusedopt-bf16-sr": dict(state_precision="bf16", state_rounding="stochastic"),
+                    "fusedopt-8bit": dict(state_precision="8bit"),
+                    "fusedopt-8bit-sr": dict(state_precision="8bit", state_rounding="stochastic")}
+
+
+def policies():
+    """Every format the study can run, by name: the plain-torch candidates (bench/state_codecs.py)
+    and fusedopt's own, whose runs round nothing after the step (the kernels stored the states)."""
+    return {**state_codecs.candidate_policies(),
+            **{name: state_codecs.StatePolicy(name, state_codecs.FP32, state_codecs.FP32) for name in FUSEDOPT_FORMATS}}
+
+
+def fusedopt_state_bytes(variant, options, shapes):
+    """Bytes of the states fusedopt stores for params of `shapes` under `options`, from the
+    formats it gives each state (fusedopt.formats)."""
+    from fusedopt import formats
+
+    optimizer = variant.info.optimizer([nn.Parameter(torch.zeros(1))], **variant.options, **options)
+    group = optimizer.param_groups[0]
+    per_element = {formats.PLAIN: 4, formats.BF16: 2, formats.Q8: 1 + 4 / formats.QUANT_BLOCK}
+    total = 0
+    for shape in shapes:
+        param = torch.empty(shape, device="meta")
+        total += math.prod(shape) * sum(per_element[optimizer.state_format(group, param, key)]
+                                        for key in optimizer.state_keys(group))
+    return total
+
+
 LR_SOURCES = ("benchmark", "default_lr")
+STORAGE_OPTIONS = {"state_precision", "state_rounding", "master_weights", "stochastic_rounding"}
 
 
 def rule_variants(lr_source="benchmark"):
@@ -70,6 +110,8 @@ def rule_variants(lr_source="benchmark"):
     variants = {}
     for info in RULES.values():
         for benchmark in info.benchmarks:
+            if set(benchmark.options) & STORAGE_OPTIONS:  # a benchmark of fusedopt's own formats: a format here
+                continue
             options = dict(benchmark.options, **({"lr": info.default_lr} if lr_source == "default_lr" else {}))
             keys = info.state_keys(**options)
             if keys:
@@ -119,7 +161,7 @@ class Digits:
         model = nn.Sequential(nn.Linear(64, self.hidden), nn.ReLU(), nn.Linear(self.hidden, self.hidden), nn.ReLU(),
                               nn.Linear(self.hidden, 10))
         params = list(model.parameters())
-        optimizer, slots = variant.build(params), variant.slots()
+        optimizer, slots = variant.build(params, policy), variant.slots()
         order, rounding = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(10_000 + seed)
         losses, epoch_losses = [], []
         for _ in range(self.epochs):
@@ -213,7 +255,7 @@ class CharText:
         torch.manual_seed(seed)
         model = CharTransformer(len(alphabet), self.width, self.layers, self.heads, self.context)
         params = list(model.parameters())
-        optimizer, slots = variant.build(params), variant.slots()
+        optimizer, slots = variant.build(params, policy), variant.slots()
         order, rounding = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(10_000 + seed)
         losses = []
         for _ in range(self.steps):
@@ -248,7 +290,7 @@ QUICK_FORMATS = ("fp32", "bf16", "softsign+sqrt", "softsign+log")
 def _one_run(job):
     task, variant_name, policy_name, seed, lr_source = job
     started = time.perf_counter()
-    result = task.run(rule_variants(lr_source)[variant_name], state_codecs.candidate_policies()[policy_name], seed)
+    result = task.run(rule_variants(lr_source)[variant_name], policies()[policy_name], seed)
     return dict(task=task.name, variant=variant_name, format=policy_name, seed=seed,
                 seconds=time.perf_counter() - started, **result)
 
@@ -260,9 +302,9 @@ def _worker_init():
 def run_grid(tasks, variants, formats, seeds, jobs=1, progress=True, lr_source="benchmark"):
     """Every task x rule variant x format x seed; a list of run records. A format with overrides
     runs only on the rules they apply to (elsewhere it is its base format, run already)."""
-    policies, rules = state_codecs.candidate_policies(), rule_variants(lr_source)
+    known, rules = policies(), rule_variants(lr_source)
     grid = [(task, v, f, s, lr_source) for task in tasks for v in variants for f in formats for s in seeds
-            if not policies[f].overrides or policies[f].overridden([key for key, _ in rules[v].slots()])]
+            if not known[f].overrides or known[f].overridden([key for key, _ in rules[v].slots()])]
     records = []
     if jobs <= 1:
         for index, job in enumerate(grid):
@@ -423,8 +465,9 @@ def codec_times(elements=1 << 20, repeats=15, seed=0):
 def bytes_table(formats, shapes):
     """State bytes per param of each rule variant x format over `shapes`, from the encoded tensors."""
     count = sum(math.prod(s) for s in shapes)
-    policies = state_codecs.candidate_policies()
-    return {v.name: {f: state_codecs.state_bytes(policies[f], shapes, v.slots()) / count
+    candidates = state_codecs.candidate_policies()
+    return {v.name: {f: (fusedopt_state_bytes(v, FUSEDOPT_FORMATS[f], shapes) if f in FUSEDOPT_FORMATS
+                         else state_codecs.state_bytes(candidates[f], shapes, v.slots())) / count
                      for f in formats}
             for v in rule_variants().values()}
 
@@ -545,7 +588,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     variants = _choose(args.rules, rule_variants(args.lr), "rule variant")
-    candidates = state_codecs.candidate_policies()
+    candidates = policies()
     task_names = [] if args.tasks == "none" else _choose(args.tasks, TASKS, "task")
     seeds = range(args.seeds if args.seeds is not None else (1 if args.quick else 3))
     tasks = [TASKS[name](**(QUICK[name] if args.quick else {})) for name in task_names]

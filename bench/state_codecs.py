@@ -10,7 +10,6 @@ Nothing here is used by fusedopt itself: it is the oracle the measurements are t
 """
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 

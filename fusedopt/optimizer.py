@@ -689,7 +689,8 @@ class FusedOptimizer(Optimizer):
         is in torch's layout (a torch.optim checkpoint's)."""
         state = self.state[param]
         for key in self.state_keys(group):
-            if self.state_format(group, param, key) != formats.PLAIN and key in state and formats.format_of(state, key, param) == formats.PLAIN:
+            if key in state and formats.format_of(state, key, param) == formats.PLAIN \
+                    and self.state_format(group, param, key) != formats.PLAIN:
                 values = state.pop(key)
                 self.new_state(param, group, key)
                 formats.encode(values, state, key)

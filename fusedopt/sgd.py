@@ -174,7 +174,8 @@ class SGD(FusedOptimizer):
 
     def reference_step(self, group, params, grads, targets=None):
         buffers = reference.sgd(params if targets is None else targets, grads,
-                                reference_states(self, params, "momentum_buffer"), **self.reference_hyperparameters(group))
+                                reference_states(self, params, "momentum_buffer"),
+                                **self.reference_hyperparameters(group))
         if group["momentum"] != 0:
             for param, buffer in zip(params, buffers):
                 state = self.state[param]

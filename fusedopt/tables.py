@@ -81,7 +81,8 @@ def fits_kernel(param, grad, states, master=None, *, cpu_tensors):
     contiguous param. `master`: an fp32 copy or an int16 remainder, laid out as the param."""
     from .formats import QUANT_BLOCK
 
-    tensors = (param, grad, *(t for pair in states for t in pair if t is not None), *([] if master is None else [master]))
+    tensors = (param, grad, *(t for pair in states for t in pair if t is not None),
+               *([] if master is None else [master]))
     if not all(holds_its_values(t, cpu_tensors) for t in tensors):
         return False
     param = real_view(param)

@@ -122,3 +122,23 @@ def test_quick_command_writes_its_tables_and_plots(tmp_path):
     assert {(r["variant"], r["format"]) for r in result["rows"]} == {("sgd_momentum", "fp32"), ("sgd_momentum", "bf16")}
     assert (tmp_path / "loss_digits.png").stat().st_size > 0
     assert "| bf16 |" in (tmp_path / "state_accuracy.md").read_text()
+
+
+def test_fusedopts_own_formats_run_its_kernels_and_store_their_states():
+    """A fusedopt-* format builds fusedopt's class on the numba kernels, with the storage options:
+    its states are 8-bit codes (or bf16) after the run, nothing rounds them afterwards, and two
+    epochs of Adam train as fp32 states do."""
+    variant = sa.rule_variants()["adam"]
+    params = [torch.nn.Parameter(torch.randn(64, 128))]
+    optimizer = variant.build(params, sa.policies()["fusedopt-8bit"])
+    assert type(optimizer).__module__.startswith("fusedopt") and optimizer.param_groups[0]["state_precision"] == "8bit"
+    params[0].grad = torch.randn(64, 128)
+    optimizer.step()
+    assert optimizer.state[params[0]]["exp_avg"].dtype == torch.int8
+    assert optimizer.state[params[0]]["exp_avg_sq"].dtype == torch.uint8
+    task = sa.Digits(epochs=2)
+    fp32, ours = (task.run(variant, sa.policies()[name], seed=0) for name in ("fp32", "fusedopt-8bit"))
+    assert ours["finite"] and abs(ours["test_accuracy"] - fp32["test_accuracy"]) <= 2.0
+    shapes = [(768, 768), (768,)]  # a matrix in codes, a vector below the 8-bit threshold in fp32
+    per_param = sa.fusedopt_state_bytes(variant, sa.FUSEDOPT_FORMATS["fusedopt-8bit"], shapes) / (768 * 768 + 768)
+    assert per_param == pytest.approx((768 * 768 * 2 * (1 + 4 / 64) + 768 * 8) / (768 * 768 + 768))
