@@ -142,3 +142,17 @@ def test_fusedopts_own_formats_run_its_kernels_and_store_their_states():
     shapes = [(768, 768), (768,)]  # a matrix in codes, a vector below the 8-bit threshold in fp32
     per_param = sa.fusedopt_state_bytes(variant, sa.FUSEDOPT_FORMATS["fusedopt-8bit"], shapes) / (768 * 768 + 768)
     assert per_param == pytest.approx((768 * 768 * 2 * (1 + 4 / 64) + 768 * 8) / (768 * 768 + 768))
+
+
+def test_state_memory_counts_the_tensors_a_step_makes():
+    """bench.state_memory on two shapes: Adam's 8-bit states are a byte per element and a 4-byte
+    scale per 64 for the matrix, fp32 for the small vector; a remainder is 2 bytes per bf16 param."""
+    from bench import state_memory
+
+    variant = sa.rule_variants()["adam"]
+    shapes, count = [(256, 128), (100,)], 256 * 128 + 100
+    total, states = state_memory.bytes_per_param(variant, torch.float32, {"state_precision": "8bit"}, shapes)
+    assert states == pytest.approx((256 * 128 * 2 * (1 + 4 / 64) + 100 * 8) / count)
+    assert total == pytest.approx(states + 8)
+    total, states = state_memory.bytes_per_param(variant, torch.bfloat16, {"master_weights": "remainder"}, shapes)
+    assert states == pytest.approx(4 + 2) and total == pytest.approx(4 + 6)
