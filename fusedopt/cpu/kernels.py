@@ -385,37 +385,39 @@ def code_of(scaled, stream, element, STOCHASTIC_CODES):
 
 
 @njit(inline="always", error_model="numpy")
+def largest_magnitude(stash, slot, count):
+    """The largest |x| of the first `count` stashed values of `slot`, NaN where one is NaN: the
+    largest of their bits without the sign (as integers, which vectorizes; a NaN's lie above inf's)."""
+    largest = np.uint32(0)
+    for position in range(count):
+        largest = max(largest, float32_bits(stash[slot, position]) & np.uint32(0x7FFFFFFF))
+    return bits_float32(largest)
+
+
+@njit(inline="always", error_model="numpy")
 def finish_signed(values, scales, stash, slot, first, last, stream, start, STOCHASTIC_CODES):
-    """Encode the stashed block [first, last) of a signed state: its scale, the largest |x| (NaN
-    where one is NaN), and codes -127..127 linear in x / scale (formats.encode_signed)."""
-    largest, has_nan = np.float32(0), False
-    for position in range(last - first):
-        value = stash[slot, position]
-        has_nan |= value != value
-        largest = max(largest, abs(value))
-    scale = np.float32(np.nan) if has_nan else largest
+    """Encode the stashed group [first, last) of a signed state into `values` (the group's codes):
+    its scale, the largest |x| (NaN where one is NaN), and codes -127..127 linear in x / scale
+    (formats.encode_signed)."""
+    scale = largest_magnitude(stash, slot, last - first)
     safe = scale if scale > 0 else np.float32(1)
     for position in range(last - first):
         code = code_of(stash[slot, position] / safe * SIGNED_CODES, stream, start + first + position,
                        STOCHASTIC_CODES)
         code = min(max(code, -SIGNED_CODES), SIGNED_CODES)
-        values[first + position] = np.int8(code if code == code else 0)  # a NaN's code: 0 (its scale is NaN)
+        values[position] = np.int8(code if code == code else 0)  # a NaN's code: 0 (its scale is NaN)
     scales[first // QUANT_BLOCK] = scale
 
 
 @njit(inline="always", error_model="numpy")
 def finish_unsigned(values, scales, stash, slot, first, last, stream, start, STOCHASTIC_CODES):
-    """Encode the stashed block [first, last) of a non-negative state: square roots, its scale the
-    largest (NaN where one is NaN), codes 0..255 linear in root / scale, and a nonzero value never
-    code 0 (formats.encode_unsigned)."""
-    largest, has_nan = np.float32(0), False
+    """Encode the stashed group [first, last) of a non-negative state into `values` (the group's
+    codes): square roots, its scale the largest (NaN where one is NaN), codes 0..255 linear in
+    root / scale, and a nonzero value never code 0 (formats.encode_unsigned)."""
     for position in range(last - first):
         value = stash[slot, position]
-        root = np.sqrt(value if not value < 0 else np.float32(0))
-        stash[slot, position] = root
-        has_nan |= root != root
-        largest = max(largest, root)
-    scale = np.float32(np.nan) if has_nan else largest
+        stash[slot, position] = np.sqrt(value if not value < 0 else np.float32(0))
+    scale = largest_magnitude(stash, slot, last - first)
     safe = scale if scale > 0 else np.float32(1)
     for position in range(last - first):
         root = stash[slot, position]
@@ -423,7 +425,7 @@ def finish_unsigned(values, scales, stash, slot, first, last, stream, start, STO
         code = min(max(code, np.float32(0)), UNSIGNED_CODES)
         if root > 0 and code == 0:
             code = np.float32(1)  # a nonzero value never reads as zero
-        values[first + position] = np.uint8(code if code == code else 0)
+        values[position] = np.uint8(code if code == code else 0)
     scales[first // QUANT_BLOCK] = scale
 
 
@@ -467,34 +469,39 @@ def walk_block(numbers, table, tensor, start, count, like, param, master, grad, 
         unit0 = UNIT0(scales0, first // QUANT_BLOCK)
         unit1 = UNIT1(scales1, first // QUANT_BLOCK)
         unit2 = UNIT2(scales2, first // QUANT_BLOCK)
-        for index in range(first, last):
+        # the group's elements as arrays from 0: indices known to be non-negative (no wraparound
+        # check per access), so that the loops vectorize
+        param_of, grad_of, master_of = param[first:last], grad[first:last], master[first:last]
+        values0_of, values1_of, values2_of = values0[first:last], values1[first:last], values2[first:last]
+        for index in range(last - first):
+            element = start + first + index  # in the tensor: the random streams' position
             if ROUNDING == MASTER:
-                p = to_compute(master[index], param)
+                p = to_compute(master_of[index], param)
             elif ROUNDING == REMAINDER:
-                p = join_master(param[index], master[index])
+                p = join_master(param_of[index], master_of[index])
             else:
-                p = widen(param, index)
-            g = widen(grad, index) * inv_scale * clip  # unscale, then clip: unscale_ then clip_grad_norm_
-            s0 = READ0(values0, index, unit0, g)
-            s1 = READ1(values1, index, unit1, g)
-            s2 = READ2(values2, index, unit2, g)
+                p = widen(param_of, index)
+            g = widen(grad_of, index) * inv_scale * clip  # unscale, then clip: unscale_ then clip_grad_norm_
+            s0 = READ0(values0_of, index, unit0, g)
+            s1 = READ1(values1_of, index, unit1, g)
+            s2 = READ2(values2_of, index, unit2, g)
             # (param, *states), padded so that every slot index below exists
             updated = UPDATE(p, g, *(s0, s1, s2)[:SLOTS], numbers, OPTIONS) + (g, g, g)
             if ROUNDING == MASTER:
-                master[index] = np.float32(updated[0])
-                store_nearest(param, index, updated[0])
+                master_of[index] = np.float32(updated[0])
+                store_nearest(param_of, index, updated[0])
             elif ROUNDING == REMAINDER:
-                param[index], master[index] = split_master(np.float32(updated[0]))
+                param_of[index], master_of[index] = split_master(np.float32(updated[0]))
             elif ROUNDING == STOCHASTIC:
-                store_stochastic(param, index, updated[0], random_bits16(stream, start + index))
+                store_stochastic(param_of, index, updated[0], random_bits16(stream, element))
             else:
-                store_nearest(param, index, updated[0])
-            WRITE0(values0, index, updated[1], stash, 0, index - first, streams[0], start + index)
-            WRITE1(values1, index, updated[2], stash, 1, index - first, streams[1], start + index)
-            WRITE2(values2, index, updated[3], stash, 2, index - first, streams[2], start + index)
-        FINISH0(values0, scales0, stash, 0, first, last, streams[0], start, STOCHASTIC_CODES)
-        FINISH1(values1, scales1, stash, 1, first, last, streams[1], start, STOCHASTIC_CODES)
-        FINISH2(values2, scales2, stash, 2, first, last, streams[2], start, STOCHASTIC_CODES)
+                store_nearest(param_of, index, updated[0])
+            WRITE0(values0_of, index, updated[1], stash, 0, index, streams[0], element)
+            WRITE1(values1_of, index, updated[2], stash, 1, index, streams[1], element)
+            WRITE2(values2_of, index, updated[3], stash, 2, index, streams[2], element)
+        FINISH0(values0_of, scales0, stash, 0, first, last, streams[0], start, STOCHASTIC_CODES)
+        FINISH1(values1_of, scales1, stash, 1, first, last, streams[1], start, STOCHASTIC_CODES)
+        FINISH2(values2_of, scales2, stash, 2, first, last, streams[2], start, STOCHASTIC_CODES)
 
 
 @njit(inline="always", error_model="numpy")
