@@ -199,11 +199,19 @@ def torch_total_norm(grads, norm_type, grad_scale, device, dtype):
 def total_grad_norm(contributions, norm_type, device, dtype):
     """Combine (partial, non-finite count, norm group) triples into (total norm, found_inf) on
     `device`: summed (maxed) per norm group, reduced over the ranks of each group's sharded mesh
-    dims, then over the groups."""
-    accumulate = torch.float64 if any(p.dtype == torch.float64 for p, _, _ in contributions) else torch.float32
+    dims, then over the groups. A partial and its count are tensors, or Python floats (the numba
+    CPU reduction's, summed in fp64), which where all are and nothing is sharded are combined on
+    the host."""
+    if device.type == "cpu" and all(group is None and not torch.is_tensor(partial)
+                                    for partial, _, group in contributions):
+        return host_total_norm(contributions, norm_type, dtype)
+    # fp64 where a grad is (a partial of fp64 grads), else fp32: the same dtype on every rank
+    accumulate = torch.float64 if dtype == torch.float64 or any(
+        torch.is_tensor(p) and p.dtype == torch.float64 for p, _, _ in contributions) else torch.float32
     by_group = {}
     for partial, nonfinite, group in contributions:
-        partial, nonfinite = partial.to(device, accumulate), nonfinite.to(device, accumulate)
+        partial, nonfinite = (torch.as_tensor(partial, dtype=accumulate, device=device),
+                              torch.as_tensor(nonfinite, dtype=accumulate, device=device))
         if group in by_group:
             earlier, earlier_nonfinite = by_group[group]
             partial = torch.maximum(earlier, partial) if norm_type == math.inf else earlier + partial
@@ -221,6 +229,20 @@ def total_grad_norm(contributions, norm_type, device, dtype):
     else:
         total = partials.sum().pow(1.0 / norm_type)
     return total.to(dtype), (nonfinite > 0).to(torch.float32)
+
+
+def host_total_norm(contributions, norm_type, dtype):
+    """total_grad_norm of Python-float partials (no norm groups), computed on the host in fp64:
+    (total norm in `dtype`, found_inf), CPU tensors."""
+    partials = [partial for partial, _, _ in contributions]
+    if norm_type == math.inf:
+        total = math.nan if any(map(math.isnan, partials)) else max(partials)
+    elif norm_type == 2:
+        total = math.sqrt(sum(partials))
+    else:
+        total = sum(partials) ** (1.0 / norm_type)
+    found_inf = 1.0 if any(count > 0 for _, count, _ in contributions) else 0.0
+    return torch.tensor(total, dtype=dtype), torch.tensor(found_inf)
 
 
 def clip_coefficient(total_norm, max_norm):

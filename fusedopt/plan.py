@@ -245,6 +245,7 @@ class KernelBucket:
         if len(self.norm_groups) > 1:  # which group each block's norm partial is reduced over
             group_of_tensor = torch.tensor([self.norm_groups.index(distributed.norm_group(g)) for g in grads])
             self.block_norm_group = group_of_tensor[self.table.host_block_table[0]].to(self.device)
+        self._block_groups = None  # the numba reduction's: block_norm_group as an int64 array
         # Whether the state dicts still hold the tensors the table names: one counter while
         # they count their changes (fusedopt.state), else every value compared at each step.
         self.state = optimizer.state
@@ -338,10 +339,10 @@ class KernelBucket:
 
     def grad_norm_partials(self, norm_type, grad_scale):
         """[(partial, non-finite count, norm group)] of this bucket's grads: one reduction launch,
-        the block partials summed (maxed) per norm group. On the numba CPU kernels' buckets: torch's
-        per-tensor norms over the grads, the very numbers the reference path's composition gives."""
+        the block partials summed (maxed) per norm group. On the numba CPU kernels' buckets the
+        two numbers are Python floats (summed in fp64), where a compiled reduction has run."""
         if self.table.cpu_kernels:
-            return epilogue.torch_norm_partials([p.grad for p in self.params], norm_type, grad_scale)
+            return self._cpu_grad_norm_partials(norm_type, grad_scale)
         if self.table.num_blocks == 0:  # only empty shards here
             zero = torch.zeros((), dtype=torch.float64 if self.table.dtype == torch.float64 else torch.float32,
                                device=self.device)
@@ -357,6 +358,19 @@ class KernelBucket:
         by_group[0].scatter_reduce_(0, self.block_norm_group, partials[0], reduce, include_self=False)
         by_group[1].index_add_(0, self.block_norm_group, partials[1])
         return [(by_group[0, i], by_group[1, i], group) for i, group in enumerate(self.norm_groups)]
+
+    def _cpu_grad_norm_partials(self, norm_type, grad_scale):
+        import numpy as np
+
+        from . import cpu
+
+        if not cpu.grad_norm_ready(self.table.dtype):  # torch's per-tensor norms
+            return epilogue.torch_norm_partials([p.grad for p in self.params], norm_type, grad_scale)
+        if self._block_groups is None:
+            self._block_groups = (np.zeros(0, dtype=np.int64) if self.block_norm_group is None
+                                  else self.block_norm_group.numpy())
+        partials = self.table.grad_norm_partials(norm_type, grad_scale, self._block_groups, len(self.norm_groups))
+        return [(float(partials[0, i]), float(partials[1, i]), group) for i, group in enumerate(self.norm_groups)]
 
 
 class GroupPlan:

@@ -39,6 +39,7 @@ from helpers import (
 )
 from test_kernels import fp32_tolerance
 
+BACKENDS = ["torch", "triton", "kernels"]  # on the CPU: the reference, Triton's and numba's kernels
 BESIDE_THE_ORACLE = True  # the tests run each backend beside the rule's oracle
 
 # Options under which every rule keeps state that the grads feed (SGD: with dampening too).

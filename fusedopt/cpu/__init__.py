@@ -149,6 +149,20 @@ class CpuTensorTable(tables.TensorTable):
         tables.count_launch()
         run(*self._last_launch)
 
+    def grad_norm_partials(self, norm_type, grad_scale, block_groups, groups):
+        """One launch of the grad-norm reduction (fusedopt.cpu.grad_norm) over the table's grads,
+        each divided by `grad_scale` (a one-element tensor, or None) first: a float64 array of
+        shape (2, groups), per norm group its sum of |g|^p (max |g| for the inf norm) and its
+        number of non-finite grads; `block_groups`, each block's norm group (an empty array: one
+        group). 1/scale is rounded to fp32 from a double reciprocal, as GradScaler.unscale_ does."""
+        from . import grad_norm
+
+        inv_scale = 1.0 if grad_scale is None else float(np.float32(1.0 / float(grad_scale)))
+        tables.count_launch()
+        return run(grad_norm.grad_norm_kernel_compiled(), (
+            self.table_array, self.block_array, self.block, self.like, inv_scale, float(norm_type),
+            grad_norm.norm_kind(norm_type), block_groups, groups))
+
 
 def rounding_of(param_rounding, dtype):
     """How a kernel stores updated params of `dtype`: bf16 as asked, the others to nearest."""
@@ -156,10 +170,10 @@ def rounding_of(param_rounding, dtype):
 
 
 def run(kernel, arguments):
-    """Run a numba kernel on at most torch's thread count, one launch at a time."""
+    """Run a numba kernel on at most torch's thread count, one launch at a time; its result."""
     with _launch_lock:
         use_torch_threads()
-        kernel(*arguments)
+        return kernel(*arguments)
 
 
 def launch_numbers(table, lr, scaling, group_step):
@@ -217,4 +231,28 @@ def kernel_ready(spec, options, rounding, dtype):
     return True
 
 
-__all__ = ["CpuTensorTable", "available", "kernel_ready", "kernel_module", "CPU_BLOCK"]
+def grad_norm_ready(dtype):
+    """Whether the grad-norm reduction runs on `dtype` tables: compiled (or loaded from numba's
+    cache) now; one warning and False where it fails (the grads' norms are then torch's)."""
+    if kernel_module() is None:
+        return False
+    key = ("grad_norm", dtype)
+    if key in _checked:
+        return _checked[key]
+    from . import grad_norm
+
+    try:
+        run(grad_norm.grad_norm_kernel_compiled(), (np.zeros((tables.FIRST_STATE_ROW, 1), dtype=np.int64),
+                                                    np.zeros((2, 0), dtype=np.int64), CPU_BLOCK, LIKE[dtype], 1.0,
+                                                    2.0, grad_norm.TWO_NORM, np.zeros(0, dtype=np.int64), 1))
+    except Exception as error:  # a numba typing or lowering error: torch's norms for these grads
+        _checked[key] = False
+        warnings.warn(f"fusedopt: the numba grad-norm reduction did not compile for {dtype} grads "
+                      f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); their norms are "
+                      "computed with torch ops", RuntimeWarning, stacklevel=4)
+        return False
+    _checked[key] = True
+    return True
+
+
+__all__ = ["CpuTensorTable", "available", "kernel_ready", "grad_norm_ready", "kernel_module", "CPU_BLOCK"]
