@@ -118,9 +118,16 @@ CLIPPED_GRADS_CHANGED = ("clip_grad_norm_() computed its clip factor from grads 
 def grad_marks(grads):
     """(version counters, addresses) of the grads' own (local) tensors: an in-place change moves
     the first, new storage the second."""
-    local = list(map(distributed.local_tensor, grads))
-    return [tensor._version for tensor in local], [tensor.data_ptr() if tensor.layout == torch.strided else None
-                                                    for tensor in local]
+    if distributed.dtensor_class() is not None:  # else no grad is a DTensor
+        grads = list(map(distributed.local_tensor, grads))
+    versions = list(map(_version_of, grads))
+    try:
+        return versions, list(map(torch.Tensor.data_ptr, grads))
+    except RuntimeError:  # a sparse grad, which has no data pointer
+        return versions, [tensor.data_ptr() if tensor.layout == torch.strided else None for tensor in grads]
+
+
+_version_of = operator.attrgetter("_version")
 
 
 def check_max_grad_norm(max_norm):
@@ -145,7 +152,12 @@ def has_norm_sum(norm_type):
 
 def norm_dtype(grads):
     """The dtype of the total norm, as torch's clip_grad_norm_ gives it: the grads' (real) dtype."""
-    dtypes = {grad.real.dtype if grad.is_complex() else grad.dtype for grad in grads}
+    return promoted({grad.real.dtype if grad.is_complex() else grad.dtype for grad in grads})
+
+
+def promoted(dtypes):
+    """The dtype that `dtypes` (a non-empty set) promote to."""
+    dtypes = set(dtypes)
     dtype = dtypes.pop()
     for other in dtypes:
         dtype = torch.promote_types(dtype, other)
@@ -242,7 +254,7 @@ def host_total_norm(contributions, norm_type, dtype):
     else:
         total = sum(partials) ** (1.0 / norm_type)
     found_inf = 1.0 if any(count > 0 for _, count, _ in contributions) else 0.0
-    return torch.tensor(total, dtype=dtype), torch.tensor(found_inf)
+    return torch.full((), total, dtype=dtype), torch.full((), found_inf, dtype=torch.float32)
 
 
 def clip_coefficient(total_norm, max_norm):
@@ -250,8 +262,24 @@ def clip_coefficient(total_norm, max_norm):
     least, as the kernels load it); max_norm may be a number or a tensor, as in torch."""
     if torch.is_tensor(max_norm):
         max_norm = max_norm.to(total_norm.device)
+    elif total_norm.device.type == "cpu" and total_norm.dtype in HOST_FLOATS:
+        return host_clip_coefficient(total_norm, max_norm)
     coef = torch.clamp(max_norm / (total_norm + CLIP_EPSILON), max=1.0)
     return coef if coef.dtype == torch.float64 else coef.float()
+
+
+HOST_FLOATS = {torch.float32: "float32", torch.float64: "float64"}
+
+
+def host_clip_coefficient(total_norm, max_norm):
+    """clip_coefficient of an fp32 or fp64 CPU norm and a number, computed with numpy scalars the
+    way torch computes it (number / tensor is the tensor's reciprocal times the number, each
+    rounded in the norm's dtype): the same bits, without four torch ops."""
+    import numpy as np
+
+    real = getattr(np, HOST_FLOATS[total_norm.dtype])
+    coef = real(1) / (real(total_norm.item()) + real(CLIP_EPSILON)) * real(max_norm)
+    return torch.full((), coef if not coef > 1 else 1.0, dtype=total_norm.dtype)
 
 
 def check_finite_norm(total_norm, norm_type):

@@ -531,8 +531,7 @@ class FusedOptimizer(Optimizer):
         self._pending_clip = None
         super().zero_grad(set_to_none)
 
-    @torch.compiler.disable  # host state, like the step
-    @torch.no_grad()
+    @torch.compiler.disable(recursive=False)  # host state, like the step: a graph break of its own
     def clip_grad_norm_(self, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None, *,
                         grad_scaler=None):
         """Clip the grads of all params by their total norm, like torch.nn.utils.clip_grad_norm_,
@@ -545,6 +544,22 @@ class FusedOptimizer(Optimizer):
         ``scaler.step(opt)`` neither unscales nor reads the grads again: call this in place of
         ``scaler.unscale_(opt)``. ``foreach`` is accepted for torch's signature and ignored.
         """
+        if compiled.in_compiled_region():
+            return self._clip_grad_norm_eagerly(max_norm, norm_type, error_if_nonfinite, grad_scaler)
+        grad_was_enabled = torch.is_grad_enabled()  # as torch.no_grad() would, at a tenth of its cost
+        torch._C._set_grad_enabled(False)
+        try:
+            return self._clip_grad_norm(max_norm, norm_type, error_if_nonfinite, grad_scaler)
+        finally:
+            torch._C._set_grad_enabled(grad_was_enabled)
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _clip_grad_norm_eagerly(self, max_norm, norm_type, error_if_nonfinite, grad_scaler):
+        """clip_grad_norm_ called in a compiled region: run eagerly, nothing traced."""
+        return self._clip_grad_norm(max_norm, norm_type, error_if_nonfinite, grad_scaler)
+
+    def _clip_grad_norm(self, max_norm, norm_type, error_if_nonfinite, grad_scaler):
         norm_type = epilogue.check_norm_type(norm_type)
         plans = self._current_plans()
         if not plans:
@@ -563,22 +578,26 @@ class FusedOptimizer(Optimizer):
 
     def _grad_norm(self, plans, norm_type, grad_scale=None):
         """(total norm of the grads divided by grad_scale, found_inf), global over the ranks for
-        DTensor grads: one reduction launch per bucket, torch ops for the rest."""
-        grads = [p.grad for _, _, plan in plans for p in plan.params]
-        dtype, device = epilogue.norm_dtype(grads), distributed.local_tensor(grads[0]).device
+        DTensor grads: one reduction launch per bucket, torch ops for the rest. The norm is on the
+        first grad's device, in the grads' dtype (promoted), as torch's clip_grad_norm_ gives it."""
+        first_grad = plans[0][2].params[0].grad
+        device = distributed.local_tensor(first_grad).device
         if not epilogue.has_norm_sum(norm_type):
-            return epilogue.torch_total_norm(grads, norm_type, grad_scale, device, dtype)
-        contributions, leftover = [], []
+            grads = [p.grad for _, _, plan in plans for p in plan.params]
+            return epilogue.torch_total_norm(grads, norm_type, grad_scale, device, epilogue.norm_dtype(grads))
+        contributions, leftover, dtypes = [], [], set()
         for _, _, plan in plans:
             leftover += [p.grad for p in plan.reference_params]
             for bucket in plan.buckets:
+                dtypes.add(bucket.table.dtype)  # the grads' (real) dtype: a kernel's grads are like its params
                 if bucket.complex and norm_type != 2:
                     leftover += [p.grad for p in bucket.params]
                     continue
                 contributions += bucket.grad_norm_partials(norm_type, grad_scale)
         if leftover:
+            dtypes.add(epilogue.norm_dtype(leftover))
             contributions += epilogue.torch_norm_partials(leftover, norm_type, grad_scale)
-        return epilogue.total_grad_norm(contributions, norm_type, device, dtype)
+        return epilogue.total_grad_norm(contributions, norm_type, device, epilogue.promoted(dtypes))
 
     def state_dict(self):
         state_dict = super().state_dict()

@@ -188,14 +188,10 @@ def into(spans, start, end):
 PLAIN_TYPES = frozenset({float, int, bool, str, type(None)})
 
 
-def launch_key(bucket, optimizer, group, scaling, group_step):
-    """What a repeatable bucket's launch is computed from, so that the last launch runs again as
-    it was while it stays the same: the group's values (but its params) and the param rounding.
-    None where the launch depends on more: AMP or clipping factors, a device schedule or
-    stochastic rounding, or a group value that is not a plain number, string or None (or a tuple
-    of them): a tensor is read at every launch, and only plain values compare by value alone."""
-    if not bucket.repeatable or group_step is not None or not scaling.is_neutral():
-        return None
+def group_values(group):
+    """A param group's values but its params, as compared between steps: a tuple of plain numbers,
+    strings, None, and tuples of them (lists as tuples); None where a value is anything else (a
+    tensor is read at every launch, and only plain values compare by value alone)."""
     values = []
     for key, value in group.items():
         if key == "params":
@@ -207,7 +203,17 @@ def launch_key(bucket, optimizer, group, scaling, group_step):
         elif type(value) not in PLAIN_TYPES:
             return None
         values.append(value)
-    return tuple(values), optimizer.param_rounding
+    return tuple(values)
+
+
+def launch_key(bucket, optimizer, values, scaling, group_step):
+    """What a repeatable bucket's launch is computed from, so that the last launch runs again as
+    it was while it stays the same: the group's values (group_values) and the param rounding.
+    None where the launch depends on more: AMP or clipping factors, a device schedule or
+    stochastic rounding, or a group value that is not plain."""
+    if values is None or not bucket.repeatable or group_step is not None or not scaling.is_neutral():
+        return None
+    return values, optimizer.param_rounding
 
 
 class KernelBucket:
@@ -314,8 +320,10 @@ class KernelBucket:
         self.state, self.seen_changes, self.counted = state, changes, is_counted(state, self.params)
         return True
 
-    def launch(self, optimizer, group, scaling, group_step):
-        key = launch_key(self, optimizer, group, scaling, group_step)
+    def launch(self, optimizer, group, scaling, group_step, values):
+        """One launch (the last one again, where launch_key says it is the same); `values`, the
+        group's (group_values)."""
+        key = launch_key(self, optimizer, values, scaling, group_step)
         if key is not None and key == self.last_launch:
             self.table.relaunch()
             return
@@ -384,6 +392,7 @@ class GroupPlan:
         group, one after the other: the reference)."""
         self.params = params
         self.structure = optimizer.structure(group)
+        self.values = group_values(group)  # those the structure was found from (checked each step)
         self.buckets = []
         self.reference_params = []
         self.rebuild_next_step = False
@@ -507,10 +516,16 @@ class GroupPlan:
 
     def _planned_for(self, optimizer, group, params):
         """Whether `params` are the very params this plan was made for, and the group's options
-        still make the same state tensors."""
+        still make the same state tensors (not asked again while the group's values are those it
+        was last asked for); the values are kept for this step's launches."""
         if len(params) != len(self.params) or not all(map(operator.is_, params, self.params)):
             return False
-        return optimizer.structure(group) == self.structure
+        values = group_values(group)
+        if values is None or values != self.values:
+            if optimizer.structure(group) != self.structure:
+                return False
+            self.values = values
+        return True
 
     def _reference_current(self, optimizer, group):
         """Whether the reference params' memory is where it was planned, and none of their grads
@@ -528,7 +543,7 @@ class GroupPlan:
         for p in self.reference_params:  # per tensor anyway: state may have been cleared by hand
             optimizer.prepare_param(p, p.grad, group)
         for bucket in self.buckets:
-            bucket.launch(optimizer, group, scaling, group_steps.get(bucket.device))
+            bucket.launch(optimizer, group, scaling, group_steps.get(bucket.device), self.values)
         if self.reference_params:
             grads = scaling.scale_grads([p.grad for p in self.reference_params])
             if grads is not None:  # None: AMP found an inf or NaN, the step is skipped

@@ -770,3 +770,21 @@ def test_state_dict_after_a_skipped_first_step_loads_into_torch(rule, backend, d
         expected.step()
     assert_optimizers_match(loaded, expected, loaded_params, torch_params, where=f"{rule} loaded after a skip",
                             **fp32_tolerance(device, rule, options))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_clip_factor_computed_on_the_host_has_torchs_bits(dtype):
+    """The clip factor of a CPU norm and a number, computed with numpy scalars, is bit for bit
+    torch's min(1, max_norm / (norm + 1e-6)) in the norm's dtype, over ordinary and extreme norms."""
+    from fusedopt import epilogue
+
+    generator = torch.Generator().manual_seed(140)
+    norms = torch.cat([torch.rand(200, generator=generator, dtype=torch.float64) * 10.0 ** torch.randint(
+        -8, 9, (200,), generator=generator), torch.tensor([0.0, 1e-6, 1.0, 1e300, math.inf, math.nan],
+                                                          dtype=torch.float64)]).to(dtype)
+    for max_norm in (1.0, 0.5, 3, 0.0, 1e-3, 7.25):
+        for norm in norms:
+            expected = torch.clamp(max_norm / (norm + epilogue.CLIP_EPSILON), max=1.0)
+            coef = epilogue.host_clip_coefficient(norm, max_norm)
+            assert coef.dtype == dtype and (torch.equal(coef, expected) or (coef.isnan() and expected.isnan())), \
+                (max_norm, norm.item(), coef.item(), expected.item())

@@ -120,6 +120,11 @@ class CpuTensorTable(tables.TensorTable):
         now, before any state is touched; one warning and False where it fails."""
         return kernel_ready(spec, options, rounding_of(param_rounding, dtype), dtype)
 
+    def grads_moved(self):
+        """Nothing to upload: the kernels read the grad row, re-pointed in place, through
+        `table_array`, and align nothing. (No torch op: after zero_grad(set_to_none=True), the grads
+        move at every step, and a torch op there costs tens of microseconds with cold caches.)"""
+
     def step_counts(self, steps):
         """A numpy view of the bucket's step count buffer, made once per buffer."""
         if steps is not self._steps:
