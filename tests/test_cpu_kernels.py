@@ -598,7 +598,39 @@ def test_compiling_ahead_runs_every_kernel_side_by_side_and_succeeds(capsys):
     from fusedopt.cpu import precompile
 
     assert precompile.main() == 0, capsys.readouterr().err[-3000:]
-    assert "numba CPU kernels ready" in capsys.readouterr().out
+    out = capsys.readouterr().out.splitlines()
+    kernels = [kernel for name in precompile.rule_specs() for kernel in precompile.kernels_of(name)]
+    progress = [line for line in out if line.startswith("[")]
+    # one line per kernel as it is done, the grad-norm reduction among them, then the total
+    assert len(progress) == len(kernels) + 1 and progress[-1].startswith(f"[{len(kernels) + 1}/{len(kernels) + 1}]")
+    assert any("grad-norm reduction" in line for line in progress) and any("adam (amsgrad)" in line for line in progress)
+    assert "numba CPU kernels ready" in out[-1]
+
+
+FIRST_USE = """
+import torch, fusedopt
+p = torch.nn.Parameter(torch.randn(10)); p.grad = torch.randn(10)
+optimizer = fusedopt.SGD([p], lr=0.1, backend="numba")
+for _ in range(3):
+    optimizer.clip_grad_norm_(1.0)
+    optimizer.step()
+"""
+
+
+def test_a_first_compilation_says_so_in_one_line_and_nothing_else_prints(tmp_path):
+    """A kernel's first compilation (numba's cache cold) prints one line on stderr: what, that it
+    is once, how long, and how to compile ahead; a run that loads the kernels prints nothing."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("FUSEDOPT_BACKEND", None)
+    cold, warm = (subprocess.run([sys.executable, "-c", FIRST_USE], env=env, capture_output=True, text=True,
+                                 timeout=300, cwd=REPO_ROOT) for _ in range(2))
+    assert cold.returncode == 0 and warm.returncode == 0, cold.stderr[-3000:] + warm.stderr[-3000:]
+    lines = cold.stderr.splitlines()
+    assert [line.split(" at its first use")[0] for line in lines] == [
+        "fusedopt: compiling the CPU kernel of sgd for float32 params",
+        "fusedopt: compiling the CPU grad-norm reduction for float32 grads"], cold.stderr
+    assert all("once" in line and "python -m fusedopt.cpu" in line and line.endswith(" s") for line in lines)
+    assert cold.stdout == warm.stdout == warm.stderr == ""
 
 
 # ---- without numba ----

@@ -5,8 +5,11 @@ Imported when a CPU bucket is first planned, not by `import fusedopt`; numba its
 by `available()`. Needs no Triton. Where numba is missing or cannot compile, one warning and the
 reference path.
 """
+import contextlib
 import os
+import sys
 import threading
+import time
 import warnings
 
 import numpy as np
@@ -217,6 +220,43 @@ def probe_arguments(spec, dtype):
             np.zeros(len(spec.Launch._fields)), np.zeros(4, dtype=np.int64))
 
 
+# Whether a kernel's first compilation in this process prints its line (python -m fusedopt.cpu's
+# workers report their progress their own way)
+announce_compiles = True
+
+
+def dtype_name(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+@contextlib.contextmanager
+def compile_announced(kernel, what):
+    """While the block runs: where numba compiles `kernel` (a dispatcher; not where it loads it
+    from its cache), one line on stderr that says so, why, how long it took and how to do it
+    ahead. Nothing else: the user's loop stays quiet."""
+    if not announce_compiles:
+        yield
+        return
+    from numba.core import event
+
+    class Announce(event.Listener):
+        started = None
+
+        def on_start(self, ev):
+            if ev.data["dispatcher"] is kernel and self.started is None:
+                self.started = time.perf_counter()
+                print(f"fusedopt: compiling {what} at its first use, once: numba keeps it in its on-disk cache "
+                      "(`python -m fusedopt.cpu` compiles every CPU kernel ahead) ...", end="", file=sys.stderr,
+                      flush=True)
+
+        def on_end(self, ev):
+            if ev.data["dispatcher"] is kernel and self.started is not None:
+                print(f" {time.perf_counter() - self.started:.1f} s", file=sys.stderr, flush=True)
+
+    with event.install_listener("numba:compile", Announce()):
+        yield
+
+
 def kernel_ready(spec, options, rounding, dtype):
     """Whether the kernel of `spec` under `options`, storing params by `rounding`, runs on `dtype`
     tables: compiled (or loaded from numba's cache) now; one warning and False where it fails."""
@@ -225,8 +265,13 @@ def kernel_ready(spec, options, rounding, dtype):
     key = (spec.update, options, rounding, dtype)
     if key in _checked:
         return _checked[key]
+    kernel = kernel_module().kernel_for(spec, options, rounding)
+    states = ", ".join(spec.state_names(options))
+    rounded = f", {rounding} rounding" if dtype == torch.bfloat16 else ""
     try:
-        run(kernel_module().kernel_for(spec, options, rounding), probe_arguments(spec, dtype))
+        with compile_announced(kernel, f"the CPU kernel of {spec.name}{f' ({states})' if states else ''} for "
+                                       f"{dtype_name(dtype)} params{rounded}"):
+            run(kernel, probe_arguments(spec, dtype))
     except Exception as error:  # a numba typing or lowering error: this rule and dtype use the reference
         _checked[key] = False
         _warn(f"{spec.name} ({', '.join(spec.state_names(options)) or 'no state'}; {rounding}) on {dtype} did not "
@@ -246,10 +291,11 @@ def grad_norm_ready(dtype):
         return _checked[key]
     from . import grad_norm
 
+    kernel = grad_norm.grad_norm_kernel_compiled()
     try:
-        run(grad_norm.grad_norm_kernel_compiled(), (np.zeros((tables.FIRST_STATE_ROW, 1), dtype=np.int64),
-                                                    np.zeros((2, 0), dtype=np.int64), CPU_BLOCK, LIKE[dtype], 1.0,
-                                                    2.0, grad_norm.TWO_NORM, np.zeros(0, dtype=np.int64), 1))
+        with compile_announced(kernel, f"the CPU grad-norm reduction for {dtype_name(dtype)} grads"):
+            run(kernel, (np.zeros((tables.FIRST_STATE_ROW, 1), dtype=np.int64), np.zeros((2, 0), dtype=np.int64),
+                         CPU_BLOCK, LIKE[dtype], 1.0, 2.0, grad_norm.TWO_NORM, np.zeros(0, dtype=np.int64), 1))
     except Exception as error:  # a numba typing or lowering error: torch's norms for these grads
         _checked[key] = False
         warnings.warn(f"fusedopt: the numba grad-norm reduction did not compile for {dtype} grads "
