@@ -127,7 +127,23 @@ INFERENCE_TENSOR_UPDATE = ("Inplace update to inference tensor outside Inference
 class FusedOptimizer(Optimizer):
     """Base of fusedopt's optimizers. A subclass gives its defaults and argument checks, its rule
     as `spec` (a fusedopt.spec.RuleSpec: state slots, numbers and equations, which every kernel
-    backend compiles), and its plain-torch implementation, `reference_step`."""
+    backend compiles), and its plain-torch implementation, `reference_step`.
+
+    The extension API, what a rule's class defines or overrides (everything else with a leading
+    underscore is the shared machinery):
+
+    - ``spec``, ``has_step``: the rule, and whether its state has torch's ``step`` count;
+    - ``hyperparameters(group)``: the keyword arguments of its reference function (fusedopt.reference),
+      which ``reference_step(group, params, grads, targets=None)`` calls with
+      ``reference_hyperparameters(group)`` (the same, the lr scheduled);
+    - ``init_state(param, group)``: torch's lazy state (zeros per state slot, and the step count);
+    - ``check_grad(grad)``, ``check_fused_param(param, grad)``, ``check_state(state, group, grad,
+      param)``: torch.optim's refusals of a grad, of a param under fused=True, of a state;
+    - ``lerped_state_keys(group)``, ``coupled_weight_decay(group)``: what torch lerps towards the
+      grad, and the decay it adds to it (for torch's dtype errors);
+    - ``prepare_fresh_buffers(group, params, states)``, ``buffers_started(states, skipped)``: for a
+      rule whose kernel reads a per-tensor flag (spec.extra; SGD's first momentum step).
+    """
 
     spec = None  # the rule (fusedopt.spec.RuleSpec)
     has_step = True  # state['step'] exists (all rules but SGD and Lion)
@@ -214,7 +230,7 @@ class FusedOptimizer(Optimizer):
             steps[device] = GroupStep(count.to(device).reshape(1), factors, seed)
         return steps
 
-    def scheduled_factor(self, group):
+    def _scheduled_factor(self, group):
         """The schedule's factor at the group's current step, on the host (the plain-torch path)."""
         return 1.0 if self.schedule is None else self._device_schedule.factor(group)
 
@@ -227,12 +243,12 @@ class FusedOptimizer(Optimizer):
         return self._device_schedule.current_lr(group)
 
     # ---- what each rule provides ----
-    def structure(self, group):
+    def _structure(self, group):
         """The group's compile-time options of the rule (spec.Options), which also decide which
         state tensors exist: a plan is made again when they change."""
         return self.spec.options(group)
 
-    def state_keys(self, group):
+    def _state_keys(self, group):
         """Names of the state tensors the kernel reads and writes, in role (slot) order."""
         return self.spec.state_names(self.spec.options(group))
 
@@ -242,7 +258,7 @@ class FusedOptimizer(Optimizer):
         state = self.state[param]
         if self.has_step:
             state["step"] = scalar_step_tensor(param.device if group.get("capturable") else None)
-        for key in self.state_keys(group):
+        for key in self._state_keys(group):
             state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
     def hyperparameters(self, group):
@@ -252,7 +268,7 @@ class FusedOptimizer(Optimizer):
     def reference_hyperparameters(self, group):
         """The same for the reference: a tensor lr stays a tensor, as torch.optim computes with it;
         a scheduled lr is the base lr times the schedule's factor, as a number."""
-        lr = group["lr"] if self.schedule is None else as_float(group["lr"]) * self.scheduled_factor(group)
+        lr = group["lr"] if self.schedule is None else as_float(group["lr"]) * self._scheduled_factor(group)
         return {**self.hyperparameters(group), "lr": lr}
 
     def reference_step(self, group, params, grads, targets=None):
@@ -260,7 +276,7 @@ class FusedOptimizer(Optimizer):
         `params`."""
         raise NotImplementedError
 
-    def rounded_reference_step(self, group, params, grads):
+    def _rounded_reference_step(self, group, params, grads):
         """reference_step, with bf16 params updated through fp32 where param_rounding asks for it."""
         rounded_reference_step(self, group, params, grads)
 
@@ -270,14 +286,14 @@ class FusedOptimizer(Optimizer):
         start from the grad; by default nothing is made and nothing flagged."""
         return [False] * len(params)
 
-    def kernel_state(self, group, params, device):
-        """The state a kernel bucket of `params` (each prepared by prepare_param) walks, made where
+    def _kernel_state(self, group, params, device):
+        """The state a kernel bucket of `params` (each prepared by _prepare_param) walks, made where
         the kernel needs it: (the state tensors of each role, in slot order, then the fp32 master
         copies; the step counts, as one buffer on `device` of which each state["step"] becomes a
         view, so that the kernel reads them there and edits in place are seen; the flags of
         prepare_fresh_buffers, or None)."""
-        masters = self.keeps_master(params[0])
-        keys = self.state_keys(group)
+        masters = self._keeps_master(params[0])
+        keys = self._state_keys(group)
         states = [self.state[p] for p in params] if (self.has_step or keys or masters) else [{} for _ in params]
         steps = fresh = None
         if self.has_step:
@@ -316,7 +332,7 @@ class FusedOptimizer(Optimizer):
         grad promoted to the param's dtype where weight decay is added to it."""
         if self.has_step and "step" in state and not torch.is_tensor(state["step"]):
             raise RuntimeError(STEP_NOT_A_TENSOR)
-        for key in ("step", *self.state_keys(group)) if self.has_step else self.state_keys(group):
+        for key in ("step", *self._state_keys(group)) if self.has_step else self._state_keys(group):
             if key not in state:
                 raise KeyError(key)
         lerped = self.lerped_state_keys(group)
@@ -328,13 +344,13 @@ class FusedOptimizer(Optimizer):
                 if state[key].dtype != dtype:
                     raise RuntimeError(f"expected dtype {state[key].dtype} for `end` but got dtype {dtype}")
 
-    def check_not_inference(self, param, group):
+    def _check_not_inference(self, param, group):
         """torch.optim's error at a step outside torch.inference_mode() that would update a tensor
         made inside it (state made by a first step taken there): the param or a state tensor
         (state["step"] aside: the kernels' step counts are views of a buffer of fusedopt's own,
         and torch makes it with the other states)."""
         state = self.state.get(param, {})
-        for tensor in (param, *(state.get(key) for key in self.state_keys(group))):
+        for tensor in (param, *(state.get(key) for key in self._state_keys(group))):
             if tensor is not None and tensor.is_inference():
                 raise RuntimeError(INFERENCE_TENSOR_UPDATE)
 
@@ -343,7 +359,7 @@ class FusedOptimizer(Optimizer):
         do not take (complex, or on a device such as meta)."""
         torch_fused_check(param)
 
-    def check_capturable_device(self, param):
+    def _check_capturable_device(self, param):
         """torch.optim's check under capturable=True: the param on a device whose work can be
         captured. The Triton interpreter, which runs the CUDA kernels on CPU tensors, takes it."""
         device = distributed.local_tensor(param).device
@@ -351,12 +367,12 @@ class FusedOptimizer(Optimizer):
             raise AssertionError("If capturable=True, params and state_steps must be on supported devices: "
                                  f"{list(CAPTURABLE_DEVICES)}.")
 
-    def prepare_param(self, param, grad, group):
+    def _prepare_param(self, param, grad, group):
         """Before a param is updated: its grad is accepted, and its state exists and is whole."""
         if group.get("fused"):  # where the user asked for fused=True, torch's refusals
             self.check_fused_param(param, grad)
         if group.get("capturable") and not self._in_graph:
-            self.check_capturable_device(param)
+            self._check_capturable_device(param)
         self.check_grad(grad)
         state = self.state.get(param)
         if not state:
@@ -364,17 +380,17 @@ class FusedOptimizer(Optimizer):
         else:
             self.check_state(state, group, grad, param)
         if not torch.is_inference_mode_enabled():
-            self.check_not_inference(param, group)
-        if self.keeps_master(param) and "master_param" not in self.state[param]:
+            self._check_not_inference(param, group)
+        if self._keeps_master(param) and "master_param" not in self.state[param]:
             with torch.inference_mode(False):  # fusedopt's own: never an inference tensor
                 self.state[param]["master_param"] = param.detach().float().clone(memory_format=torch.preserve_format)
 
-    def keeps_master(self, param):
+    def _keeps_master(self, param):
         """Whether `param` (bf16 under master_weights=True) has an fp32 master copy in its state."""
         return keeps_master(self.param_rounding, param)
 
     # ---- the shared step ----
-    def runs_on_kernels(self, param):
+    def _runs_on_kernels(self, param):
         """Whether the kernels update `param` (else the reference does)."""
         return runs_on_kernels(self.backend, param.device)
 

@@ -229,8 +229,8 @@ class KernelBucket:
         self.indices = indices  # positions in the group's list of params with grads; None: all
         self.complex = any(p.is_complex() for p in params)
         self.sharded = any(map(distributed.is_dtensor, params))
-        self.options = optimizer.structure(group)  # the rule's compile-time options (the plan's structure)
-        roles, self.steps, fresh = optimizer.kernel_state(group, params, self.device)
+        self.options = optimizer._structure(group)  # the rule's compile-time options (the plan's structure)
+        roles, self.steps, fresh = optimizer._kernel_state(group, params, self.device)
         # No state entries where the rule keeps none (SGD without momentum), as in torch.
         self.keeps_state = bool(roles) or self.steps is not None
         step_views = [] if self.steps is None else [optimizer.state[p]["step"] for p in params]
@@ -391,14 +391,14 @@ class GroupPlan:
         """`in_other_groups`: ids of params listed in other groups too (torch steps them once per
         group, one after the other: the reference)."""
         self.params = params
-        self.structure = optimizer.structure(group)
+        self.structure = optimizer._structure(group)
         self.values = group_values(group)  # those the structure was found from (checked each step)
         self.buckets = []
         self.reference_params = []
         self.rebuild_next_step = False
         for p, grad in zip(params, grads):
-            optimizer.prepare_param(p, grad, group)
-        on_kernels = [optimizer.runs_on_kernels(p) for p in params]
+            optimizer._prepare_param(p, grad, group)
+        on_kernels = [optimizer._runs_on_kernels(p) for p in params]
         # A param listed twice is stepped twice, one after the other, as torch does: the reference.
         counts = {}
         for p in params:
@@ -449,8 +449,8 @@ class GroupPlan:
     def _state_tensors(optimizer, group, param):
         """The state tensors a kernel would walk beside `param`: each role's, and its fp32 master."""
         state = optimizer.state.get(param, {})
-        tensors = [state[key] for key in optimizer.state_keys(group) if key in state]
-        master = state.get("master_param") if optimizer.keeps_master(param) else None
+        tensors = [state[key] for key in optimizer._state_keys(group) if key in state]
+        master = state.get("master_param") if optimizer._keeps_master(param) else None
         return tensors, master
 
     @classmethod
@@ -522,7 +522,7 @@ class GroupPlan:
             return False
         values = group_values(group)
         if values is None or values != self.values:
-            if optimizer.structure(group) != self.structure:
+            if optimizer._structure(group) != self.structure:
                 return False
             self.values = values
         return True
@@ -541,10 +541,10 @@ class GroupPlan:
 
     def launch(self, optimizer, group, scaling, group_steps):
         for p in self.reference_params:  # per tensor anyway: state may have been cleared by hand
-            optimizer.prepare_param(p, p.grad, group)
+            optimizer._prepare_param(p, p.grad, group)
         for bucket in self.buckets:
             bucket.launch(optimizer, group, scaling, group_steps.get(bucket.device), self.values)
         if self.reference_params:
             grads = scaling.scale_grads([p.grad for p in self.reference_params])
             if grads is not None:  # None: AMP found an inf or NaN, the step is skipped
-                optimizer.rounded_reference_step(group, self.reference_params, grads)
+                optimizer._rounded_reference_step(group, self.reference_params, grads)

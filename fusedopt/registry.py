@@ -96,7 +96,7 @@ class RuleInfo:
     def state_keys(self, **options):
         """The state tensors a param keeps under `options` (besides "step"), in table order."""
         optimizer = self.optimizer([torch.nn.Parameter(torch.zeros(1))], backend="torch", **options)
-        return list(optimizer.state_keys(optimizer.param_groups[0]))
+        return list(optimizer._state_keys(optimizer.param_groups[0]))
 
     def bytes_per_param(self, dtype=torch.float32, **options):
         """Bytes a step must move per param, steady state: param, grad and every state read once,
