@@ -11,7 +11,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim import optimizer as torch_optimizer
 
-from . import compiled, distributed, epilogue, reference
+from . import arguments, compiled, distributed, epilogue, reference
 from .backends import resolve_backend, runs_on_kernels
 from .device_schedule import DeviceSchedule, advance_group_step
 from .plan import GroupPlan, grad_of
@@ -151,14 +151,24 @@ class FusedOptimizer(Optimizer):
     _planned_in_inference_mode = False  # whether a plan in _plans was made under torch.inference_mode()
 
     def __init_subclass__(cls, **kwargs):
-        """A subclass's own step runs the step hooks once, as fusedopt's classes do."""
+        """A subclass's own step runs the step hooks once, as fusedopt's classes do; its signature
+        and docstring show the arguments every class takes (fusedopt.arguments.document)."""
         super().__init_subclass__(**kwargs)
         step = cls.__dict__.get("step")
         if callable(step) and not getattr(step, "hooked", False):
             cls.step = _with_step_hooks(step, of_subclass=True)
+        arguments.document(cls)
 
-    def __init__(self, params, defaults, backend=None, *, max_grad_norm=None, schedule=None, schedule_steps=None,
-                 stochastic_rounding=False, master_weights=False, rounding_seed=0, unscale_in_step=True):
+    def __init__(self, params, defaults, backend=None, **shared):
+        """`defaults`: the rule's param-group defaults; `shared`: the arguments every class takes
+        (fusedopt.arguments.SHARED_ARGUMENTS, by name; a class's **shared), `backend` among them
+        (also positional, for subclasses that pass it so)."""
+        if backend is not None:
+            shared["backend"] = backend
+        shared = self._shared_arguments = arguments.with_defaults(shared, type(self).__name__)
+        backend, max_grad_norm, unscale_in_step = shared["backend"], shared["max_grad_norm"], shared["unscale_in_step"]
+        stochastic_rounding, master_weights = shared["stochastic_rounding"], shared["master_weights"]
+        rounding_seed, schedule, schedule_steps = shared["rounding_seed"], shared["schedule"], shared["schedule_steps"]
         check_implementation_flags(defaults)
         self.param_rounding = param_rounding(stochastic_rounding, master_weights)
         self.rounding_seed = check_rounding_seed(rounding_seed)
@@ -637,6 +647,52 @@ class FusedOptimizer(Optimizer):
                 master = masters[saved_id]
                 self.state[param]["master_param"] = master.to(device=param.device, dtype=torch.float32, copy=True)
 
+    def __repr__(self):
+        """torch.optim's repr (each group's options), saying that this is fusedopt's, its settings
+        of the arguments every class takes (backend, and those not at their default), and what
+        updates each group's params: per device and dtype, the numba or Triton kernels or the
+        plain-torch reference (as planned at the last step; before the first, as the backend
+        will plan them)."""
+        given = getattr(self, "_shared_arguments", {})
+        settings = [f"backend={self.backend!r}"]
+        for argument in arguments.SHARED_ARGUMENTS:  # as they are now where an attribute holds them
+            value = getattr(self, argument.name, given.get(argument.name, argument.default))
+            if argument.name != "backend" and not (value is argument.default or value == argument.default):
+                settings.append(f"{argument.name}={value!r}")
+        lines = [f"fusedopt.{type(self).__name__} ({', '.join(settings)}"]
+        for index, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {index}")
+            lines += [f"    {key}: {group[key]}" for key in sorted(group) if key != "params"]
+            lines.append(self._runs_on(index, group))
+        return "\n".join(lines + [")"])
+
+    def _runs_on(self, index, group):
+        """The repr's line of what updates a group's params."""
+        plan = self._plans.get(index)
+        counts = {}
+        if plan is not None:
+            for bucket in plan.buckets:
+                what = "numba kernels" if bucket.table.cpu_kernels else "triton kernels"
+                counts[what, bucket.device, bucket.table.dtype] = len(bucket.params)
+            for param in plan.reference_params:
+                key = "torch reference", distributed.local_tensor(param).device, param.dtype
+                counts[key] = counts.get(key, 0) + 1
+        else:
+            from .backends import backend_name
+
+            for param in group["params"]:
+                device = distributed.local_tensor(param).device
+                try:
+                    what = {"torch": "torch reference"}.get(backend_name(self.backend, device), None)
+                    what = what or f"{backend_name(self.backend, device)} kernels"
+                except RuntimeError:  # the triton backend on the CPU without its interpreter
+                    what = "triton kernels (unavailable here)"
+                key = what, device, param.dtype
+                counts[key] = counts.get(key, 0) + 1
+        where = "; ".join(f"{what} ({device}, {str(dtype).replace('torch.', '')}): {count} "
+                          f"param{'s' if count != 1 else ''}" for (what, device, dtype), count in counts.items())
+        return f"    {'runs on' if plan is not None else 'will run on'}: {where or 'no params with grads yet'}"
+
     def invalidate_plans(self):
         """Forget the cached tensor tables; the next step rebuilds them. (Replaced params, grads
         and state are noticed without it; load_state_dict ends in __setstate__, which forgets.)"""
@@ -645,7 +701,8 @@ class FusedOptimizer(Optimizer):
     def __getstate__(self):
         return {**super().__getstate__(), "backend": self.backend, "max_grad_norm": self.max_grad_norm,
                 "unscale_in_step": self.unscale_in_step, "_device_schedule": self._device_schedule,
-                "param_rounding": self.param_rounding, "rounding_seed": self.rounding_seed}
+                "param_rounding": self.param_rounding, "rounding_seed": self.rounding_seed,
+                "_shared_arguments": getattr(self, "_shared_arguments", {})}
 
     def __setstate__(self, state):
         super().__setstate__(state)
