@@ -252,7 +252,7 @@ def main(argv=None):
             plot_error = f"plotting failed: {step_mod.short(exc)}"
     sections = {}  # benchmark -> (title, markdown sections)
     if do["step"]:
-        summary = report.summary_markdown(results["step"])
+        summary = report.summary_markdown(results["step"], results.get("epilogue"))
         sections["step"] = ("optimizer step time", (
             ["## Summary: fusedopt against the fastest torch implementation\n\n" + summary] if summary else [])
             + ["## Optimizer step time\n\n" + report.step_markdown(results["step"])])

@@ -75,13 +75,30 @@ def fastest_torch(rows, param_set, rule):
     return min(ran, key=lambda r: r["median_ms"]) if ran else None
 
 
-def summary_markdown(result):
-    """Per parameter set and rule: the fastest torch implementation's time over fusedopt's."""
+EPILOGUE_ROW = "AdamW epilogue"  # the summary's row of the epilogue benchmark
+
+
+def summary_markdown(result, epilogue=None):
+    """Per parameter set and rule: the fastest torch implementation's time over fusedopt's; with
+    the epilogue benchmark's result, one more row: torch's unscale + clip + fused step over
+    fusedopt's clip + step, per set."""
     rows, sets = result["rows"], result["param_sets"]
     fused = {(r["param_set"], r["rule"]): r for r in rows if r["impl"] == "fusedopt"}
     if not fused:
         return ""
     flagged = False
+    epilogue_rows = {(r["param_set"], r["impl"]): r for r in (epilogue or {}).get("rows", [])}
+
+    def epilogue_cell(pset):
+        nonlocal flagged
+        f, t = epilogue_rows.get((pset, "fusedopt")), epilogue_rows.get((pset, "torch-composition"))
+        if f is None or t is None:
+            return None
+        if f["status"] != "ok" or t["status"] != "ok":
+            return "; ".join(f"{r['impl_label']} {r['status']}" for r in (f, t) if r["status"] != "ok")
+        mark = f" {UNRELIABLE}" if over_copy(f) or over_copy(t) else ""
+        flagged |= bool(mark)
+        return f"{t['median_ms'] / f['median_ms']:.2f}x vs {t['impl_label'].replace('torch, ', '')} composition{mark}"
 
     def cell(pset, rule):
         nonlocal flagged
@@ -95,13 +112,23 @@ def summary_markdown(result):
         return f"{t['median_ms'] / f['median_ms']:.2f}x vs {LABELS[t['impl']][6:]}{mark}"
 
     labels = {r["rule"]: r["rule_label"] for r in rows}
-    columns = [("rule", lambda rule: labels[rule])] + [(s["name"], lambda rule, s=s: cell(s["name"], rule)) for s in sets]
+    if epilogue_rows:
+        labels[EPILOGUE_ROW] = f"{EPILOGUE_ROW} (AMP unscale + clip + step)"
+
+    def any_cell(pset, rule):
+        return epilogue_cell(pset) if rule == EPILOGUE_ROW else cell(pset, rule)
+
+    columns = [("rule", lambda rule: labels[rule])] + [(s["name"], lambda rule, s=s: any_cell(s["name"], rule))
+                                                       for s in sets]
     backends = sorted({f"`{r['runs']}` (backend=`{r['backend']}`)" for r in fused.values()})
     out = ["Speed-up of fusedopt over the fastest torch.optim implementation measured in this run, per "
            "parameter set and rule: that implementation's median step time / fusedopt's. **Above 1.00x "
            "fusedopt is faster**, below 1.00x it is slower; after each figure, which torch implementation was "
            f"fastest. fusedopt ran on {', '.join(backends)}. Sets: "
-           + "; ".join(f"{s['name']}: {s['description']} ({s['dtype']})" for s in sets) + ".", "",
+           + "; ".join(f"{s['name']}: {s['description']} ({s['dtype']})" for s in sets) + "."
+           + (f" The {EPILOGUE_ROW} row is the epilogue benchmark's: torch's `scaler.unscale_`, `clip_grad_norm_` "
+              "and fused AdamW step over fusedopt's `clip_grad_norm_(grad_scaler=)` and step (per iteration)."
+              if epilogue_rows else ""), "",
            table(columns, list(labels))]
     if flagged:
         out += ["", unreliable_note(result["copy"], result["env"])]
@@ -278,15 +305,20 @@ def epilogue_markdown(result):
 
 
 EPILOGUE_TARGET = "epilogue faster than torch's composition on CUDA"
+CPU_EPILOGUE_TARGET = "epilogue on the CPU at least 1.2x torch's composition"
 
 
 def epilogue_targets(result):
-    """On CUDA one row per parameter set (torch's time / fusedopt's > 1); elsewhere one row that
-    says the target was not measured."""
-    if result["env"]["device"] != "cuda":
-        return [{"target": EPILOGUE_TARGET, "required": "> 1.00x", "measured": "–", "met": None,
-                 "why": f"{result['env']['device'].upper()} run: the target is for the CUDA kernels; here fusedopt "
-                        f"ran `{result['config']['fusedopt_runs']}` (backend=`{result['config']['fusedopt_backend']}`)"}]
+    """One row per parameter set: torch's time / fusedopt's, > 1.00x on CUDA, >= 1.20x on the CPU's
+    numba kernels (the bytes saved, 48 against 32 per fp32 param, promise 1.5x); a CPU run on
+    another backend gives one row that says the target was not measured."""
+    cuda = result["env"]["device"] == "cuda"
+    runs = result["config"].get("fusedopt_runs")
+    if not cuda and runs != "numba":
+        return [{"target": CPU_EPILOGUE_TARGET, "required": ">= 1.20x", "measured": "–", "met": None,
+                 "why": f"{result['env']['device'].upper()} run: the target is for the numba CPU kernels; here "
+                        f"fusedopt ran `{runs}` (backend=`{result['config'].get('fusedopt_backend')}`)"}]
+    name, required, at_least = (EPILOGUE_TARGET, "> 1.00x", 1.0) if cuda else (CPU_EPILOGUE_TARGET, ">= 1.20x", 1.2)
     size_note = "" if result["config"]["size"] == "full" else f" (this run used size `{result['config']['size']}`)"
     by_key = {(r["param_set"], r["impl"]): r for r in result["rows"]}
     targets = []
@@ -303,8 +335,9 @@ def epilogue_targets(result):
                 f"{r['bytes_per_param']} B/param = {r['gbs']:,.1f} GB/s{_pct(r.get('copy_fraction'))}"
                 + (f", {r['launches_per_step']:,.0f} launches" if r.get("launches_per_step") is not None else "")
                 for r in (t, f)) + size_note
-        targets.append({"target": f"{EPILOGUE_TARGET}: {pset['name']} ({pset['dtype']})", "required": "> 1.00x",
-                        "measured": _x(ratio) or "–", "met": None if ratio is None else ratio > 1.0, "why": why})
+        met = None if ratio is None else (ratio > at_least if cuda else ratio >= at_least)
+        targets.append({"target": f"{name}: {pset['name']} ({pset['dtype']})", "required": required,
+                        "measured": _x(ratio) or "–", "met": met, "why": why})
     return targets
 
 
