@@ -6,6 +6,7 @@ The grads themselves are never rewritten: the update kernels multiply them, in r
 """
 import math
 import operator
+import weakref
 
 import torch
 
@@ -254,7 +255,28 @@ def host_total_norm(contributions, norm_type, dtype):
     else:
         total = sum(partials) ** (1.0 / norm_type)
     found_inf = 1.0 if any(count > 0 for _, count, _ in contributions) else 0.0
-    return torch.full((), total, dtype=dtype), torch.full((), found_inf, dtype=torch.float32)
+    try:
+        norm = torch.full((), total, dtype=dtype)
+    except RuntimeError:  # past float32's range (torch.full refuses it): the cast rounds it, to inf
+        norm = torch.full((), total, dtype=torch.float64).to(dtype)
+        total = float(norm)
+    global _host_norm
+    _host_norm = weakref.ref(norm), norm._version, total
+    return norm, torch.full((), found_inf, dtype=torch.float32)
+
+
+# The last norm host_total_norm made (weakly), its version and its value as a Python float:
+# clip_coefficient, called on it right after, reads the value from here, not from the tensor.
+_host_norm = None
+
+
+def host_norm_value(total_norm):
+    """The Python float `total_norm` was made from, where host_total_norm made it and it is
+    unchanged since; else None (a norm computed by torch ops or a kernel is never read back)."""
+    made = _host_norm
+    if made is None or made[0]() is not total_norm or made[1] != total_norm._version:
+        return None
+    return made[2]
 
 
 def clip_coefficient(total_norm, max_norm):
@@ -262,8 +284,10 @@ def clip_coefficient(total_norm, max_norm):
     least, as the kernels load it); max_norm may be a number or a tensor, as in torch."""
     if torch.is_tensor(max_norm):
         max_norm = max_norm.to(total_norm.device)
-    elif total_norm.device.type == "cpu" and total_norm.dtype in HOST_FLOATS:
-        return host_clip_coefficient(total_norm, max_norm)
+    elif total_norm.dtype in HOST_FLOATS:
+        value = host_norm_value(total_norm)
+        if value is not None:
+            return host_clip_coefficient(value, total_norm.dtype, max_norm)
     coef = torch.clamp(max_norm / (total_norm + CLIP_EPSILON), max=1.0)
     return coef if coef.dtype == torch.float64 else coef.float()
 
@@ -271,15 +295,16 @@ def clip_coefficient(total_norm, max_norm):
 HOST_FLOATS = {torch.float32: "float32", torch.float64: "float64"}
 
 
-def host_clip_coefficient(total_norm, max_norm):
-    """clip_coefficient of an fp32 or fp64 CPU norm and a number, computed with numpy scalars the
-    way torch computes it (number / tensor is the tensor's reciprocal times the number, each
-    rounded in the norm's dtype): the same bits, without four torch ops."""
+def host_clip_coefficient(value, dtype, max_norm):
+    """clip_coefficient of a norm made on the host (its value a Python float, its dtype fp32 or
+    fp64) and a number, computed with numpy scalars the way torch computes it (number / tensor is
+    the tensor's reciprocal times the number, each rounded in the norm's dtype): the same bits,
+    without four torch ops."""
     import numpy as np
 
-    real = getattr(np, HOST_FLOATS[total_norm.dtype])
-    coef = real(1) / (real(total_norm.item()) + real(CLIP_EPSILON)) * real(max_norm)
-    return torch.full((), coef if not coef > 1 else 1.0, dtype=total_norm.dtype)
+    real = getattr(np, HOST_FLOATS[dtype])
+    coef = real(1) / (real(value) + real(CLIP_EPSILON)) * real(max_norm)
+    return torch.full((), coef if not coef > 1 else 1.0, dtype=dtype)
 
 
 def check_finite_norm(total_norm, norm_type):

@@ -785,6 +785,28 @@ def test_clip_factor_computed_on_the_host_has_torchs_bits(dtype):
     for max_norm in (1.0, 0.5, 3, 0.0, 1e-3, 7.25):
         for norm in norms:
             expected = torch.clamp(max_norm / (norm + epilogue.CLIP_EPSILON), max=1.0)
-            coef = epilogue.host_clip_coefficient(norm, max_norm)
+            coef = epilogue.host_clip_coefficient(norm.item(), dtype, max_norm)
             assert coef.dtype == dtype and (torch.equal(coef, expected) or (coef.isnan() and expected.isnan())), \
                 (max_norm, norm.item(), coef.item(), expected.item())
+
+
+@pytest.mark.parametrize("max_grad_norm", [False, True], ids=["clip_grad_norm_", "max_grad_norm"])
+def test_a_norm_past_float32s_range_is_inf_as_torchs(max_grad_norm):
+    """fp32 grads whose norm (summed in fp64 by the numba reduction) is past float32's range: the
+    norm is inf, as torch's, and the step is torch's clip + step (the grads scaled to zero)."""
+    pytest.importorskip("numba")
+    params = [torch.zeros(1000, requires_grad=True), torch.zeros(7, requires_grad=True)]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    for p, twin in zip(params, twins):
+        p.grad = torch.full(p.shape, 1e38)
+        twin.grad = p.grad.clone()
+    fused = fusedopt.AdamW(params, lr=0.1, backend="numba", max_grad_norm=1.0 if max_grad_norm else None)
+    expected = torch.optim.AdamW(twins, lr=0.1)
+    expected_norm = torch.nn.utils.clip_grad_norm_(twins, 1.0)
+    norm = None if max_grad_norm else fused.clip_grad_norm_(1.0)
+    fused.step()
+    norm = fused.last_grad_norm if max_grad_norm else norm
+    expected.step()
+    assert norm.dtype == expected_norm.dtype and torch.isinf(norm) and torch.isinf(expected_norm)
+    for p, twin in zip(params, twins):
+        torch.testing.assert_close(p, twin, rtol=0, atol=0)
