@@ -381,7 +381,12 @@ def test_cpu_kernels_bench_measures_small_models_and_clipping_with_targets(capsy
     pytest.importorskip("numba")
     from bench import cpu_kernels
 
-    assert cpu_kernels.main(["--quick", "--sections", "small,clip", "--rules", "sgd", "--repeats", "1"]) == 0
+    threads = torch.get_num_threads()
+    try:  # one thread, as in the run above: beside other test workers, OpenMP threads only wait
+        assert cpu_kernels.main(["--quick", "--sections", "small,clip", "--rules", "sgd", "--repeats", "1",
+                                 "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     out = capsys.readouterr().out
     targets = [line for line in out.split("## Targets")[1].splitlines() if line.startswith("| ") and "required" not in line]
     sets = len(cpu_kernels.clip_sets(cases.SIZES["tiny"]))
