@@ -374,14 +374,21 @@ def epilogue_markdown(result):
 
 
 EPILOGUE_TARGET = "epilogue faster than torch's composition on CUDA"
+CPU_EPILOGUE_TARGET = "epilogue on the CPU at least 1.2x torch's composition"
 
 
 def epilogue_targets(result):
-    """One row per parameter set: torch's composition's time / fusedopt's, > 1 on CUDA and no
-    slower (>= 1, inside the noise counts) elsewhere."""
+    """One row per parameter set: torch's composition's time / fusedopt's, > 1.00x on CUDA and
+    >= 1.20x on the CPU's numba kernels (the bytes saved, 48 against 32 per fp32 param, promise
+    1.5x; inside the noise, it cannot be met); a CPU run on another backend gives one row that says
+    the target was not measured."""
     cuda = result["env"]["device"] == "cuda"
-    name = EPILOGUE_TARGET if cuda else "CPU epilogue no slower than torch's composition"
-    required = 1.0 if not cuda else 1.0 + 1e-9
+    runs = result["config"].get("fusedopt_runs")
+    if not cuda and runs != "numba":
+        return [{"target": CPU_EPILOGUE_TARGET, "required": ">= 1.20x", "measured": "–", "met": None,
+                 "why": f"{result['env']['device'].upper()} run: the target is for the numba CPU kernels; here "
+                        f"fusedopt ran `{runs}` (backend=`{result['config'].get('fusedopt_backend')}`)"}]
+    name, required = (EPILOGUE_TARGET, 1.0 + 1e-9) if cuda else (CPU_EPILOGUE_TARGET, 1.2)
     size_note = "" if result["config"]["size"] == "full" else f" (this run used size `{result['config']['size']}`)"
     by_key = {(r["param_set"], r["impl"]): r for r in result["rows"]}
     targets = []
@@ -402,7 +409,7 @@ def epilogue_targets(result):
             if not cuda:
                 why = f"{f.get('impl_label', 'fusedopt')}; " + why
         targets.append({"target": f"{name}: {pset['name']} ({pset['dtype']})",
-                        "required": "> 1.00x" if cuda else ">= 1.00x", "measured": measured, "met": met, "why": why})
+                        "required": "> 1.00x" if cuda else ">= 1.20x", "measured": measured, "met": met, "why": why})
     return targets
 
 

@@ -91,8 +91,8 @@ def fusedopt_state_bytes(variant, options, shapes):
     total = 0
     for shape in shapes:
         param = torch.empty(shape, device="meta")
-        total += math.prod(shape) * sum(per_element[optimizer.state_format(group, param, key)]
-                                        for key in optimizer.state_keys(group))
+        total += math.prod(shape) * sum(per_element[optimizer._state_format(group, param, key)]
+                                        for key in optimizer._state_keys(group))
     return total
 
 

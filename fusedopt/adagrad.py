@@ -76,16 +76,30 @@ class Adagrad(FusedOptimizer):
         s_t &= s_{t-1} + g_t^2, \quad
         \theta_t = \theta_{t-1} - \tilde\gamma\, g_t / (\sqrt{s_t} + \epsilon)
 
-    Args: as torch.optim.Adagrad (lr, lr_decay, weight_decay, initial_accumulator_value, eps,
-    maximize; foreach and fused accepted and recorded), plus ``backend``. Sparse gradients go
-    through the reference implementation, as in torch. State per param (torch's layout, created
-    at construction as torch does): ``step`` and ``sum`` (filled with initial_accumulator_value).
+    Args:
+        {params}
+        lr (float, Tensor, optional): learning rate; a tensor is read by the kernels at every step
+            (default: 1e-2)
+        lr_decay (float, optional): learning rate decay (default: 0)
+        weight_decay (float, optional): weight decay, added to the gradient (L2 penalty) (default: 0)
+        initial_accumulator_value (float, optional): initial value of the sums of squared gradients
+            (default: 0)
+        eps (float, optional): added to the denominator for numerical stability (default: 1e-10)
+        {foreach}
+        {maximize}
+        {differentiable}
+        {fused}
+        {shared_arguments}
+
+    Sparse gradients go through the reference implementation, as in torch. State per param
+    (torch's layout, created at construction as torch does): ``step`` and ``sum`` (filled with
+    initial_accumulator_value).
     """
 
     spec = ADAGRAD
 
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
-                 foreach=None, *, maximize=False, differentiable=False, fused=None, backend=None, **options):
+                 foreach=None, *, maximize=False, differentiable=False, fused=None, **shared):
         if torch.is_tensor(lr) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:
@@ -101,7 +115,7 @@ class Adagrad(FusedOptimizer):
         defaults = dict(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
                         initial_accumulator_value=initial_accumulator_value, foreach=foreach, maximize=maximize,
                         differentiable=differentiable, fused=fused)
-        super().__init__(params, defaults, backend, **options)
+        super().__init__(params, defaults, **shared)
         for group in self.param_groups:
             for param in group["params"]:
                 self.init_state(param, group)

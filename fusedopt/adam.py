@@ -129,7 +129,8 @@ def check_adam_arguments(lr, betas, eps, weight_decay, foreach, capturable):
 
 
 class Adam(FusedOptimizer):
-    r"""Adam (Kingma & Ba), drop-in for :class:`torch.optim.Adam`, one fused kernel per bucket.
+    r"""Adam (Kingma & Ba), drop-in for :class:`torch.optim.Adam`, one fused kernel launch per
+    (device, dtype) bucket.
 
     .. math::
         g_t &= \pm\nabla f(\theta_{t-1}) \;(+\lambda\theta_{t-1} \text{ unless decoupled}) \\
@@ -139,15 +140,25 @@ class Adam(FusedOptimizer):
         \theta_t &= \theta_t - \frac{\gamma}{1-\beta_1^t}\,
                     \frac{m_t}{\sqrt{\hat v_t}/\sqrt{1-\beta_2^t} + \epsilon}
 
-    Args: as torch.optim.Adam (lr, betas, eps, weight_decay, amsgrad, maximize,
-    decoupled_weight_decay; foreach and fused are accepted and recorded, fusedopt always runs
-    its own fused kernel on CUDA), plus ``backend``: "auto" (the Triton kernels for CUDA tensors,
-    the numba CPU kernels for CPU tensors), "numba", "triton" or "torch" (the plain-torch
-    reference); default from ``FUSEDOPT_BACKEND``.
-    ``capturable=True`` keeps the step counts on the params' device, and the lr may be a tensor
-    that the kernel reads, so ``step()`` can be captured in a CUDA graph; ``differentiable=True``
-    raises NotImplementedError. ``max_grad_norm`` clips every step by the total 2-norm of the
-    grads (see :meth:`clip_grad_norm_`).
+    Args:
+        {params}
+        lr (float, Tensor, optional): learning rate; a tensor is read by the kernels at every step
+            (default: 1e-3)
+        betas (tuple[float, float] or tuple[Tensor, Tensor], optional): coefficients of the running
+            averages of the gradient and of its square (default: (0.9, 0.999))
+        eps (float, optional): added to the denominator for numerical stability (default: 1e-8)
+        weight_decay (float, optional): weight decay, added to the gradient (L2 penalty), or decoupled
+            (default: 0)
+        amsgrad (bool, optional): the AMSGrad variant: the maximum of the past averages of squared
+            gradients in the denominator (default: False)
+        {foreach}
+        {maximize}
+        {capturable}
+        {differentiable}
+        {fused}
+        decoupled_weight_decay (bool, optional): decay the params themselves, as AdamW
+            (default: False)
+        {shared_arguments}
 
     State per param (torch's layout): ``step`` (0-dim float32 tensor: on the CPU until the kernels
     take the param, then on its device, as with torch's fused=True), ``exp_avg``,
@@ -158,7 +169,7 @@ class Adam(FusedOptimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
-                 decoupled_weight_decay=False, backend=None, **options):
+                 decoupled_weight_decay=False, **shared):
         check_adam_arguments(lr, betas, eps, weight_decay, foreach, capturable)
         # torch keeps tensor betas as 0-dim tensors in the param groups
         betas = tuple(b.squeeze() if torch.is_tensor(b) and b.dim() != 0 else b for b in betas)
@@ -166,7 +177,7 @@ class Adam(FusedOptimizer):
                         amsgrad=amsgrad, maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
-        super().__init__(params, defaults, backend, **options)
+        super().__init__(params, defaults, **shared)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -194,16 +205,35 @@ class Adam(FusedOptimizer):
 class AdamW(Adam):
     r"""AdamW (Loshchilov & Hutter): Adam with decoupled weight decay,
     :math:`\theta \leftarrow \theta(1-\gamma\lambda)` before the Adam update; drop-in for
-    :class:`torch.optim.AdamW` (default weight_decay 1e-2). See :class:`Adam`."""
+    :class:`torch.optim.AdamW`, one fused kernel launch per (device, dtype) bucket. See
+    :class:`Adam` for the update.
+
+    Args:
+        {params}
+        lr (float, Tensor, optional): learning rate; a tensor is read by the kernels at every step
+            (default: 1e-3)
+        betas (tuple[float, float] or tuple[Tensor, Tensor], optional): coefficients of the running
+            averages of the gradient and of its square (default: (0.9, 0.999))
+        eps (float, optional): added to the denominator for numerical stability (default: 1e-8)
+        weight_decay (float, optional): decoupled weight decay coefficient (default: 1e-2)
+        amsgrad (bool, optional): the AMSGrad variant (default: False)
+        {maximize}
+        {foreach}
+        {capturable}
+        {differentiable}
+        {fused}
+        {shared_arguments}
+
+    State per param: as :class:`Adam`.
+    """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None, backend=None,
-                 **options):
-        if "decoupled_weight_decay" in options:  # AdamW's decay is decoupled by definition
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None, **shared):
+        if "decoupled_weight_decay" in shared:  # AdamW's decay is decoupled by definition
             raise TypeError("AdamW.__init__() got an unexpected keyword argument 'decoupled_weight_decay'")
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True, backend=backend, **options)
+                         decoupled_weight_decay=True, **shared)
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -124,6 +124,8 @@ def reduce_over_shards(partial, nonfinite, group, norm_type):
 def replicated_like(total, grads):
     """The total norm as torch's clip_grad_norm_ returns it for these grads: a DTensor replicated
     over the mesh of the first DTensor grad, else the plain tensor."""
+    if dtensor_class() is None:
+        return total
     for grad in grads:
         if is_dtensor(grad):
             from torch.distributed.tensor import DTensor, Replicate

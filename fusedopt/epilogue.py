@@ -6,6 +6,7 @@ The grads themselves are never rewritten: the update kernels multiply them, in r
 """
 import math
 import operator
+import weakref
 
 import torch
 
@@ -118,9 +119,16 @@ CLIPPED_GRADS_CHANGED = ("clip_grad_norm_() computed its clip factor from grads 
 def grad_marks(grads):
     """(version counters, addresses) of the grads' own (local) tensors: an in-place change moves
     the first, new storage the second."""
-    local = list(map(distributed.local_tensor, grads))
-    return [tensor._version for tensor in local], [tensor.data_ptr() if tensor.layout == torch.strided else None
-                                                    for tensor in local]
+    if distributed.dtensor_class() is not None:  # else no grad is a DTensor
+        grads = list(map(distributed.local_tensor, grads))
+    versions = list(map(_version_of, grads))
+    try:
+        return versions, list(map(torch.Tensor.data_ptr, grads))
+    except RuntimeError:  # a sparse grad, which has no data pointer
+        return versions, [tensor.data_ptr() if tensor.layout == torch.strided else None for tensor in grads]
+
+
+_version_of = operator.attrgetter("_version")
 
 
 def check_max_grad_norm(max_norm):
@@ -145,7 +153,12 @@ def has_norm_sum(norm_type):
 
 def norm_dtype(grads):
     """The dtype of the total norm, as torch's clip_grad_norm_ gives it: the grads' (real) dtype."""
-    dtypes = {grad.real.dtype if grad.is_complex() else grad.dtype for grad in grads}
+    return promoted({grad.real.dtype if grad.is_complex() else grad.dtype for grad in grads})
+
+
+def promoted(dtypes):
+    """The dtype that `dtypes` (a non-empty set) promote to."""
+    dtypes = set(dtypes)
     dtype = dtypes.pop()
     for other in dtypes:
         dtype = torch.promote_types(dtype, other)
@@ -199,11 +212,19 @@ def torch_total_norm(grads, norm_type, grad_scale, device, dtype):
 def total_grad_norm(contributions, norm_type, device, dtype):
     """Combine (partial, non-finite count, norm group) triples into (total norm, found_inf) on
     `device`: summed (maxed) per norm group, reduced over the ranks of each group's sharded mesh
-    dims, then over the groups."""
-    accumulate = torch.float64 if any(p.dtype == torch.float64 for p, _, _ in contributions) else torch.float32
+    dims, then over the groups. A partial and its count are tensors, or Python floats (the numba
+    CPU reduction's, summed in fp64), which where all are and nothing is sharded are combined on
+    the host."""
+    if device.type == "cpu" and all(group is None and not torch.is_tensor(partial)
+                                    for partial, _, group in contributions):
+        return host_total_norm(contributions, norm_type, dtype)
+    # fp64 where a grad is (a partial of fp64 grads), else fp32: the same dtype on every rank
+    accumulate = torch.float64 if dtype == torch.float64 or any(
+        torch.is_tensor(p) and p.dtype == torch.float64 for p, _, _ in contributions) else torch.float32
     by_group = {}
     for partial, nonfinite, group in contributions:
-        partial, nonfinite = partial.to(device, accumulate), nonfinite.to(device, accumulate)
+        partial, nonfinite = (torch.as_tensor(partial, dtype=accumulate, device=device),
+                              torch.as_tensor(nonfinite, dtype=accumulate, device=device))
         if group in by_group:
             earlier, earlier_nonfinite = by_group[group]
             partial = torch.maximum(earlier, partial) if norm_type == math.inf else earlier + partial
@@ -223,13 +244,67 @@ def total_grad_norm(contributions, norm_type, device, dtype):
     return total.to(dtype), (nonfinite > 0).to(torch.float32)
 
 
+def host_total_norm(contributions, norm_type, dtype):
+    """total_grad_norm of Python-float partials (no norm groups), computed on the host in fp64:
+    (total norm in `dtype`, found_inf), CPU tensors."""
+    partials = [partial for partial, _, _ in contributions]
+    if norm_type == math.inf:
+        total = math.nan if any(map(math.isnan, partials)) else max(partials)
+    elif norm_type == 2:
+        total = math.sqrt(sum(partials))
+    else:
+        total = sum(partials) ** (1.0 / norm_type)
+    found_inf = 1.0 if any(count > 0 for _, count, _ in contributions) else 0.0
+    try:
+        norm = torch.full((), total, dtype=dtype)
+    except RuntimeError:  # past float32's range (torch.full refuses it): the cast rounds it, to inf
+        norm = torch.full((), total, dtype=torch.float64).to(dtype)
+        total = float(norm)
+    global _host_norm
+    _host_norm = weakref.ref(norm), norm._version, total
+    return norm, torch.full((), found_inf, dtype=torch.float32)
+
+
+# The last norm host_total_norm made (weakly), its version and its value as a Python float:
+# clip_coefficient, called on it right after, reads the value from here, not from the tensor.
+_host_norm = None
+
+
+def host_norm_value(total_norm):
+    """The Python float `total_norm` was made from, where host_total_norm made it and it is
+    unchanged since; else None (a norm computed by torch ops or a kernel is never read back)."""
+    made = _host_norm
+    if made is None or made[0]() is not total_norm or made[1] != total_norm._version:
+        return None
+    return made[2]
+
+
 def clip_coefficient(total_norm, max_norm):
     """clip_grad_norm_'s factor, min(1, max_norm / (norm + 1e-6)), in the norm's dtype (fp32 at
     least, as the kernels load it); max_norm may be a number or a tensor, as in torch."""
     if torch.is_tensor(max_norm):
         max_norm = max_norm.to(total_norm.device)
+    elif total_norm.dtype in HOST_FLOATS:
+        value = host_norm_value(total_norm)
+        if value is not None:
+            return host_clip_coefficient(value, total_norm.dtype, max_norm)
     coef = torch.clamp(max_norm / (total_norm + CLIP_EPSILON), max=1.0)
     return coef if coef.dtype == torch.float64 else coef.float()
+
+
+HOST_FLOATS = {torch.float32: "float32", torch.float64: "float64"}
+
+
+def host_clip_coefficient(value, dtype, max_norm):
+    """clip_coefficient of a norm made on the host (its value a Python float, its dtype fp32 or
+    fp64) and a number, computed with numpy scalars the way torch computes it (number / tensor is
+    the tensor's reciprocal times the number, each rounded in the norm's dtype): the same bits,
+    without four torch ops."""
+    import numpy as np
+
+    real = getattr(np, HOST_FLOATS[dtype])
+    coef = real(1) / (real(value) + real(CLIP_EPSILON)) * real(max_norm)
+    return torch.full((), coef if not coef > 1 else 1.0, dtype=dtype)
 
 
 def check_finite_norm(total_norm, norm_type):

@@ -72,22 +72,31 @@ class Lion(FusedOptimizer):
         \theta_t &= \theta_{t-1}(1 - \gamma\lambda) - \gamma\,\mathrm{sign}(c_t) \\
         m_t &= \beta_2 m_{t-1} + (1-\beta_2) g_t
 
-    Args: lr (default 1e-4; the paper takes 3-10x smaller than AdamW's), betas (default (0.9,
-    0.99)), weight_decay (default 0; decoupled, 3-10x larger than AdamW's for the same effect),
-    maximize; foreach is accepted and recorded, differentiable=True raises NotImplementedError;
-    plus ``backend`` and the epilogue options of every fusedopt optimizer. State per param:
-    ``exp_avg`` (no step count).
+    Args:
+        {params}
+        lr (float, Tensor, optional): learning rate, 3-10x smaller than AdamW's in the paper; a
+            tensor is read by the kernels at every step (default: 1e-4)
+        betas (tuple[float, float], optional): the interpolation of momentum and gradient whose sign
+            is the update, and the momentum's own average (default: (0.9, 0.99))
+        weight_decay (float, optional): decoupled weight decay, 3-10x larger than AdamW's for the
+            same effect (default: 0)
+        {maximize}
+        {foreach}
+        {differentiable}
+        {shared_arguments}
+
+    State per param: ``exp_avg`` (no step count).
     """
 
     spec = LION
     has_step = False
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False, foreach=None,
-                 differentiable=False, backend=None, **options):
+                 differentiable=False, **shared):
         check_moments_arguments(lr, betas, None, weight_decay)
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize, foreach=foreach,
                         differentiable=differentiable)
-        super().__init__(params, defaults, backend, **options)
+        super().__init__(params, defaults, **shared)
 
     def __setstate__(self, state):
         super().__setstate__(state)

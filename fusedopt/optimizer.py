@@ -11,7 +11,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim import optimizer as torch_optimizer
 
-from . import compiled, distributed, epilogue, formats, reference
+from . import arguments, compiled, distributed, epilogue, formats, reference
 from .backends import resolve_backend, runs_on_kernels
 from .device_schedule import DeviceSchedule, advance_group_step
 from .plan import GroupPlan, grad_of
@@ -128,7 +128,23 @@ INFERENCE_TENSOR_UPDATE = ("Inplace update to inference tensor outside Inference
 class FusedOptimizer(Optimizer):
     """Base of fusedopt's optimizers. A subclass gives its defaults and argument checks, its rule
     as `spec` (a fusedopt.spec.RuleSpec: state slots, numbers and equations, which every kernel
-    backend compiles), and its plain-torch implementation, `reference_step`."""
+    backend compiles), and its plain-torch implementation, `reference_step`.
+
+    The extension API, what a rule's class defines or overrides (everything else with a leading
+    underscore is the shared machinery):
+
+    - ``spec``, ``has_step``: the rule, and whether its state has torch's ``step`` count;
+    - ``hyperparameters(group)``: the keyword arguments of its reference function (fusedopt.reference),
+      which ``reference_step(group, params, grads, targets=None)`` calls with
+      ``reference_hyperparameters(group)`` (the same, the lr scheduled);
+    - ``init_state(param, group)``: torch's lazy state (zeros per state slot, and the step count);
+    - ``check_grad(grad)``, ``check_fused_param(param, grad)``, ``check_state(state, group, grad,
+      param)``: torch.optim's refusals of a grad, of a param under fused=True, of a state;
+    - ``lerped_state_keys(group)``, ``coupled_weight_decay(group)``: what torch lerps towards the
+      grad, and the decay it adds to it (for torch's dtype errors);
+    - ``prepare_fresh_buffers(group, params, states)``, ``buffers_started(states, skipped)``: for a
+      rule whose kernel reads a per-tensor flag (spec.extra; SGD's first momentum step).
+    """
 
     spec = None  # the rule (fusedopt.spec.RuleSpec)
     has_step = True  # state['step'] exists (all rules but SGD and Lion)
@@ -136,15 +152,25 @@ class FusedOptimizer(Optimizer):
     _planned_in_inference_mode = False  # whether a plan in _plans was made under torch.inference_mode()
 
     def __init_subclass__(cls, **kwargs):
-        """A subclass's own step runs the step hooks once, as fusedopt's classes do."""
+        """A subclass's own step runs the step hooks once, as fusedopt's classes do; its signature
+        and docstring show the arguments every class takes (fusedopt.arguments.document)."""
         super().__init_subclass__(**kwargs)
         step = cls.__dict__.get("step")
         if callable(step) and not getattr(step, "hooked", False):
             cls.step = _with_step_hooks(step, of_subclass=True)
+        arguments.document(cls)
 
-    def __init__(self, params, defaults, backend=None, *, max_grad_norm=None, schedule=None, schedule_steps=None,
-                 stochastic_rounding=False, master_weights=False, rounding_seed=0, unscale_in_step=True,
-                 state_precision="fp32", state_rounding="nearest"):
+    def __init__(self, params, defaults, backend=None, **shared):
+        """`defaults`: the rule's param-group defaults; `shared`: the arguments every class takes
+        (fusedopt.arguments.SHARED_ARGUMENTS, by name; a class's **shared), `backend` among them
+        (also positional, for subclasses that pass it so)."""
+        if backend is not None:
+            shared["backend"] = backend
+        shared = self._shared_arguments = arguments.with_defaults(shared, type(self).__name__)
+        backend, max_grad_norm, unscale_in_step = shared["backend"], shared["max_grad_norm"], shared["unscale_in_step"]
+        stochastic_rounding, master_weights = shared["stochastic_rounding"], shared["master_weights"]
+        rounding_seed, schedule, schedule_steps = shared["rounding_seed"], shared["schedule"], shared["schedule_steps"]
+        state_precision, state_rounding = shared["state_precision"], shared["state_rounding"]
         check_implementation_flags(defaults)
         # per group, in param_groups (checkpoints carry them); the defaults only where they are not
         # torch's layout, so that a group stays torch.optim's otherwise
@@ -225,7 +251,7 @@ class FusedOptimizer(Optimizer):
             steps[device] = GroupStep(count.to(device).reshape(1), factors, seed)
         return steps
 
-    def scheduled_factor(self, group):
+    def _scheduled_factor(self, group):
         """The schedule's factor at the group's current step, on the host (the plain-torch path)."""
         return 1.0 if self.schedule is None else self._device_schedule.factor(group)
 
@@ -238,12 +264,12 @@ class FusedOptimizer(Optimizer):
         return self._device_schedule.current_lr(group)
 
     # ---- what each rule provides ----
-    def structure(self, group):
+    def _structure(self, group):
         """The group's compile-time options of the rule (spec.Options), which also decide which
         state tensors exist: a plan is made again when they change."""
         return self.spec.options(group)
 
-    def state_keys(self, group):
+    def _state_keys(self, group):
         """Names of the state tensors the kernel reads and writes, in role (slot) order."""
         return self.spec.state_names(self.spec.options(group))
 
@@ -253,10 +279,10 @@ class FusedOptimizer(Optimizer):
         state = self.state[param]
         if self.has_step:
             state["step"] = scalar_step_tensor(param.device if group.get("capturable") else None)
-        for key in self.state_keys(group):
+        for key in self._state_keys(group):
             self.new_state(param, group, key)
 
-    def state_format(self, group, param, key):
+    def _state_format(self, group, param, key):
         """The format (fusedopt.formats) state[key] of `param` takes under its group's
         state_precision."""
         return formats.state_format(group.get("state_precision", "fp32"), param,
@@ -264,9 +290,9 @@ class FusedOptimizer(Optimizer):
 
     def new_state(self, param, group, key, fill=0.0):
         """Make state[key] of `param` in the format the group's state_precision gives it
-        (fusedopt.formats), holding `fill`."""
+        (fusedopt.formats), holding `fill`: for a rule's init_state."""
         state = self.state[param]
-        fmt = self.state_format(group, param, key)
+        fmt = self._state_format(group, param, key)
         for suffix, tensor in formats.zeros(param, fmt, self.spec.slot(key).signed).items():
             state[key + suffix] = tensor
         if fill != 0:
@@ -282,7 +308,7 @@ class FusedOptimizer(Optimizer):
     def reference_hyperparameters(self, group):
         """The same for the reference: a tensor lr stays a tensor, as torch.optim computes with it;
         a scheduled lr is the base lr times the schedule's factor, as a number."""
-        lr = group["lr"] if self.schedule is None else as_float(group["lr"]) * self.scheduled_factor(group)
+        lr = group["lr"] if self.schedule is None else as_float(group["lr"]) * self._scheduled_factor(group)
         return {**self.hyperparameters(group), "lr": lr}
 
     def reference_step(self, group, params, grads, targets=None):
@@ -290,7 +316,7 @@ class FusedOptimizer(Optimizer):
         `params`."""
         raise NotImplementedError
 
-    def rounded_reference_step(self, group, params, grads):
+    def _rounded_reference_step(self, group, params, grads):
         """reference_step, with bf16 params updated through fp32 where param_rounding asks for it."""
         rounded_reference_step(self, group, params, grads)
 
@@ -300,14 +326,14 @@ class FusedOptimizer(Optimizer):
         start from the grad; by default nothing is made and nothing flagged."""
         return [False] * len(params)
 
-    def kernel_state(self, group, params, device):
-        """The state a kernel bucket of `params` (each prepared by prepare_param) walks, made where
+    def _kernel_state(self, group, params, device):
+        """The state a kernel bucket of `params` (each prepared by _prepare_param) walks, made where
         the kernel needs it: (the state tensors of each role, in slot order, then the fp32 master
         copies; the step counts, as one buffer on `device` of which each state["step"] becomes a
         view, so that the kernel reads them there and edits in place are seen; the flags of
         prepare_fresh_buffers, or None)."""
-        masters = self.keeps_master(params[0])
-        keys = self.state_keys(group)
+        masters = self._keeps_master(params[0])
+        keys = self._state_keys(group)
         states = [self.state[p] for p in params] if (self.has_step or keys or masters) else [{} for _ in params]
         steps = fresh = None
         if self.has_step:
@@ -322,18 +348,18 @@ class FusedOptimizer(Optimizer):
             roles.append([state[master_key(self.param_rounding)] for state in states])
         return roles, steps, fresh
 
-    def storage(self, group, param):
+    def _storage(self, group, param):
         """How `param`'s states and the param itself are stored (a fusedopt.formats.Storage): the
         format of each state slot as its tensors are (absent where the options keep none), the
         rounding of states, and that of the param."""
         state = self.state.get(param, {})
         present = self.spec.present(self.spec.options(group))
         slots = tuple(formats.ABSENT if not here else formats.format_of(state, slot.name, param) if slot.name in state
-                      else self.state_format(group, param, slot.name)  # a state the step will make
+                      else self._state_format(group, param, slot.name)  # a state the step will make
                       for slot, here in zip(self.spec.states, present))
-        return formats.Storage(slots, group.get("state_rounding", "nearest"), self.rounding_of(param))
+        return formats.Storage(slots, group.get("state_rounding", "nearest"), self._rounding_of(param))
 
-    def rounding_of(self, param):
+    def _rounding_of(self, param):
         """How `param` is stored after a step: "nearest", "stochastic", "master" (an fp32 copy) or
         "remainder" (the param and a 16-bit remainder): the last three for bf16 params only."""
         return self.param_rounding if param.dtype == torch.bfloat16 else "nearest"
@@ -363,7 +389,7 @@ class FusedOptimizer(Optimizer):
         grad promoted to the param's dtype where weight decay is added to it."""
         if self.has_step and "step" in state and not torch.is_tensor(state["step"]):
             raise RuntimeError(STEP_NOT_A_TENSOR)
-        for key in ("step", *self.state_keys(group)) if self.has_step else self.state_keys(group):
+        for key in ("step", *self._state_keys(group)) if self.has_step else self._state_keys(group):
             if key not in state:
                 raise KeyError(key)
         lerped = self.lerped_state_keys(group)
@@ -375,22 +401,22 @@ class FusedOptimizer(Optimizer):
                 if state[key].dtype != dtype and formats.format_of(state, key, param) == formats.PLAIN:
                     raise RuntimeError(f"expected dtype {state[key].dtype} for `end` but got dtype {dtype}")
 
-    def check_codes(self, state, group, param):
+    def _check_codes(self, state, group, param):
         """8-bit codes and scales (put in by the user, or given new storage) that do not fit the
         param raise before any launch: a kernel would read and write past them."""
-        for key in self.state_keys(group):
+        for key in self._state_keys(group):
             value = state.get(key)
             if torch.is_tensor(value) and value.dtype in (torch.int8, torch.uint8):
                 formats.check_codes_fit({name: state[name] for name in (key, key + formats.SCALES) if name in state},
                                         param, RuntimeError)
 
-    def check_not_inference(self, param, group):
+    def _check_not_inference(self, param, group):
         """torch.optim's error at a step outside torch.inference_mode() that would update a tensor
         made inside it (state made by a first step taken there): the param or a state tensor
         (state["step"] aside: the kernels' step counts are views of a buffer of fusedopt's own,
         and torch makes it with the other states)."""
         state = self.state.get(param, {})
-        for tensor in (param, *(state.get(key) for key in self.state_keys(group))):
+        for tensor in (param, *(state.get(key) for key in self._state_keys(group))):
             if tensor is not None and tensor.is_inference():
                 raise RuntimeError(INFERENCE_TENSOR_UPDATE)
 
@@ -399,7 +425,7 @@ class FusedOptimizer(Optimizer):
         do not take (complex, or on a device such as meta)."""
         torch_fused_check(param)
 
-    def check_capturable_device(self, param):
+    def _check_capturable_device(self, param):
         """torch.optim's check under capturable=True: the param on a device whose work can be
         captured. The Triton interpreter, which runs the CUDA kernels on CPU tensors, takes it."""
         device = distributed.local_tensor(param).device
@@ -407,34 +433,34 @@ class FusedOptimizer(Optimizer):
             raise AssertionError("If capturable=True, params and state_steps must be on supported devices: "
                                  f"{list(CAPTURABLE_DEVICES)}.")
 
-    def prepare_param(self, param, grad, group):
+    def _prepare_param(self, param, grad, group):
         """Before a param is updated: its grad is accepted, and its state exists and is whole."""
         if group.get("fused"):  # where the user asked for fused=True, torch's refusals
             self.check_fused_param(param, grad)
         if group.get("capturable") and not self._in_graph:
-            self.check_capturable_device(param)
+            self._check_capturable_device(param)
         self.check_grad(grad)
         state = self.state.get(param)
         if not state:
             self.init_state(param, group)
         else:
             self.check_state(state, group, grad, param)
-            self.check_codes(state, group, param)
+            self._check_codes(state, group, param)
         if not torch.is_inference_mode_enabled():
-            self.check_not_inference(param, group)
+            self._check_not_inference(param, group)
         key = master_key(self.param_rounding)
-        if self.keeps_master(param) and key not in self.state[param]:
+        if self._keeps_master(param) and key not in self.state[param]:
             with torch.inference_mode(False):  # fusedopt's own: never an inference tensor
                 self.state[param][key] = (  # the master, or its remainder: 0 while the master is the param
                     param.detach().float().clone(memory_format=torch.preserve_format) if key == "master_param" else
                     torch.zeros_like(param, dtype=torch.int16, memory_format=torch.preserve_format))
 
-    def keeps_master(self, param):
+    def _keeps_master(self, param):
         """Whether `param` (bf16 under master_weights=True) has an fp32 master copy in its state."""
         return keeps_master(self.param_rounding, param)
 
     # ---- the shared step ----
-    def runs_on_kernels(self, param):
+    def _runs_on_kernels(self, param):
         """Whether the kernels update `param` (else the reference does)."""
         return runs_on_kernels(self.backend, param.device)
 
@@ -592,8 +618,7 @@ class FusedOptimizer(Optimizer):
         self._pending_clip = None
         super().zero_grad(set_to_none)
 
-    @torch.compiler.disable  # host state, like the step
-    @torch.no_grad()
+    @torch.compiler.disable(recursive=False)  # host state, like the step: a graph break of its own
     def clip_grad_norm_(self, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None, *,
                         grad_scaler=None):
         """Clip the grads of all params by their total norm, like torch.nn.utils.clip_grad_norm_,
@@ -606,6 +631,22 @@ class FusedOptimizer(Optimizer):
         ``scaler.step(opt)`` neither unscales nor reads the grads again: call this in place of
         ``scaler.unscale_(opt)``. ``foreach`` is accepted for torch's signature and ignored.
         """
+        if compiled.in_compiled_region():
+            return self._clip_grad_norm_eagerly(max_norm, norm_type, error_if_nonfinite, grad_scaler)
+        grad_was_enabled = torch.is_grad_enabled()  # as torch.no_grad() would, at a tenth of its cost
+        torch._C._set_grad_enabled(False)
+        try:
+            return self._clip_grad_norm(max_norm, norm_type, error_if_nonfinite, grad_scaler)
+        finally:
+            torch._C._set_grad_enabled(grad_was_enabled)
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _clip_grad_norm_eagerly(self, max_norm, norm_type, error_if_nonfinite, grad_scaler):
+        """clip_grad_norm_ called in a compiled region: run eagerly, nothing traced."""
+        return self._clip_grad_norm(max_norm, norm_type, error_if_nonfinite, grad_scaler)
+
+    def _clip_grad_norm(self, max_norm, norm_type, error_if_nonfinite, grad_scaler):
         norm_type = epilogue.check_norm_type(norm_type)
         plans = self._current_plans()
         if not plans:
@@ -624,22 +665,26 @@ class FusedOptimizer(Optimizer):
 
     def _grad_norm(self, plans, norm_type, grad_scale=None):
         """(total norm of the grads divided by grad_scale, found_inf), global over the ranks for
-        DTensor grads: one reduction launch per bucket, torch ops for the rest."""
-        grads = [p.grad for _, _, plan in plans for p in plan.params]
-        dtype, device = epilogue.norm_dtype(grads), distributed.local_tensor(grads[0]).device
+        DTensor grads: one reduction launch per bucket, torch ops for the rest. The norm is on the
+        first grad's device, in the grads' dtype (promoted), as torch's clip_grad_norm_ gives it."""
+        first_grad = plans[0][2].params[0].grad
+        device = distributed.local_tensor(first_grad).device
         if not epilogue.has_norm_sum(norm_type):
-            return epilogue.torch_total_norm(grads, norm_type, grad_scale, device, dtype)
-        contributions, leftover = [], []
+            grads = [p.grad for _, _, plan in plans for p in plan.params]
+            return epilogue.torch_total_norm(grads, norm_type, grad_scale, device, epilogue.norm_dtype(grads))
+        contributions, leftover, dtypes = [], [], set()
         for _, _, plan in plans:
             leftover += [p.grad for p in plan.reference_params]
             for bucket in plan.buckets:
+                dtypes.add(bucket.table.dtype)  # the grads' (real) dtype: a kernel's grads are like its params
                 if bucket.complex and norm_type != 2:
                     leftover += [p.grad for p in bucket.params]
                     continue
                 contributions += bucket.grad_norm_partials(norm_type, grad_scale)
         if leftover:
+            dtypes.add(epilogue.norm_dtype(leftover))
             contributions += epilogue.torch_norm_partials(leftover, norm_type, grad_scale)
-        return epilogue.total_grad_norm(contributions, norm_type, device, dtype)
+        return epilogue.total_grad_norm(contributions, norm_type, device, epilogue.promoted(dtypes))
 
     def state_dict(self):
         state_dict = super().state_dict()
@@ -688,12 +733,59 @@ class FusedOptimizer(Optimizer):
         """Each state of `param` stored in the format its group's state_precision asks for, where it
         is in torch's layout (a torch.optim checkpoint's)."""
         state = self.state[param]
-        for key in self.state_keys(group):
+        for key in self._state_keys(group):
             if key in state and formats.format_of(state, key, param) == formats.PLAIN \
-                    and self.state_format(group, param, key) != formats.PLAIN:
+                    and self._state_format(group, param, key) != formats.PLAIN:
                 values = state.pop(key)
                 self.new_state(param, group, key)
                 formats.encode(values, state, key)
+
+    def __repr__(self):
+        """torch.optim's repr (each group's options), saying that this is fusedopt's, its settings
+        of the arguments every class takes (backend, and those not at their default), and what
+        updates each group's params: per device and dtype, the numba or Triton kernels or the
+        plain-torch reference (as planned at the last step; before the first, as the backend
+        will plan them)."""
+        given = getattr(self, "_shared_arguments", {})
+        settings = [f"backend={self.backend!r}"]
+        for argument in arguments.SHARED_ARGUMENTS:  # as they are now where an attribute holds them
+            value = getattr(self, argument.name, given.get(argument.name, argument.default))
+            if argument.name not in ("backend", *STORAGE_OPTIONS) and not (  # storage options: in each group
+                    value is argument.default or value == argument.default):
+                settings.append(f"{argument.name}={value!r}")
+        lines = [f"fusedopt.{type(self).__name__} ({', '.join(settings)}"]
+        for index, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {index}")
+            lines += [f"    {key}: {group[key]}" for key in sorted(group) if key != "params"]
+            lines.append(self._runs_on(index, group))
+        return "\n".join(lines + [")"])
+
+    def _runs_on(self, index, group):
+        """The repr's line of what updates a group's params."""
+        plan = self._plans.get(index)
+        counts = {}
+        if plan is not None:
+            for bucket in plan.buckets:
+                what = "numba kernels" if bucket.table.cpu_kernels else "triton kernels"
+                counts[what, bucket.device, bucket.table.dtype] = len(bucket.params)
+            for param in plan.reference_params:
+                key = "torch reference", distributed.local_tensor(param).device, param.dtype
+                counts[key] = counts.get(key, 0) + 1
+        else:
+            from .backends import backend_name
+
+            for param in group["params"]:
+                device = distributed.local_tensor(param).device
+                try:
+                    what = {"torch": "torch reference"}.get(backend_name(self.backend, device), None)
+                    what = what or f"{backend_name(self.backend, device)} kernels"
+                except RuntimeError:  # the triton backend on the CPU without its interpreter
+                    what = "triton kernels (unavailable here)"
+                key = what, device, param.dtype
+                counts[key] = counts.get(key, 0) + 1
+        where = "; ".join(f"{what} ({device}, {str(dtype).replace('torch.', '')}): {count} "
+                          f"param{'s' if count != 1 else ''}" for (what, device, dtype), count in counts.items())
+        return f"    {'runs on' if plan is not None else 'will run on'}: {where or 'no params with grads yet'}"
 
     def invalidate_plans(self):
         """Forget the cached tensor tables; the next step rebuilds them. (Replaced params, grads
@@ -703,7 +795,8 @@ class FusedOptimizer(Optimizer):
     def __getstate__(self):
         return {**super().__getstate__(), "backend": self.backend, "max_grad_norm": self.max_grad_norm,
                 "unscale_in_step": self.unscale_in_step, "_device_schedule": self._device_schedule,
-                "param_rounding": self.param_rounding, "rounding_seed": self.rounding_seed}
+                "param_rounding": self.param_rounding, "rounding_seed": self.rounding_seed,
+                "_shared_arguments": getattr(self, "_shared_arguments", {})}
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -189,14 +189,10 @@ def into(spans, start, end):
 PLAIN_TYPES = frozenset({float, int, bool, str, type(None)})
 
 
-def launch_key(bucket, optimizer, group, scaling, group_step):
-    """What a repeatable bucket's launch is computed from, so that the last launch runs again as
-    it was while it stays the same: the group's values (but its params) and the param rounding.
-    None where the launch depends on more: AMP or clipping factors, a device schedule or
-    stochastic rounding, or a group value that is not a plain number, string or None (or a tuple
-    of them): a tensor is read at every launch, and only plain values compare by value alone."""
-    if not bucket.repeatable or group_step is not None or not scaling.is_neutral():
-        return None
+def group_values(group):
+    """A param group's values but its params, as compared between steps: a tuple of plain numbers,
+    strings, None, and tuples of them (lists as tuples); None where a value is anything else (a
+    tensor is read at every launch, and only plain values compare by value alone)."""
     values = []
     for key, value in group.items():
         if key == "params":
@@ -208,7 +204,17 @@ def launch_key(bucket, optimizer, group, scaling, group_step):
         elif type(value) not in PLAIN_TYPES:
             return None
         values.append(value)
-    return tuple(values), bucket.storage
+    return tuple(values)
+
+
+def launch_key(bucket, optimizer, values, scaling, group_step):
+    """What a repeatable bucket's launch is computed from, so that the last launch runs again as
+    it was while it stays the same: the group's values (group_values) and how the bucket's states
+    and params are stored. None where the launch depends on more: AMP or clipping factors, a
+    device schedule or stochastic rounding, or a group value that is not plain."""
+    if values is None or not bucket.repeatable or group_step is not None or not scaling.is_neutral():
+        return None
+    return values, bucket.storage
 
 
 class KernelBucket:
@@ -224,9 +230,9 @@ class KernelBucket:
         self.indices = indices  # positions in the group's list of params with grads; None: all
         self.complex = any(p.is_complex() for p in params)
         self.sharded = any(map(distributed.is_dtensor, params))
-        self.options = optimizer.structure(group)  # the rule's compile-time options (the plan's structure)
-        self.storage = optimizer.storage(group, params[0])  # how states and params are stored (every member's)
-        roles, self.steps, fresh = optimizer.kernel_state(group, params, self.device)
+        self.options = optimizer._structure(group)  # the rule's compile-time options (the plan's structure)
+        self.storage = optimizer._storage(group, params[0])  # how states and params are stored (every member's)
+        roles, self.steps, fresh = optimizer._kernel_state(group, params, self.device)
         # No state entries where the rule keeps none (SGD without momentum), as in torch.
         self.keeps_state = bool(roles) or self.steps is not None
         step_views = [] if self.steps is None else [optimizer.state[p]["step"] for p in params]
@@ -247,6 +253,7 @@ class KernelBucket:
         if len(self.norm_groups) > 1:  # which group each block's norm partial is reduced over
             group_of_tensor = torch.tensor([self.norm_groups.index(distributed.norm_group(g)) for g in grads])
             self.block_norm_group = group_of_tensor[self.table.host_block_table[0]].to(self.device)
+        self._block_groups = None  # the numba reduction's: block_norm_group as an int64 array
         # Whether the state dicts still hold the tensors the table names: one counter while
         # they count their changes (fusedopt.state), else every value compared at each step.
         self.state = optimizer.state
@@ -315,8 +322,10 @@ class KernelBucket:
         self.state, self.seen_changes, self.counted = state, changes, is_counted(state, self.params)
         return True
 
-    def launch(self, optimizer, group, scaling, group_step):
-        key = launch_key(self, optimizer, group, scaling, group_step)
+    def launch(self, optimizer, group, scaling, group_step, values):
+        """One launch (the last one again, where launch_key says it is the same); `values`, the
+        group's (group_values)."""
+        key = launch_key(self, optimizer, values, scaling, group_step)
         if key is not None and key == self.last_launch:
             self.table.relaunch()
             return
@@ -339,10 +348,10 @@ class KernelBucket:
 
     def grad_norm_partials(self, norm_type, grad_scale):
         """[(partial, non-finite count, norm group)] of this bucket's grads: one reduction launch,
-        the block partials summed (maxed) per norm group. On the numba CPU kernels' buckets: torch's
-        per-tensor norms over the grads, the very numbers the reference path's composition gives."""
+        the block partials summed (maxed) per norm group. On the numba CPU kernels' buckets the
+        two numbers are Python floats (summed in fp64), where a compiled reduction has run."""
         if self.table.cpu_kernels:
-            return epilogue.torch_norm_partials([p.grad for p in self.params], norm_type, grad_scale)
+            return self._cpu_grad_norm_partials(norm_type, grad_scale)
         if self.table.num_blocks == 0:  # only empty shards here
             zero = torch.zeros((), dtype=torch.float64 if self.table.dtype == torch.float64 else torch.float32,
                                device=self.device)
@@ -359,6 +368,19 @@ class KernelBucket:
         by_group[1].index_add_(0, self.block_norm_group, partials[1])
         return [(by_group[0, i], by_group[1, i], group) for i, group in enumerate(self.norm_groups)]
 
+    def _cpu_grad_norm_partials(self, norm_type, grad_scale):
+        import numpy as np
+
+        from . import cpu
+
+        if not cpu.grad_norm_ready(self.table.dtype):  # torch's per-tensor norms
+            return epilogue.torch_norm_partials([p.grad for p in self.params], norm_type, grad_scale)
+        if self._block_groups is None:
+            self._block_groups = (np.zeros(0, dtype=np.int64) if self.block_norm_group is None
+                                  else self.block_norm_group.numpy())
+        partials = self.table.grad_norm_partials(norm_type, grad_scale, self._block_groups, len(self.norm_groups))
+        return [(float(partials[0, i]), float(partials[1, i]), group) for i, group in enumerate(self.norm_groups)]
+
 
 class GroupPlan:
     """How one param group is stepped: its kernel buckets and the tensors left to the reference.
@@ -370,13 +392,14 @@ class GroupPlan:
         """`in_other_groups`: ids of params listed in other groups too (torch steps them once per
         group, one after the other: the reference)."""
         self.params = params
-        self.structure = optimizer.structure(group)
+        self.structure = optimizer._structure(group)
+        self.values = group_values(group)  # those the structure was found from (checked each step)
         self.buckets = []
         self.reference_params = []
         self.rebuild_next_step = False
         for p, grad in zip(params, grads):
-            optimizer.prepare_param(p, grad, group)
-        on_kernels = [optimizer.runs_on_kernels(p) for p in params]
+            optimizer._prepare_param(p, grad, group)
+        on_kernels = [optimizer._runs_on_kernels(p) for p in params]
         # A param listed twice is stepped twice, one after the other, as torch does: the reference.
         counts = {}
         for p in params:
@@ -390,7 +413,7 @@ class GroupPlan:
             dtype = torch.view_as_real(local).dtype if local.is_complex() else local.dtype
             step = optimizer.state[params[index]].get("step") if optimizer.has_step else None
             by_bucket.setdefault((local.device, dtype, None if step is None else step.dtype,
-                                  optimizer.storage(group, params[index])), []).append(index)
+                                  optimizer._storage(group, params[index])), []).append(index)
         table_classes = {key: self._table_class(optimizer, key[0], key[1], key[3]) for key in by_bucket}
         # a rule whose CPU kernel did not compile for a dtype: the reference takes those params
         by_bucket = {key: indices for key, indices in by_bucket.items() if table_classes[key] is not None}
@@ -430,8 +453,8 @@ class GroupPlan:
         of 8-bit codes, else None), and its master (fp32 copy or remainder)."""
         state = optimizer.state.get(param, {})
         tensors = [(state[key], state.get(key + formats.SCALES) if formats.format_of(state, key, param) == formats.Q8
-                    else None) for key in optimizer.state_keys(group) if key in state]
-        master = state.get(master_key(optimizer.param_rounding)) if optimizer.keeps_master(param) else None
+                    else None) for key in optimizer._state_keys(group) if key in state]
+        master = state.get(master_key(optimizer.param_rounding)) if optimizer._keeps_master(param) else None
         return tensors, master
 
     @classmethod
@@ -501,10 +524,16 @@ class GroupPlan:
 
     def _planned_for(self, optimizer, group, params):
         """Whether `params` are the very params this plan was made for, and the group's options
-        still make the same state tensors."""
+        still make the same state tensors (not asked again while the group's values are those it
+        was last asked for); the values are kept for this step's launches."""
         if len(params) != len(self.params) or not all(map(operator.is_, params, self.params)):
             return False
-        return optimizer.structure(group) == self.structure
+        values = group_values(group)
+        if values is None or values != self.values:
+            if optimizer._structure(group) != self.structure:
+                return False
+            self.values = values
+        return True
 
     def _reference_current(self, optimizer, group):
         """Whether the reference params' memory is where it was planned, and none of their grads
@@ -520,10 +549,10 @@ class GroupPlan:
 
     def launch(self, optimizer, group, scaling, group_steps):
         for p in self.reference_params:  # per tensor anyway: state may have been cleared by hand
-            optimizer.prepare_param(p, p.grad, group)
+            optimizer._prepare_param(p, p.grad, group)
         for bucket in self.buckets:
-            bucket.launch(optimizer, group, scaling, group_steps.get(bucket.device))
+            bucket.launch(optimizer, group, scaling, group_steps.get(bucket.device), self.values)
         if self.reference_params:
             grads = scaling.scale_grads([p.grad for p in self.reference_params])
             if grads is not None:  # None: AMP found an inf or NaN, the step is skipped
-                optimizer.rounded_reference_step(group, self.reference_params, grads)
+                optimizer._rounded_reference_step(group, self.reference_params, grads)

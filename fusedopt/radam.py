@@ -107,21 +107,35 @@ class RAdam(FusedOptimizer):
             \begin{cases} r_t \sqrt{1-\beta_2^t} / (\sqrt{v_t} + \epsilon) & \rho_t > 5 \\
             1 & \text{otherwise} \end{cases}
 
-    Args: as torch.optim.RAdam (lr, betas, eps, weight_decay, decoupled_weight_decay; foreach,
-    maximize, capturable; differentiable=True raises NotImplementedError), plus ``backend``
-    (see :class:`fusedopt.Adam`) and the epilogue options of every fusedopt optimizer.
+    Args:
+        {params}
+        lr (float, Tensor, optional): learning rate; a tensor is read by the kernels at every step
+            (default: 1e-3)
+        betas (tuple[float, float], optional): coefficients of the running averages of the
+            gradient and of its square (default: (0.9, 0.999))
+        eps (float, optional): added to the denominator for numerical stability (default: 1e-8)
+        weight_decay (float, optional): weight decay, added to the gradient (L2 penalty), or
+            decoupled (default: 0)
+        decoupled_weight_decay (bool, optional): decay the params themselves, as AdamW
+            (default: False)
+        {foreach}
+        {maximize}
+        {capturable}
+        {differentiable}
+        {shared_arguments}
+
     State per param (torch's layout): ``step``, ``exp_avg``, ``exp_avg_sq``.
     """
 
     spec = RADAM
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, decoupled_weight_decay=False,
-                 *, foreach=None, maximize=False, capturable=False, differentiable=False, backend=None, **options):
+                 *, foreach=None, maximize=False, capturable=False, differentiable=False, **shared):
         check_moments_arguments(lr, betas, eps, weight_decay)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, foreach=foreach,
                         capturable=capturable, decoupled_weight_decay=decoupled_weight_decay,
                         differentiable=differentiable)
-        super().__init__(params, defaults, backend, **options)
+        super().__init__(params, defaults, **shared)
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -100,7 +100,7 @@ class RuleInfo:
     def state_keys(self, **options):
         """The state tensors a param keeps under `options` (besides "step"), in table order."""
         optimizer = self.optimizer([torch.nn.Parameter(torch.zeros(1))], backend="torch", **options)
-        return list(optimizer.state_keys(optimizer.param_groups[0]))
+        return list(optimizer._state_keys(optimizer.param_groups[0]))
 
     def bytes_per_param(self, dtype=torch.float32, shape=LARGE_MATRIX, **options):
         """Bytes a step must move per param of `shape`, steady state: param, grad and every state
@@ -177,8 +177,13 @@ def _errors(*cases):
 NOT_COMPARABLE = r"not supported between instances"
 
 
-def _unexpected(name):
-    return rf"unexpected keyword argument '{name}'"
+def _unexpected(name, cls):
+    """Python's TypeError for a keyword `cls.__init__` does not take, naming the class as torch's does."""
+    return rf"^{cls}\.__init__\(\) got an unexpected keyword argument '{name}'$"
+
+
+def _unknown_keyword(cls):
+    return _errors((dict(unknown_option=1), TypeError, _unexpected("unknown_option", cls)))
 
 
 COMMON_ERRORS = _errors(
@@ -188,7 +193,6 @@ COMMON_ERRORS = _errors(
     (dict(weight_decay=-0.1), ValueError, r"Invalid weight_decay value: -0\.1"),
     (dict(lr="0.1"), TypeError, NOT_COMPARABLE),
     (dict(lr=None), TypeError, NOT_COMPARABLE),
-    (dict(unknown_option=1), TypeError, _unexpected("unknown_option")),
 )
 NAN_LR = _errors((dict(lr=math.nan), ValueError, r"Invalid learning rate: nan"))
 SWITCH_ERRORS = _errors(
@@ -232,12 +236,12 @@ RULES = {info.name: info for info in (
              second_group=dict(lr=0.05, momentum=0.0, weight_decay=0.0),
              changed_by_hand=(dict(momentum=0.5, dampening=0.3), dict(weight_decay=0.1),
                               dict(nesterov=True, dampening=0.0)),
-             error_inputs=COMMON_ERRORS + SWITCH_ERRORS + _errors(
+             error_inputs=_unknown_keyword("SGD") + COMMON_ERRORS + SWITCH_ERRORS + _errors(
                  (dict(momentum=-0.5), ValueError, r"Invalid momentum value: -0\.5"),
                  (dict(nesterov=True), ValueError, r"Nesterov momentum requires a momentum and zero dampening"),
                  (dict(nesterov=True, momentum=0.9, dampening=0.1), ValueError,
                   r"Nesterov momentum requires a momentum and zero dampening"),
-                 (dict(amsgrad=True), TypeError, _unexpected("amsgrad"))),
+                 (dict(amsgrad=True), TypeError, _unexpected("amsgrad", "SGD"))),
              sparse_options=(dict(lr=0.1), dict(lr=0.1, momentum=0.9, dampening=0.2),
                              dict(lr=0.1, momentum=0.9, nesterov=True, maximize=True)),
              random_options=_sgd_options),
@@ -252,7 +256,8 @@ RULES = {info.name: info for info in (
              api_options=dict(lr=0.05, betas=(0.8, 0.95), weight_decay=0.1, amsgrad=True),
              second_group=dict(lr=0.01, betas=(0.9, 0.99), amsgrad=False, maximize=True),
              changed_by_hand=(dict(betas=(0.5, 0.9)), dict(eps=1e-3, weight_decay=0.0), dict(maximize=True)),
-             error_inputs=ADAM_ERRORS + _errors((dict(momentum=0.9), TypeError, _unexpected("momentum"))),
+             error_inputs=_unknown_keyword("Adam") + ADAM_ERRORS + _errors(
+                 (dict(momentum=0.9), TypeError, _unexpected("momentum", "Adam"))),
              late_state_options=(dict(amsgrad=True),),
              random_options=_adam_options),
     RuleInfo("adamw", AdamW, torch.optim.AdamW, 0.02,
@@ -268,8 +273,8 @@ RULES = {info.name: info for info in (
              api_options=dict(lr=0.05, weight_decay=0.1),
              second_group=dict(lr=0.01, weight_decay=0.5, amsgrad=True),
              changed_by_hand=(dict(betas=(0.5, 0.9)), dict(weight_decay=0.3), dict(eps=1e-2)),
-             error_inputs=ADAM_ERRORS + _errors(
-                 (dict(decoupled_weight_decay=False), TypeError, _unexpected("decoupled_weight_decay"))),
+             error_inputs=_unknown_keyword("AdamW") + ADAM_ERRORS + _errors(
+                 (dict(decoupled_weight_decay=False), TypeError, _unexpected("decoupled_weight_decay", "AdamW"))),
              late_state_options=(dict(amsgrad=True),),
              random_options=_adamw_options),
     RuleInfo("adagrad", Adagrad, torch.optim.Adagrad, 0.05,
@@ -283,7 +288,7 @@ RULES = {info.name: info for info in (
              api_options=dict(lr=0.1, lr_decay=0.05, initial_accumulator_value=0.2),
              second_group=dict(lr=0.3, lr_decay=0.0, weight_decay=0.1, eps=1e-6),
              changed_by_hand=(dict(lr_decay=0.5), dict(weight_decay=0.2), dict(eps=1e-2, maximize=True)),
-             error_inputs=COMMON_ERRORS + NAN_LR + SWITCH_ERRORS + _errors(
+             error_inputs=_unknown_keyword("Adagrad") + COMMON_ERRORS + NAN_LR + SWITCH_ERRORS + _errors(
                  (dict(lr_decay=-0.1), ValueError, r"Invalid lr_decay value: -0\.1"),
                  (dict(initial_accumulator_value=-0.1), ValueError, r"Invalid initial_accumulator_value value: -0\.1"),
                  (dict(eps=-1e-10), ValueError, r"Invalid epsilon value: -1e-10")),
@@ -301,11 +306,11 @@ RULES = {info.name: info for info in (
              api_options=dict(lr=0.01, momentum=0.5, centered=True, weight_decay=0.1),
              second_group=dict(lr=0.02, momentum=0.0, centered=False, alpha=0.9),
              changed_by_hand=(dict(alpha=0.5), dict(momentum=0.9, eps=1e-3), dict(weight_decay=0.0, maximize=True)),
-             error_inputs=COMMON_ERRORS + NAN_LR + _errors(
+             error_inputs=_unknown_keyword("RMSprop") + COMMON_ERRORS + NAN_LR + _errors(
                  (dict(eps=-1e-8), ValueError, r"Invalid epsilon value: -1e-08"),
                  (dict(momentum=-0.1), ValueError, r"Invalid momentum value: -0\.1"),
                  (dict(alpha=-0.1), ValueError, r"Invalid alpha value: -0\.1"),
-                 (dict(fused=True), TypeError, _unexpected("fused"))),
+                 (dict(fused=True), TypeError, _unexpected("fused", "RMSprop"))),
              late_state_options=(dict(momentum=0.9), dict(centered=True)),
              random_options=_rmsprop_options),
     RuleInfo("radam", RAdam, torch.optim.RAdam, 0.02,
@@ -320,10 +325,10 @@ RULES = {info.name: info for info in (
              second_group=dict(lr=0.01, betas=(0.9, 0.99), weight_decay=0.1, decoupled_weight_decay=True),
              changed_by_hand=(dict(betas=(0.5, 0.9)), dict(weight_decay=0.3, decoupled_weight_decay=True),
                               dict(eps=1e-2, maximize=True)),
-             error_inputs=COMMON_ERRORS + NAN_LR + BETA_ERRORS + _errors(
+             error_inputs=_unknown_keyword("RAdam") + COMMON_ERRORS + NAN_LR + BETA_ERRORS + _errors(
                  (dict(eps=-1e-8), ValueError, r"Invalid epsilon value: -1e-08"),
-                 (dict(fused=True), TypeError, _unexpected("fused")),
-                 (dict(amsgrad=True), TypeError, _unexpected("amsgrad"))),
+                 (dict(fused=True), TypeError, _unexpected("fused", "RAdam")),
+                 (dict(amsgrad=True), TypeError, _unexpected("amsgrad", "RAdam"))),
              random_options=_radam_options),
     RuleInfo("lion", Lion, None, 0.02,
              option_grid=({}, {"weight_decay": 0.1}, {"betas": (0.5, 0.9), "maximize": True},
@@ -337,9 +342,9 @@ RULES = {info.name: info for info in (
              api_options=dict(lr=0.02, weight_decay=0.1),
              second_group=dict(lr=0.01, betas=(0.5, 0.9), maximize=True),
              changed_by_hand=(dict(betas=(0.5, 0.9)), dict(weight_decay=0.3), dict(maximize=True)),
-             error_inputs=COMMON_ERRORS + NAN_LR + BETA_ERRORS + _errors(
-                 (dict(fused=True), TypeError, _unexpected("fused")),
-                 (dict(amsgrad=True), TypeError, _unexpected("amsgrad"))),
+             error_inputs=_unknown_keyword("Lion") + COMMON_ERRORS + NAN_LR + BETA_ERRORS + _errors(
+                 (dict(fused=True), TypeError, _unexpected("fused", "Lion")),
+                 (dict(amsgrad=True), TypeError, _unexpected("amsgrad", "Lion"))),
              random_options=_lion_options,
              defaults=dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False, foreach=None,
                            differentiable=False)),

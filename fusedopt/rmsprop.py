@@ -92,16 +92,31 @@ class RMSprop(FusedOptimizer):
         b_t &= \mu b_{t-1} + g_t / d_t, \quad \theta_t = \theta_{t-1} - \gamma b_t
         \quad (\mu = 0:\ \theta_t = \theta_{t-1} - \gamma g_t / d_t)
 
-    Args: as torch.optim.RMSprop (lr, alpha, eps, weight_decay, momentum, centered, maximize;
-    foreach accepted and recorded), plus ``backend``. State per param (torch's layout): ``step``,
-    ``square_avg``, ``momentum_buffer`` when momentum > 0, ``grad_avg`` when centered.
+    Args:
+        {params}
+        lr (float, Tensor, optional): learning rate; a tensor is read by the kernels at every step
+            (default: 1e-2)
+        alpha (float, optional): smoothing constant of the average of squared gradients
+            (default: 0.99)
+        eps (float, optional): added to the denominator for numerical stability (default: 1e-8)
+        weight_decay (float, optional): weight decay, added to the gradient (L2 penalty) (default: 0)
+        momentum (float, optional): momentum factor (default: 0)
+        centered (bool, optional): divide by an estimate of the gradient's variance (the average of
+            squares less the squared average) (default: False)
+        {capturable}
+        {foreach}
+        {maximize}
+        {differentiable}
+        {shared_arguments}
+
+    State per param (torch's layout): ``step``, ``square_avg``, ``momentum_buffer`` when
+    momentum > 0, ``grad_avg`` when centered.
     """
 
     spec = RMSPROP
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
-                 capturable=False, foreach=None, maximize=False, differentiable=False, backend=None,
-                 **options):
+                 capturable=False, foreach=None, maximize=False, differentiable=False, **shared):
         if torch.is_tensor(lr) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:
@@ -117,7 +132,7 @@ class RMSprop(FusedOptimizer):
         defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
                         weight_decay=weight_decay, capturable=capturable, foreach=foreach, maximize=maximize,
                         differentiable=differentiable)
-        super().__init__(params, defaults, backend, **options)
+        super().__init__(params, defaults, **shared)
 
     def __setstate__(self, state):
         super().__setstate__(state)

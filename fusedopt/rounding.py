@@ -69,7 +69,7 @@ def rounded_reference_step(optimizer, group, params, grads):
     count = int(as_float(group["group_step"])) if "group_step" in group else 0
     stored = {}  # (param index, key): the tensors a state was stored in, while it steps decoded
     for index, p in enumerate(params):
-        for key in optimizer.state_keys(group):
+        for key in optimizer._state_keys(group):
             if key in state[p] and formats.format_of(state[p], key, p) != formats.PLAIN:
                 stored[index, key] = {suffix: state[p][key + suffix] for suffix in formats.suffixes(state[p], key)}
                 state[p][key] = formats.decode(state[p], key, torch.promote_types(p.dtype, torch.float32))
@@ -91,7 +91,7 @@ def rounded_reference_step(optimizer, group, params, grads):
             else:  # on the local shards of DTensors: the random bits are drawn per shard
                 local(p).copy_(reference.stochastic_round_to_bfloat16(local(target), (optimizer.rounding_seed, count,
                                                                                        index)))
-        keys = list(optimizer.state_keys(group))
+        keys = list(optimizer._state_keys(group))
         for (index, key), tensors in stored.items():
             p = params[index]
             values = state[p][key]
@@ -103,7 +103,7 @@ def rounded_reference_step(optimizer, group, params, grads):
         for index, p in enumerate(params):
             for key in keys:
                 if (index, key) not in stored and key in state[p] and formats.format_of(state[p], key, p) == \
-                        formats.PLAIN and optimizer.state_format(group, p, key) != formats.PLAIN:
+                        formats.PLAIN and optimizer._state_format(group, p, key) != formats.PLAIN:
                     values = state[p].pop(key)
                     optimizer.new_state(p, group, key)
                     formats.encode(values, state[p], key, group.get("state_rounding", "nearest"),

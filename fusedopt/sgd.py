@@ -87,8 +87,20 @@ class SGD(FusedOptimizer):
         g_t &= g_t + \mu b_t \text{ if nesterov else } b_t \quad (\text{when } \mu \ne 0) \\
         \theta_t &= \theta_{t-1} - \gamma g_t
 
-    Args: as torch.optim.SGD (lr, momentum, dampening, weight_decay, nesterov, maximize;
-    foreach and fused accepted and recorded), plus ``backend`` (see :class:`fusedopt.Adam`).
+    Args:
+        {params}
+        lr (float, Tensor, optional): learning rate; a tensor is read by the kernels at every step
+            (default: 1e-3)
+        momentum (float, optional): momentum factor (default: 0)
+        dampening (float, optional): dampening of the momentum (default: 0)
+        weight_decay (float, optional): weight decay, added to the gradient (L2 penalty) (default: 0)
+        nesterov (bool, optional): Nesterov momentum (default: False)
+        {maximize}
+        {foreach}
+        {differentiable}
+        {fused}
+        {shared_arguments}
+
     Sparse gradients go through the reference implementation, as torch's for-loop does.
     State per param (torch's layout): ``momentum_buffer`` when momentum != 0.
     """
@@ -97,7 +109,7 @@ class SGD(FusedOptimizer):
     has_step = False
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
-                 maximize=False, foreach=None, differentiable=False, fused=None, backend=None, **options):
+                 maximize=False, foreach=None, differentiable=False, fused=None, **shared):
         if torch.is_tensor(lr) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if lr < 0.0:
@@ -111,7 +123,7 @@ class SGD(FusedOptimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
                         fused=fused)
-        super().__init__(params, defaults, backend, **options)
+        super().__init__(params, defaults, **shared)
         # Momentum buffers allocated for a first step that has not run yet (or was skipped by
         # AMP): they hold no value, and the kernel must start them from the grad.
         self._unstarted_buffers = weakref.WeakValueDictionary()

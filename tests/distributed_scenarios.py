@@ -748,7 +748,7 @@ def storage_layout(model, optimizer, precision):
     problems = []
     for name, p in model.named_parameters():
         state = optimizer.state[p]
-        for key in optimizer.state_keys(optimizer.param_groups[0]):
+        for key in optimizer._state_keys(optimizer.param_groups[0]):
             fmt = formats.format_of(state, key, p)
             if fmt != formats.state_format(precision, p):
                 problems.append(f"{name} state[{key!r}]: {fmt}, expected {formats.state_format(precision, p)}")
@@ -791,7 +791,7 @@ def fsdp2_formats(rule, backend, precision, param_rounding="nearest"):
         sharded.zero_grad()
         whole.zero_grad()
     record = dict(layout=storage_layout(sharded_model, sharded, precision), launches=launches, differ=[],
-                  storages=len({sharded.storage(sharded.param_groups[0], p) for p in sharded_model.parameters()}))
+                  storages=len({sharded._storage(sharded.param_groups[0], p) for p in sharded_model.parameters()}))
     params = full_values(list(sharded_model.parameters()))
     for (name, q), mine in zip(whole_model.named_parameters(), params):
         if not torch.equal(mine, q.detach()):
@@ -857,7 +857,7 @@ def dcp_formats_load(tag, backend):
             optimizer.zero_grad()
     continued = []
     for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
-        for key in fused.state_keys(fused.param_groups[0]):
+        for key in fused._state_keys(fused.param_groups[0]):
             mine, theirs = full_values([formats.decode(fused.state[p], key, torch.float32),
                                         formats.decode(reference.state[q], key, torch.float32)])
             step = 2 * theirs.abs().max() / formats.SIGNED_CODES  # a code that fell the other way

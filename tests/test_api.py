@@ -552,3 +552,90 @@ def test_backend_default_without_environment_variable_is_auto(name, monkeypatch)
 def test_backend_argument_wins_over_environment_variable(name, backend, device, monkeypatch):
     monkeypatch.setenv("FUSEDOPT_BACKEND", "torch" if backend == "triton" else "triton")
     assert build(fusedopt, name, as_params(make_values(25, device)), backend).backend == backend
+
+
+# ---- the public surface: signatures, docstrings, repr ----
+
+
+def _signature(name):
+    return inspect.signature(getattr(fusedopt, name)).parameters
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_signature_lists_every_argument_the_class_takes(name):
+    """No **options: the rule's own arguments (torch.optim's, in its order where it has the rule),
+    then every argument all classes share, keyword only, with their defaults."""
+    from fusedopt.arguments import SHARED_ARGUMENTS
+
+    parameters = _signature(name)
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    shared = [(p.name, p.default, p.kind) for p in parameters.values() if p.name in {a.name for a in SHARED_ARGUMENTS}]
+    assert shared == [(a.name, a.default, inspect.Parameter.KEYWORD_ONLY) for a in SHARED_ARGUMENTS]
+    twin = BY_CLASS[name].twin
+    if twin is not None:  # the arguments both take, in torch's order, with torch's defaults
+        theirs = inspect.signature(twin).parameters
+        own = [p for p in parameters if p in theirs]
+        assert own == [p for p in theirs if p in parameters] and len(own) >= 5
+        assert {p: parameters[p].default for p in own} == {p: theirs[p].default for p in own}
+    for argument in SHARED_ARGUMENTS:  # each taken, under its name
+        getattr(fusedopt, name)([torch.nn.Parameter(torch.zeros(2))], **{argument.name: argument.default})
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_docstring_documents_every_argument_of_the_signature(name):
+    doc = getattr(fusedopt, name).__doc__
+    items = {line.strip().split(" (")[0] for line in doc.splitlines() if " (" in line}
+    assert set(_signature(name)) <= items, set(_signature(name)) - items
+    assert not any(line.strip().startswith("{") and line.strip().endswith("}") for line in doc.splitlines())
+    assert '"numba" (the same as "auto", naming the CPU kernels)' in " ".join(doc.split())  # the README's backends
+
+
+def test_a_subclass_taking_the_shared_arguments_shows_them_and_names_itself_in_errors():
+    """The mechanism every class uses: a subclass whose __init__ passes **shared on shows the shared
+    arguments in its signature, and a mistyped keyword's TypeError names it."""
+    class WarmAdam(fusedopt.Adam):
+        """Adam with a larger default lr.
+
+        Args:
+            {params}
+            lr (float): learning rate (default: 1e-2)
+            {shared_arguments}
+        """
+
+        def __init__(self, params, lr=1e-2, **shared):
+            super().__init__(params, lr, **shared)
+
+    parameters = inspect.signature(WarmAdam).parameters
+    assert list(parameters)[:2] == ["params", "lr"] and "max_grad_norm" in parameters and "backend" in parameters
+    assert "max_grad_norm (float, optional)" in WarmAdam.__doc__
+    with pytest.raises(TypeError, match=r"^WarmAdam\.__init__\(\) got an unexpected keyword argument 'amsgradd'$"):
+        WarmAdam([torch.nn.Parameter(torch.zeros(2))], amsgradd=True)
+    assert WarmAdam([torch.nn.Parameter(torch.zeros(2))], max_grad_norm=1.0).max_grad_norm == 1.0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_repr_says_fusedopt_and_what_updates_each_group(name):
+    """torch.optim's repr (every group option, in its order), prefixed by fusedopt and the settings
+    that differ from the defaults, with what updates each group's params: before the first step as
+    the backend will plan them, then as planned (a param the kernels cannot walk: the reference)."""
+    pytest.importorskip("numba")
+    dense = torch.nn.Parameter(torch.randn(6))
+    strided = torch.randn(4, 6)[:, ::2].requires_grad_()  # not one dense span: the reference
+    wide = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    optimizer = getattr(fusedopt, name)([{"params": [dense, strided]}, {"params": [wide]}], max_grad_norm=2.0)
+    text = repr(optimizer)
+    assert text.startswith(f"fusedopt.{name} (backend='auto', max_grad_norm=2.0\n")
+    assert "will run on: numba kernels (cpu, float32): 2 params" in text
+    assert "will run on: numba kernels (cpu, float64): 1 param" in text
+    theirs = BY_CLASS[name].twin
+    if theirs is not None:  # every line of torch's repr, in its order
+        group_lines = repr(theirs([dense, strided])).splitlines()[1:-1]
+        assert [line for line in text.splitlines()[1:] if line in group_lines][:len(group_lines)] == group_lines
+    for p in (dense, strided, wide):
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    text = repr(optimizer)
+    assert "runs on: numba kernels (cpu, float32): 1 param; torch reference (cpu, float32): 1 param" in text
+    assert "runs on: numba kernels (cpu, float64): 1 param" in text and text.endswith("\n)")
+    assert repr(getattr(fusedopt, name)([dense], backend="torch")).splitlines()[-2] == (
+        "    will run on: torch reference (cpu, float32): 1 param")

@@ -78,6 +78,20 @@ def test_invalid_constructor_argument_raises_torch_exception(name, case, backend
         getattr(fusedopt, name)(make_params(), backend=backend, **case.options)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_a_mistyped_keyword_names_the_class_as_torch_does(name):
+    """Python's TypeError for a keyword the class does not take names the class (not the shared base
+    class that takes the arguments every class shares), word for word as torch.optim's class."""
+    def message(cls):
+        with pytest.raises(TypeError) as info:
+            cls(make_params(), lrr=0.1)
+        return str(info.value)
+
+    assert message(getattr(fusedopt, name)) == f"{name}.__init__() got an unexpected keyword argument 'lrr'"
+    if BY_CLASS[name].twin is not None:
+        assert message(getattr(fusedopt, name)) == message(BY_CLASS[name].twin)
+
+
 UNSUPPORTED_SWITCHES = [
     pytest.param(name, switch, id=f"{name}-{switch}")
     for name in NAMES

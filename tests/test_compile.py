@@ -327,3 +327,35 @@ def test_copies_the_graph_hands_over_are_paired_with_the_users_tensors_or_refuse
     assert fusedopt.compiled.take_newer_values(([param], [grad], [], []), live) == []
     with pytest.raises(RuntimeError, match="copies of tensors the optimizer no longer steps"):
         fusedopt.compiled.take_newer_values(([param_copy], [grad], [], []), live)
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_clip_grad_norm_in_a_compiled_step_runs_eagerly_with_torchs_numbers(backend):
+    """opt.clip_grad_norm_ inside a compiled training step is a graph break of its own that runs
+    eagerly (no graph holds the reduction or the clip factor): torch's clip then step, eagerly,
+    to fp32 rounding, and the norm it returns."""
+    def run(make, clip, compiled):
+        model = regression_model()
+        optimizer = make(model.parameters())
+        norms = []
+
+        def train_step(x, y):
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            norms.append(clip(optimizer, model))
+            optimizer.step()
+            optimizer.zero_grad()
+
+        if compiled:
+            torch._dynamo.reset()
+            train_step = torch.compile(train_step, backend="aot_eager")
+        for x, y in regression_batches(3):
+            train_step(x, y)
+        torch._dynamo.reset()
+        return [p.detach().clone() for p in model.parameters()], torch.stack(norms)
+
+    ours = run(lambda params: fusedopt.AdamW(params, lr=LR, backend=backend),
+               lambda optimizer, model: optimizer.clip_grad_norm_(0.05), compiled=True)
+    theirs = run(lambda params: torch.optim.AdamW(params, lr=LR),
+                 lambda optimizer, model: torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05), compiled=False)
+    assert_same_numbers(ours[0], theirs[0], f"clipped adamw on {backend}")
+    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-5, atol=0)

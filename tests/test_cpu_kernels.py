@@ -225,8 +225,22 @@ def test_grad_scaler_sequence_equals_unscale_then_step(rule):
     assert_optimizers_match(fused, expected, fused_params, torch_params, rtol=rtol, atol=atol, where=rule)
 
 
-@pytest.mark.parametrize("norm_type", [2.0, float("inf"), 1.5])
+def float64_norm(grads, norm_type, inv_scale=1.0):
+    """The norm of the grads, each element unscaled in its math dtype (fp32, fp64 for fp64) as the
+    kernels unscale it, then computed in float64 (complex grads as their real views)."""
+    values = []
+    for grad in grads:
+        real = torch.view_as_real(grad) if grad.is_complex() else grad
+        compute = torch.float64 if real.dtype == torch.float64 else torch.float32
+        values.append((real.to(compute) * torch.tensor(inv_scale, dtype=compute)).double().flatten())
+    return torch.linalg.vector_norm(torch.cat(values), norm_type)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, float("inf"), 1.5, 1.0])
 def test_clip_grad_norm_equals_torch_clip_then_step(norm_type):
+    """The CPU reduction's norm is the float64 norm rounded once (torch's, from per-tensor fp32
+    norms, is a few ulps off it), and the clipped steps follow torch's clip by that norm then its
+    step."""
     generator = torch.Generator().manual_seed(7)
     params = make_params(torch.float32, "cpu", generator, odd_layouts=False, complex_params=False)
     fused_params, torch_params = clone_params(params), clone_params(params)
@@ -237,24 +251,71 @@ def test_clip_grad_norm_equals_torch_clip_then_step(norm_type):
         assign_grads(fused_params, grads)
         assign_grads(torch_params, grads)
         norm = fused.clip_grad_norm_(1.0, norm_type)
-        expected_norm = torch.nn.utils.clip_grad_norm_(torch_params, 1.0, norm_type, foreach=False)
-        torch.testing.assert_close(norm, expected_norm, rtol=1e-6, atol=0)
+        torch.testing.assert_close(norm, float64_norm(grads, norm_type).float(), rtol=1.2e-7, atol=0)
+        torch_norm = torch.nn.utils.get_total_norm([p.grad for p in torch_params], norm_type, foreach=False)
+        torch.testing.assert_close(norm, torch_norm, rtol=2e-6, atol=0)
+        # torch's clip by the same norm (its own is further from the float64 norm, by up to 1e-6)
+        torch.nn.utils.clip_grads_with_norm_(torch_params, 1.0, norm, foreach=False)
         fused.step()
         expected.step()
+    assert on_cpu_kernels(fused)
     assert_optimizers_match(fused, expected, fused_params, torch_params, rtol=1e-5, atol=1e-6, where="clip")
 
 
-def test_cpu_bucket_norm_is_the_reference_composition():
-    """The norm of a CPU bucket's grads: the same numbers as on the plain-torch path."""
+# the total norm in each dtype: rounded once from float64 (a sum in another order may round the
+# other way, by an ulp of the dtype)
+NORM_RTOL = {torch.float32: 2.4e-7, torch.float64: 1e-14, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.5, float("inf")], ids=lambda p: f"p={p}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_cpu_bucket_norm_is_the_float64_norm_of_the_unscaled_grads(dtype, norm_type):
+    """One reduction over blocks of odd sizes in every dtype (complex fp32 and fp64 grads for the
+    2-norm), with and without a grad scale: the float64 norm, in the grads' dtype."""
     generator = torch.Generator().manual_seed(8)
-    params = make_params(torch.float32, "cpu", generator, odd_layouts=False)
+    params = make_params(dtype, "cpu", generator, shapes=[(7,), (33, 17), (4097,), (3,), (), (70_001,)],
+                         complex_params=norm_type == 2.0)
     grads = make_grads(params, generator, scale=3.0)
-    norms = []
-    for backend in ("numba", "torch"):
+    for scale in (None, 3.0 * 2**10):
         copies = clone_params(params)
-        assign_grads(copies, grads)
-        norms.append(fusedopt.Adam(copies, backend=backend).clip_grad_norm_(1.0))
-    assert torch.equal(norms[0], norms[1])
+        assign_grads(copies, [g if scale is None else g * scale for g in grads])
+        optimizer = fusedopt.Adam(copies, backend="numba")
+        if scale is None:
+            norm = optimizer.clip_grad_norm_(1.0, norm_type)
+            expected = float64_norm(grads, norm_type)
+        else:
+            scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+            scaler.scale(torch.ones(()))
+            norm = optimizer.clip_grad_norm_(1.0, norm_type, grad_scaler=scaler)
+            inv_scale = torch.tensor(scale, dtype=torch.float64).reciprocal().float().item()
+            expected = float64_norm([g * scale for g in grads], norm_type, inv_scale)
+        assert on_cpu_kernels(optimizer) and norm.dtype == dtype
+        torch.testing.assert_close(norm.double(), expected.to(dtype).double(), rtol=NORM_RTOL[dtype], atol=0)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.5, float("inf")], ids=lambda p: f"p={p}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cpu_bucket_norm_of_nonfinite_grads_is_torchs(dtype, norm_type, bad):
+    """An inf or NaN in one element of a block of a large grad: the norm is torch's (inf, or NaN),
+    and the reduction's count of non-finite grads tells a GradScaler to skip the step."""
+    generator = torch.Generator().manual_seed(9)
+    params = make_params(dtype, "cpu", generator, shapes=[(5,), (70_001,)], odd_layouts=False, complex_params=False)
+    grads = make_grads(params, generator)
+    grads[1][50_000] = bad
+    fused_params, torch_params = clone_params(params), clone_params(params)
+    assign_grads(fused_params, grads)
+    assign_grads(torch_params, grads)
+    optimizer = fusedopt.Adam(fused_params, backend="numba")
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    scaler.scale(torch.ones(()))
+    norm = optimizer.clip_grad_norm_(1.0, norm_type, grad_scaler=scaler)
+    expected = torch.nn.utils.clip_grad_norm_(torch_params, 1.0, norm_type)
+    assert torch.equal(norm.isnan(), expected.isnan()) and torch.equal(norm.isinf(), expected.isinf())
+    before = [p.detach().clone() for p in fused_params]
+    scaler.step(optimizer)
+    assert scaler._found_inf_per_device(optimizer)[torch.device("cpu")].item() == 1.0
+    assert all(torch.equal(p.detach(), b) for p, b in zip(fused_params, before)), "the step was not skipped"
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -537,7 +598,39 @@ def test_compiling_ahead_runs_every_kernel_side_by_side_and_succeeds(capsys):
     from fusedopt.cpu import precompile
 
     assert precompile.main() == 0, capsys.readouterr().err[-3000:]
-    assert "numba CPU kernels ready" in capsys.readouterr().out
+    out = capsys.readouterr().out.splitlines()
+    kernels = [kernel for name in precompile.rule_specs() for kernel in precompile.kernels_of(name)]
+    progress = [line for line in out if line.startswith("[")]
+    # one line per kernel as it is done, the grad-norm reduction among them, then the total
+    assert len(progress) == len(kernels) + 1 and progress[-1].startswith(f"[{len(kernels) + 1}/{len(kernels) + 1}]")
+    assert any("grad-norm reduction" in line for line in progress) and any("adam (amsgrad)" in line for line in progress)
+    assert "numba CPU kernels ready" in out[-1]
+
+
+FIRST_USE = """
+import torch, fusedopt
+p = torch.nn.Parameter(torch.randn(10)); p.grad = torch.randn(10)
+optimizer = fusedopt.SGD([p], lr=0.1, backend="numba")
+for _ in range(3):
+    optimizer.clip_grad_norm_(1.0)
+    optimizer.step()
+"""
+
+
+def test_a_first_compilation_says_so_in_one_line_and_nothing_else_prints(tmp_path):
+    """A kernel's first compilation (numba's cache cold) prints one line on stderr: what, that it
+    is once, how long, and how to compile ahead; a run that loads the kernels prints nothing."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("FUSEDOPT_BACKEND", None)
+    cold, warm = (subprocess.run([sys.executable, "-c", FIRST_USE], env=env, capture_output=True, text=True,
+                                 timeout=300, cwd=REPO_ROOT) for _ in range(2))
+    assert cold.returncode == 0 and warm.returncode == 0, cold.stderr[-3000:] + warm.stderr[-3000:]
+    lines = cold.stderr.splitlines()
+    assert [line.split(" at its first use")[0] for line in lines] == [
+        "fusedopt: compiling the CPU kernel of sgd for float32 params",
+        "fusedopt: compiling the CPU grad-norm reduction for float32 grads"], cold.stderr
+    assert all("once" in line and "python -m fusedopt.cpu" in line and line.endswith(" s") for line in lines)
+    assert cold.stdout == warm.stdout == warm.stderr == ""
 
 
 # ---- without numba ----

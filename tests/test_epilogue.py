@@ -39,6 +39,7 @@ from helpers import (
 )
 from test_kernels import fp32_tolerance
 
+BACKENDS = ["torch", "triton", "kernels"]  # on the CPU: the reference, Triton's and numba's kernels
 BESIDE_THE_ORACLE = True  # the tests run each backend beside the rule's oracle
 
 # Options under which every rule keeps state that the grads feed (SGD: with dampening too).
@@ -769,3 +770,43 @@ def test_state_dict_after_a_skipped_first_step_loads_into_torch(rule, backend, d
         expected.step()
     assert_optimizers_match(loaded, expected, loaded_params, torch_params, where=f"{rule} loaded after a skip",
                             **fp32_tolerance(device, rule, options))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_clip_factor_computed_on_the_host_has_torchs_bits(dtype):
+    """The clip factor of a CPU norm and a number, computed with numpy scalars, is bit for bit
+    torch's min(1, max_norm / (norm + 1e-6)) in the norm's dtype, over ordinary and extreme norms."""
+    from fusedopt import epilogue
+
+    generator = torch.Generator().manual_seed(140)
+    norms = torch.cat([torch.rand(200, generator=generator, dtype=torch.float64) * 10.0 ** torch.randint(
+        -8, 9, (200,), generator=generator), torch.tensor([0.0, 1e-6, 1.0, 1e300, math.inf, math.nan],
+                                                          dtype=torch.float64)]).to(dtype)
+    for max_norm in (1.0, 0.5, 3, 0.0, 1e-3, 7.25):
+        for norm in norms:
+            expected = torch.clamp(max_norm / (norm + epilogue.CLIP_EPSILON), max=1.0)
+            coef = epilogue.host_clip_coefficient(norm.item(), dtype, max_norm)
+            assert coef.dtype == dtype and (torch.equal(coef, expected) or (coef.isnan() and expected.isnan())), \
+                (max_norm, norm.item(), coef.item(), expected.item())
+
+
+@pytest.mark.parametrize("max_grad_norm", [False, True], ids=["clip_grad_norm_", "max_grad_norm"])
+def test_a_norm_past_float32s_range_is_inf_as_torchs(max_grad_norm):
+    """fp32 grads whose norm (summed in fp64 by the numba reduction) is past float32's range: the
+    norm is inf, as torch's, and the step is torch's clip + step (the grads scaled to zero)."""
+    pytest.importorskip("numba")
+    params = [torch.zeros(1000, requires_grad=True), torch.zeros(7, requires_grad=True)]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    for p, twin in zip(params, twins):
+        p.grad = torch.full(p.shape, 1e38)
+        twin.grad = p.grad.clone()
+    fused = fusedopt.AdamW(params, lr=0.1, backend="numba", max_grad_norm=1.0 if max_grad_norm else None)
+    expected = torch.optim.AdamW(twins, lr=0.1)
+    expected_norm = torch.nn.utils.clip_grad_norm_(twins, 1.0)
+    norm = None if max_grad_norm else fused.clip_grad_norm_(1.0)
+    fused.step()
+    norm = fused.last_grad_norm if max_grad_norm else norm
+    expected.step()
+    assert norm.dtype == expected_norm.dtype and torch.isinf(norm) and torch.isinf(expected_norm)
+    for p, twin in zip(params, twins):
+        torch.testing.assert_close(p, twin, rtol=0, atol=0)

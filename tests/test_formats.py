@@ -44,7 +44,7 @@ def decoded_states(optimizer, params):
     out = {}
     for index, p in enumerate(params):
         state = optimizer.state[p]
-        for key in optimizer.state_keys(optimizer.param_groups[0]):
+        for key in optimizer._state_keys(optimizer.param_groups[0]):
             if key in state:
                 out[index, key] = formats.decode(state, key, torch.float32)
     return out
@@ -154,7 +154,7 @@ def test_state_tensors_take_the_format_and_cost_the_bytes_it_says(rule, precisio
     for p in params:
         state = optimizer.state[p]
         group = optimizer.param_groups[0]
-        for key in optimizer.state_keys(group):
+        for key in optimizer._state_keys(group):
             fmt = formats.state_format(precision, p, optimizer.spec.may_code(optimizer.spec.options(group), key))
             assert formats.format_of(state, key, p) == fmt, (rule, key, p.shape)
             nbytes = sum(state[key + suffix].numel() * state[key + suffix].element_size()
@@ -339,7 +339,7 @@ def test_a_low_precision_checkpoint_is_compact_and_loads_back_exactly(precision)
     elements = sum(p.numel() for p in params)
     nbytes = sum(t.numel() * t.element_size() for values in loaded["state"].values() for key, t in values.items()
                  if key != "step")
-    fp32_bytes = elements * 4 * len(optimizer.state_keys(optimizer.param_groups[0]))
+    fp32_bytes = elements * 4 * len(optimizer._state_keys(optimizer.param_groups[0]))
     assert nbytes < fp32_bytes * (0.6 if precision == "bf16" else 0.4)
     twin_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
     twin = build("adam", twin_params, "numba", state_precision=precision)
@@ -500,7 +500,7 @@ def test_8bit_states_the_user_replaces_by_bf16_ones_step_as_bf16(backend, table_
     for optimizer, params in ((ours, ours_params), (theirs, theirs_params)):
         for p in params:
             state = optimizer.state[p]
-            for key in optimizer.state_keys(optimizer.param_groups[0]):
+            for key in optimizer._state_keys(optimizer.param_groups[0]):
                 if formats.format_of(state, key, p) == formats.Q8:
                     state[key] = formats.decode(state, key, torch.float32).bfloat16()
                     del state[key + formats.SCALES]

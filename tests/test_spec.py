@@ -2,7 +2,7 @@
 kernel backend, run as plain Python on float64 numbers give the float64 reference's step for
 every rule and option set; a spec whose update does not take and give back its state slots by
 name is refused when it is made; and the CPU kernels' on-disk cache never serves a kernel made
-from a rule's code as it was before an edit."""
+from a rule's code (or the grad-norm reduction's) as it was before an edit."""
 import os
 import subprocess
 import sys
@@ -175,4 +175,43 @@ def test_a_rule_edited_between_runs_is_compiled_afresh_not_loaded_stale(tmp_path
     # one cache index per source digest: the second run loaded the first's kernel, the third made its own
     indexes = {name for _, _, names in os.walk(tmp_path / "cache") for name in names
                if name.startswith("kernels.edited_") and name.endswith(".nbi")}
+    assert len(indexes) == 2, indexes
+
+
+NORM_IT = '''
+import numpy as np, torch
+import fusedopt, fusedopt.cpu as cpu
+from fusedopt.cpu import grad_norm
+grads = [torch.full((5000,), 2.0), torch.full((3,), -1.0)]
+table = cpu.CpuTensorTable(grads, grads, [])
+assert cpu.grad_norm_ready(torch.float32)
+print(fusedopt.__file__, table.grad_norm_partials(2.0, None, np.zeros(0, dtype=np.int64), 1)[0, 0])
+'''
+
+
+def test_the_grad_norm_kernel_edited_between_runs_is_compiled_afresh_not_loaded_stale(tmp_path):
+    """The CPU grad-norm reduction is cached like the rule kernels: under a name carrying a digest
+    of the files it is made from, so that a copy of fusedopt whose reduction was edited compiles
+    its own kernel, while an unchanged one loads the cached kernel."""
+    import shutil
+
+    import fusedopt
+
+    package = tmp_path / "src" / "fusedopt"
+    shutil.copytree(os.path.dirname(fusedopt.__file__), package,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info"))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "src"), "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    source = package / "cpu" / "grad_norm.py"
+    results = []
+    for edit in ("", "", "\n# an edit: the kernel's name changes\n"):
+        source.write_text(source.read_text() + edit)
+        run = subprocess.run([sys.executable, "-c", NORM_IT], env=env, capture_output=True, text=True, timeout=240,
+                             cwd=tmp_path)
+        assert run.returncode == 0, run.stderr[-3000:]
+        path, value = run.stdout.split()
+        assert path.startswith(str(package)), path
+        results.append(float(value))
+    assert results == [5000 * 4.0 + 3.0] * 3
+    indexes = {name for _, _, names in os.walk(tmp_path / "cache") for name in names
+               if name.startswith("grad_norm.grad_norm_") and name.endswith(".nbi")}
     assert len(indexes) == 2, indexes

@@ -5,14 +5,17 @@ Imported when a CPU bucket is first planned, not by `import fusedopt`; numba its
 by `available()`. Needs no Triton. Where numba is missing or cannot compile, one warning and the
 reference path.
 """
+import contextlib
 import os
+import sys
 import threading
+import time
 import warnings
 
 import numpy as np
 import torch
 
-from .. import tables
+from .. import formats, tables
 
 # Elements per block (a prange task): at least CPU_BLOCK, so that two threads have enough tasks
 # on a set of 4K tensors; doubled up to MAX_CPU_BLOCK while every thread keeps BLOCKS_PER_THREAD
@@ -122,6 +125,11 @@ class CpuTensorTable(tables.TensorTable):
         now, before any state is touched; one warning and False where it fails."""
         return kernel_ready(spec, options, storage, dtype)
 
+    def grads_moved(self):
+        """Nothing to upload: the kernels read the grad row, re-pointed in place, through
+        `table_array`, and align nothing. (No torch op: after zero_grad(set_to_none=True), the grads
+        move at every step, and a torch op there costs tens of microseconds with cold caches.)"""
+
     def step_counts(self, steps):
         """A numpy view of the bucket's step count buffer, made once per buffer."""
         if steps is not self._steps:
@@ -149,12 +157,26 @@ class CpuTensorTable(tables.TensorTable):
         tables.count_launch()
         run(*self._last_launch)
 
+    def grad_norm_partials(self, norm_type, grad_scale, block_groups, groups):
+        """One launch of the grad-norm reduction (fusedopt.cpu.grad_norm) over the table's grads,
+        each divided by `grad_scale` (a one-element tensor, or None) first: a float64 array of
+        shape (2, groups), per norm group its sum of |g|^p (max |g| for the inf norm) and its
+        number of non-finite grads; `block_groups`, each block's norm group (an empty array: one
+        group). 1/scale is rounded to fp32 from a double reciprocal, as GradScaler.unscale_ does."""
+        from . import grad_norm
+
+        inv_scale = 1.0 if grad_scale is None else float(np.float32(1.0 / float(grad_scale)))
+        tables.count_launch()
+        return run(grad_norm.grad_norm_kernel_compiled(), (
+            self.table_array, self.block_array, self.block, self.like, inv_scale, float(norm_type),
+            grad_norm.norm_kind(norm_type), block_groups, groups))
+
 
 def run(kernel, arguments):
-    """Run a numba kernel on at most torch's thread count, one launch at a time."""
+    """Run a numba kernel on at most torch's thread count, one launch at a time; its result."""
     with _launch_lock:
         use_torch_threads()
-        kernel(*arguments)
+        return kernel(*arguments)
 
 
 def launch_numbers(table, lr, scaling, group_step):
@@ -193,6 +215,43 @@ def probe_arguments(spec, storage, dtype):
             NO_STEPS, np.zeros(5), np.zeros(len(spec.Launch._fields)), np.zeros(4, dtype=np.int64))
 
 
+# Whether a kernel's first compilation in this process prints its line (python -m fusedopt.cpu's
+# workers report their progress their own way)
+announce_compiles = True
+
+
+def dtype_name(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+@contextlib.contextmanager
+def compile_announced(kernel, what):
+    """While the block runs: where numba compiles `kernel` (a dispatcher; not where it loads it
+    from its cache), one line on stderr that says so, why, how long it took and how to do it
+    ahead. Nothing else: the user's loop stays quiet."""
+    if not announce_compiles:
+        yield
+        return
+    from numba.core import event
+
+    class Announce(event.Listener):
+        started = None
+
+        def on_start(self, ev):
+            if ev.data["dispatcher"] is kernel and self.started is None:
+                self.started = time.perf_counter()
+                print(f"fusedopt: compiling {what} at its first use, once: numba keeps it in its on-disk cache "
+                      "(`python -m fusedopt.cpu` compiles every CPU kernel ahead) ...", end="", file=sys.stderr,
+                      flush=True)
+
+        def on_end(self, ev):
+            if ev.data["dispatcher"] is kernel and self.started is not None:
+                print(f" {time.perf_counter() - self.started:.1f} s", file=sys.stderr, flush=True)
+
+    with event.install_listener("numba:compile", Announce()):
+        yield
+
+
 def kernel_ready(spec, options, storage, dtype):
     """Whether the kernel of `spec` under `options` for buckets stored as `storage`
     (fusedopt.formats.Storage) runs on `dtype` tables: compiled (or loaded from numba's cache)
@@ -202,8 +261,15 @@ def kernel_ready(spec, options, storage, dtype):
     key = (spec.update, options, storage, dtype)
     if key in _checked:
         return _checked[key]
+    kernel = kernel_module().kernel_for(spec, options, storage)
+    present = [fmt for fmt in storage.states if fmt != formats.ABSENT]
+    states = ", ".join(name if fmt == formats.PLAIN else f"{name} in {fmt}"
+                       for name, fmt in zip(spec.state_names(options), present))
+    rounded = f", {storage.param_rounding} rounding" if dtype == torch.bfloat16 else ""
     try:
-        run(kernel_module().kernel_for(spec, options, storage), probe_arguments(spec, storage, dtype))
+        with compile_announced(kernel, f"the CPU kernel of {spec.name}{f' ({states})' if states else ''} for "
+                                       f"{dtype_name(dtype)} params{rounded}"):
+            run(kernel, probe_arguments(spec, storage, dtype))
     except Exception as error:  # a numba typing or lowering error: this rule and dtype use the reference
         _checked[key] = False
         _warn(f"{spec.name} ({', '.join(spec.state_names(options)) or 'no state'}; {storage}) on {dtype} did not "
@@ -213,4 +279,29 @@ def kernel_ready(spec, options, storage, dtype):
     return True
 
 
-__all__ = ["CpuTensorTable", "available", "kernel_ready", "kernel_module", "CPU_BLOCK"]
+def grad_norm_ready(dtype):
+    """Whether the grad-norm reduction runs on `dtype` tables: compiled (or loaded from numba's
+    cache) now; one warning and False where it fails (the grads' norms are then torch's)."""
+    if kernel_module() is None:
+        return False
+    key = ("grad_norm", dtype)
+    if key in _checked:
+        return _checked[key]
+    from . import grad_norm
+
+    kernel = grad_norm.grad_norm_kernel_compiled()
+    try:
+        with compile_announced(kernel, f"the CPU grad-norm reduction for {dtype_name(dtype)} grads"):
+            run(kernel, (np.zeros((tables.FIRST_STATE_ROW, 1), dtype=np.int64), np.zeros((2, 0), dtype=np.int64),
+                         CPU_BLOCK, LIKE[dtype], 1.0, 2.0, grad_norm.TWO_NORM, np.zeros(0, dtype=np.int64), 1))
+    except Exception as error:  # a numba typing or lowering error: torch's norms for these grads
+        _checked[key] = False
+        warnings.warn(f"fusedopt: the numba grad-norm reduction did not compile for {dtype} grads "
+                      f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); their norms are "
+                      "computed with torch ops", RuntimeWarning, stacklevel=4)
+        return False
+    _checked[key] = True
+    return True
+
+
+__all__ = ["CpuTensorTable", "available", "kernel_ready", "grad_norm_ready", "kernel_module", "CPU_BLOCK"]

@@ -583,10 +583,14 @@ def with_names(function, names, name=None):
 def source_digest(spec):
     """A digest of every source file a kernel of `spec` is made from: this file, the table layout,
     the state formats, and the files of the rule's functions."""
-    files = sorted({__file__, tables.__file__, formats.__file__, inspect.getsourcefile(spec.update),
-                    inspect.getsourcefile(spec.block_numbers)})
+    return files_digest([__file__, tables.__file__, formats.__file__, inspect.getsourcefile(spec.update),
+                         inspect.getsourcefile(spec.block_numbers)])
+
+
+def files_digest(paths):
+    """A digest of the contents of the files at `paths` (each once, in any order)."""
     digest = hashlib.sha256()
-    for path in files:
+    for path in sorted(set(paths)):
         with open(path, "rb") as file:
             digest.update(file.read())
     return digest.hexdigest()[:16]
