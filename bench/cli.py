@@ -202,9 +202,17 @@ def plan_epilogue(run):
 def batch_rules(text, quick):
     """--batch-rules: auto takes each registry rule's last benchmark variant (the one with state,
     where a rule has several) that torch.optim has a twin for (the sweep races it), the first two
-    of them with --quick."""
+    of them with --quick; all, every variant with a twin; a rule without one is refused."""
     if text != "auto":
-        return cases.choose(text.replace("-", "_"), cases.RULES, "rule")
+        raced = {name: rule for name, rule in cases.RULES.items() if rule.info.twin is not None}
+        if text == "all":
+            return list(raced.values())
+        chosen = cases.choose(text.replace("-", "_"), cases.RULES, "rule")
+        alone = [rule.name for rule in chosen if rule.name not in raced]
+        if alone:
+            raise SystemExit(f"--batch-rules {', '.join(alone)}: the batch sweep races torch.optim's implementations, "
+                             f"and torch.optim has no {', '.join(alone)}; choose from {', '.join(raced)}")
+        return chosen
     last = {}
     for rule in cases.RULES.values():
         if rule.info.twin is not None:

@@ -541,3 +541,16 @@ def test_cpu_kernels_bench_measures_small_models_and_clipping_with_targets(capsy
     assert len(targets) == len(cpu_kernels.SMALL_MODELS) + 3 * sets
     assert sum("small model, sgd, digits MLP 64-512-512-10 (301k params)" in line for line in targets) == 1
     assert sum(line.startswith("| clip, transformer (54 tensors, 0.93M, float32)") for line in targets) == 1
+
+
+def test_the_batch_sweep_takes_the_rules_torch_optim_has():
+    """The sweep races torch.optim's implementations: `all` is every rule with a torch.optim twin,
+    and naming one without a twin (Lion) stops with a message instead of failing mid-sweep."""
+    from bench import cli
+
+    raced = cli.batch_rules("all", quick=False)
+    assert raced and all(rule.info.twin is not None for rule in raced)
+    assert {rule.info.name for rule in raced} == {i.name for i in registry.RULES.values() if i.twin is not None}
+    alone = next(name for name, rule in cases.RULES.items() if rule.info.twin is None)
+    with pytest.raises(SystemExit, match=f"torch.optim has no {alone}"):
+        cli.batch_rules(f"adam,{alone}", quick=False)
