@@ -822,14 +822,7 @@ def dcp_formats_save(tag, backend):
         wide_loss(model, step).backward()
         optimizer.step()
         optimizer.zero_grad()
-    path = reshard_path(f"formats-{tag}", "adamw", backend)
-    path.mkdir(parents=True, exist_ok=True)
-    dcp_save(model, optimizer, path / "dcp")
-    values = snapshot(model, optimizer)
-    if WORLD.rank == 0:
-        torch.save(values, path / "expected.pt")
-    dist().barrier()
-    return dict(world_size=WORLD.world_size)
+    return save_for_reshard(model, optimizer, reshard_path(f"formats-{tag}", "adamw", backend))
 
 
 def dcp_formats_load(tag, backend):
@@ -1000,7 +993,12 @@ def dcp_reshard_save(tag, rule, backend):
     optimizer = fused_optimizer(rule, model.parameters(), backend)
     for step in range(2):
         train_step(model, optimizer, step)
-    path = reshard_path(tag, rule, backend)
+    return save_for_reshard(model, optimizer, reshard_path(tag, rule, backend))
+
+
+def save_for_reshard(model, optimizer, path):
+    """Save the model and optimizer with DCP under `path`, and (rank 0) the values a load on
+    another mesh must find."""
     path.mkdir(parents=True, exist_ok=True)
     dcp_save(model, optimizer, path / "dcp")
     values = snapshot(model, optimizer)

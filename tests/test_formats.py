@@ -308,12 +308,7 @@ def test_remainders_keep_the_fp32_master_bit_for_bit(rule, backend):
     ours_params, theirs_params = make_params(7, dtype=torch.bfloat16), make_params(7, dtype=torch.bfloat16)
     ours = build(rule, ours_params, backend, master_weights="remainder")
     theirs = build(rule, theirs_params, backend, master_weights=True)
-    generator = torch.Generator().manual_seed(8)
-    for _ in range(4):
-        for p, q, g in zip(ours_params, theirs_params, give_grads(ours_params, generator)):
-            p.grad, q.grad = g.clone(), g.clone()
-        ours.step()
-        theirs.step()
+    step_both(ours, theirs, ours_params, theirs_params, seed=8, steps=4)
     for p, q in zip(ours_params, theirs_params):
         assert ours.state[p]["master_remainder"].dtype == torch.int16 and "master_param" not in ours.state[p]
         master = join_master(p.detach(), ours.state[p]["master_remainder"])
@@ -416,12 +411,7 @@ def test_bf16_states_put_in_by_the_user_step_as_bf16_precision(backend):
                         state[key] = torch.zeros_like(p, dtype=torch.bfloat16)
 
     ours.register_step_pre_hook(to_bf16)
-    generator = torch.Generator().manual_seed(14)
-    for _ in range(3):
-        for p, q, g in zip(ours_params, theirs_params, give_grads(ours_params, generator)):
-            p.grad, q.grad = g.clone(), g.clone()
-        ours.step()
-        theirs.step()
+    step_both(ours, theirs, ours_params, theirs_params, seed=14, steps=3)
     for p, q in zip(ours_params, theirs_params):
         assert torch.equal(p, q)
         for key in ("exp_avg", "exp_avg_sq"):
@@ -434,6 +424,7 @@ def test_bf16_states_put_in_by_the_user_step_as_bf16_precision(backend):
 
 
 def step_both(ours, theirs, ours_params, theirs_params, seed, steps=2):
+    """`steps` steps of both optimizers on the same fresh grads."""
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         for p, q, g in zip(ours_params, theirs_params, give_grads(ours_params, generator)):
