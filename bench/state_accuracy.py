@@ -242,7 +242,7 @@ class CharText:
     steps: int = 250
     batch: int = 16
     context: int = 64
-    width: int = 96
+    width: int = 128  # rows of 128: whole 64-element blocks, so that "8bit" states hold codes
     layers: int = 2
     heads: int = 4
     tail: int = TAIL_STEPS

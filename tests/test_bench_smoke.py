@@ -553,3 +553,21 @@ def test_the_batch_sweep_takes_the_rules_torch_optim_has():
     alone = next(name for name, rule in cases.RULES.items() if rule.info.twin is None)
     with pytest.raises(SystemExit, match=f"torch.optim has no {alone}"):
         cli.batch_rules(f"adam,{alone}", quick=False)
+
+
+def test_8bit_states_are_judged_against_fp32_states_where_they_hold_codes():
+    """The step report's target for 8-bit states: against AdamW's fp32-state row of the same set,
+    only where the 8-bit row moved fewer bytes than the bf16 one (its params held codes); made-up
+    rows, nothing here is a measurement."""
+    rows = [_step_row("gpt2", "adamw", "fusedopt", 2.0, runs="numba"),
+            _step_row("gpt2", "adamw_bf16", "fusedopt", 1.8, runs="numba"),
+            _step_row("gpt2", "adamw_8bit", "fusedopt", 1.6, runs="numba"),
+            _step_row("large", "adamw", "fusedopt", 2.0, runs="numba"),
+            _step_row("large", "adamw_bf16", "fusedopt", 1.8, runs="numba"),
+            _step_row("large", "adamw_8bit", "fusedopt", 1.8, runs="numba")]
+    for row, bytes_per_param in zip(rows, (28, 20, 16.25, 28, 20, 20)):
+        row["bytes_per_param"] = bytes_per_param
+    targets = {t["target"]: t for t in report.step_targets(_result(rows, device="cpu"))}
+    coded = targets["gpt2: AdamW with 8-bit states no slower than with fp32 states"]
+    assert coded["met"] is True and coded["measured"] == "1.25x"
+    assert not any(name.startswith("large: AdamW with 8-bit") for name in targets)  # bf16 there: no codes
