@@ -729,16 +729,17 @@ class FusedOptimizer(Optimizer):
                 if param in self.state:
                     self._store_in_group_format(group, param)
 
-    def _store_in_group_format(self, group, param):
+    def _store_in_group_format(self, group, param, rounding="nearest", random_key=None):
         """Each state of `param` stored in the format its group's state_precision asks for, where it
-        is in torch's layout (a torch.optim checkpoint's)."""
-        state = self.state[param]
+        is in torch's layout (a torch.optim checkpoint's, or one the reference step made): rounded
+        as `rounding` says, stochastic rounding keyed by random_key(key)."""
+        state = self.state.get(param, {})  # (a param without state gets no empty entry, as in torch)
         for key in self._state_keys(group):
             if key in state and formats.format_of(state, key, param) == formats.PLAIN \
                     and self._state_format(group, param, key) != formats.PLAIN:
                 values = state.pop(key)
                 self.new_state(param, group, key)
-                formats.encode(values, state, key)
+                formats.encode(values, state, key, rounding, None if random_key is None else random_key(key))
 
     def __repr__(self):
         """torch.optim's repr (each group's options), saying that this is fusedopt's, its settings

@@ -223,15 +223,16 @@ class KernelBucket:
     DTensor params take part through their local shards: the table names the shards of param,
     grad, states and master, and the shards are looked up again at every step."""
 
-    def __init__(self, optimizer, group, params, grads, indices, table_class):
-        """`table_class`: the TensorTable of the kernel backend (fusedopt.backends.table_class)."""
+    def __init__(self, optimizer, group, params, grads, indices, table_class, storage):
+        """`table_class`: the TensorTable of the kernel backend (fusedopt.backends.table_class);
+        `storage`: how every member's states and param are stored (a fusedopt.formats.Storage)."""
         self.params = params
         self.device = distributed.local_tensor(params[0]).device
         self.indices = indices  # positions in the group's list of params with grads; None: all
         self.complex = any(p.is_complex() for p in params)
         self.sharded = any(map(distributed.is_dtensor, params))
         self.options = optimizer._structure(group)  # the rule's compile-time options (the plan's structure)
-        self.storage = optimizer._storage(group, params[0])  # how states and params are stored (every member's)
+        self.storage = storage
         roles, self.steps, fresh = optimizer._kernel_state(group, params, self.device)
         # No state entries where the rule keeps none (SGD without momentum), as in torch.
         self.keeps_state = bool(roles) or self.steps is not None
@@ -423,7 +424,8 @@ class GroupPlan:
             members = [params[i] for i in indices]
             if len(indices) == len(params):
                 indices = None  # the common case: one bucket takes the group's grads as they are
-            bucket = KernelBucket(optimizer, group, members, [p.grad for p in members], indices, table_classes[key])
+            bucket = KernelBucket(optimizer, group, members, [p.grad for p in members], indices, table_classes[key],
+                                  storage=key[3])
             self.rebuild_next_step |= bool(bucket.fresh_states)
             self.buckets.append(bucket)
         # The reference params' memory as planned: their updates and the kernels' must not meet

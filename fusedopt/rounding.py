@@ -101,13 +101,9 @@ def rounded_reference_step(optimizer, group, params, grads):
                            (optimizer.rounding_seed, count, index, 1 + keys.index(key)))
         # a state the step made (SGD's first momentum buffer) takes the format its group asks for
         for index, p in enumerate(params):
-            for key in keys:
-                if (index, key) not in stored and key in state[p] and formats.format_of(state[p], key, p) == \
-                        formats.PLAIN and optimizer._state_format(group, p, key) != formats.PLAIN:
-                    values = state[p].pop(key)
-                    optimizer.new_state(p, group, key)
-                    formats.encode(values, state[p], key, group.get("state_rounding", "nearest"),
-                                   (optimizer.rounding_seed, count, index, 1 + keys.index(key)))
+            optimizer._store_in_group_format(
+                group, p, group.get("state_rounding", "nearest"),
+                lambda key, index=index: (optimizer.rounding_seed, count, index, 1 + keys.index(key)))
 
 
 def join_master_of(param, remainder):
