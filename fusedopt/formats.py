@@ -232,7 +232,7 @@ def encode_signed(values, generator=None):
     blocks = _blocks(values)
     scales = blocks.abs().amax(dim=1)
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    codes = _to_code(blocks / safe[:, None] * SIGNED_CODES, generator).clamp(-SIGNED_CODES, SIGNED_CODES)
+    codes = _to_code(blocks * (SIGNED_CODES / safe)[:, None], generator).clamp(-SIGNED_CODES, SIGNED_CODES)
     codes = torch.nan_to_num(codes, nan=0.0)  # a NaN's code: 0 (its block's scale is NaN)
     return codes.to(torch.int8).reshape(values.shape), scales.reshape(values.shape[0], -1)
 
@@ -249,7 +249,7 @@ def encode_unsigned(values, generator=None):
     roots = _blocks(values).clamp_min(0).sqrt()
     scales = roots.amax(dim=1)
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    codes = _to_code(roots / safe[:, None] * UNSIGNED_CODES, generator).clamp(0, UNSIGNED_CODES)
+    codes = _to_code(roots * (UNSIGNED_CODES / safe)[:, None], generator).clamp(0, UNSIGNED_CODES)
     codes = torch.where((roots > 0) & (codes == 0), torch.ones_like(codes), codes)
     codes = torch.nan_to_num(codes, nan=0.0)
     return codes.to(torch.uint8).reshape(values.shape), scales.reshape(values.shape[0], -1)

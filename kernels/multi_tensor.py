@@ -400,27 +400,31 @@ def store_state(values_ptr, scales_ptr, offsets, start, numel, values, random_bi
     if FORMAT == Q8_SIGNED or FORMAT == Q8_UNSIGNED:
         grouped = tl.reshape(values, (BLOCK // QUANT_BLOCK, QUANT_BLOCK))
         if FORMAT == Q8_UNSIGNED:
-            grouped = tl.sqrt(tl.maximum(grouped, 0.0, propagate_nan=tl.PropagateNan.ALL))
+            grouped = tl.sqrt_rn(tl.maximum(grouped, 0.0, propagate_nan=tl.PropagateNan.ALL))
         largest = tl.max(tl.abs(grouped), axis=1)
         has_nan = tl.max((grouped != grouped).to(tl.int32), axis=1) > 0  # tl.max may drop a NaN
         scales = tl.where(has_nan, float("nan"), largest)
         safe = tl.where(scales > 0, scales, 1.0)
+        # one correctly rounded division per block (`/` on a GPU is approximate), then a multiply
         if FORMAT == Q8_SIGNED:
-            scaled = grouped / safe[:, None] * SIGNED_CODES
+            scaled = grouped * tl.div_rn(tl.full(safe.shape, SIGNED_CODES, tl.float32), safe)[:, None]
         else:
-            scaled = grouped / safe[:, None] * UNSIGNED_CODES
+            scaled = grouped * tl.div_rn(tl.full(safe.shape, UNSIGNED_CODES, tl.float32), safe)[:, None]
         if STOCHASTIC_STATES:
             fraction = tl.reshape((random_bits & 0xFFFF).to(tl.float32) * (1.0 / 65536),
                                   (BLOCK // QUANT_BLOCK, QUANT_BLOCK))
             codes = tl.floor(scaled + fraction)
         else:
             codes = tl.floor(scaled + 0.5)
+        # clamped keeping NaNs (those of a block whose scale is NaN or inf), which then take code 0
         if FORMAT == Q8_SIGNED:
-            codes = tl.minimum(tl.maximum(codes, -SIGNED_CODES), SIGNED_CODES)
+            codes = tl.minimum(tl.maximum(codes, -SIGNED_CODES, propagate_nan=tl.PropagateNan.ALL), SIGNED_CODES,
+                               propagate_nan=tl.PropagateNan.ALL)
         else:
-            codes = tl.minimum(tl.maximum(codes, 0.0), UNSIGNED_CODES)
+            codes = tl.minimum(tl.maximum(codes, 0.0, propagate_nan=tl.PropagateNan.ALL), UNSIGNED_CODES,
+                               propagate_nan=tl.PropagateNan.ALL)
             codes = tl.where((grouped > 0) & (codes == 0), 1.0, codes)  # a nonzero value never reads as zero
-        codes = tl.where(codes == codes, codes, 0.0)  # a NaN's code: 0 (its block's scale is NaN)
+        codes = tl.where(codes == codes, codes, 0.0)
         codes = tl.reshape(codes, (BLOCK,)).to(values_ptr.dtype.element_ty)
         store_values(values_ptr, offsets, numel, codes, FULL)
         groups = start // QUANT_BLOCK + tl.arange(0, BLOCK // QUANT_BLOCK)

@@ -289,6 +289,47 @@ def test_infs_and_nans_in_grads_reach_the_states_as_in_the_reference(backend):
         assert torch.equal(mine[key].isnan(), expected.isnan()), key
 
 
+def edge_value_grads():
+    """Grads (16 rows of 4 blocks) whose first step puts a block's edge values in the states as
+    they are: SGD's momentum buffer is the grad, Adagrad's sum its square. Blocks of largest 127
+    (or 255) make the codec's multiplier 1, so ties of rounding are exact; beside them tiny and
+    denormal values, zeros of both signs, and blocks holding an inf or a NaN."""
+    generator = torch.Generator().manual_seed(11)
+    grads = torch.randn(16, 4 * formats.QUANT_BLOCK, generator=generator)
+    blocks = grads.view(-1, formats.QUANT_BLOCK)
+    ties = torch.arange(formats.QUANT_BLOCK - 1) + 0.5
+    blocks[1, 1:] = ties - 32  # x.5 either side of zero
+    blocks[1, 0] = 127.0
+    blocks[2, 1:] = ties.clamp(max=127.5) * 2  # halves of the largest root, 255
+    blocks[2, 0] = 255.0
+    blocks[3, :8] = torch.tensor([1.0, 1e-3, 1e-20, 1e-40, 0.0, -0.0, -1e-3, 0.5])
+    blocks[4] = -0.0
+    blocks[5] = 0.0
+    blocks[6, 9] = math.inf
+    blocks[7, 2] = -math.inf
+    blocks[8, 40] = math.nan
+    return grads
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("rule, key", [("sgd", "momentum_buffer"), ("adagrad", "sum")])
+def test_kernels_encode_edge_values_as_the_codec_does_bit_for_bit(rule, key, backend):
+    grads = edge_value_grads()
+    runs = []
+    for runner in (backend, "torch"):
+        param = torch.nn.Parameter(torch.zeros_like(grads))
+        optimizer = REGISTRY[rule].optimizer([param], lr=0.1, backend=runner, state_precision="8bit",
+                                             **REGISTRY[rule].stateful)
+        param.grad = grads.clone()
+        optimizer.step()
+        runs.append(optimizer.state[param])
+    ours, reference = runs
+    assert ours[key].dtype == (torch.int8 if rule == "sgd" else torch.uint8)
+    assert torch.equal(ours[key], reference[key])
+    torch.testing.assert_close(ours[key + formats.SCALES], reference[key + formats.SCALES], rtol=0, atol=0,
+                               equal_nan=True)
+
+
 @pytest.mark.parametrize("backend", KERNELS + ["torch"])
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_stochastic_rounding_of_states_is_reproducible_and_differs_from_nearest(precision, backend):

@@ -372,6 +372,15 @@ def write_stash(values, index, value, stash, slot, position, stream, element):
 
 
 @njit(inline="always", error_model="numpy")
+def write_root(values, index, value, stash, slot, position, stream, element):
+    """Stash a non-negative state's square root (0 for a negative value), encoded with its block
+    once the block is done. The root of the value itself: the same root the rule takes (Adam's
+    denominator), which the compiler then takes once."""
+    root = np.sqrt(np.float32(value))
+    stash[slot, position] = np.float32(0) if value < 0 else root
+
+
+@njit(inline="always", error_model="numpy")
 def finish_nothing(values, scales, stash, slot, first, last, stream, start, STOCHASTIC_CODES):
     pass
 
@@ -390,7 +399,7 @@ def largest_magnitude(stash, slot, count):
     largest of their bits without the sign (as integers, which vectorizes; a NaN's lie above inf's)."""
     largest = np.uint32(0)
     for position in range(count):
-        largest = max(largest, float32_bits(stash[slot, position]) & np.uint32(0x7FFFFFFF))
+        largest = max(largest, float32_bits(abs(stash[slot, position])))
     return bits_float32(largest)
 
 
@@ -400,32 +409,41 @@ def finish_signed(values, scales, stash, slot, first, last, stream, start, STOCH
     its scale, the largest |x| (NaN where one is NaN), and codes -127..127 linear in x / scale
     (formats.encode_signed)."""
     scale = largest_magnitude(stash, slot, last - first)
-    safe = scale if scale > 0 else np.float32(1)
-    for position in range(last - first):
-        code = code_of(stash[slot, position] / safe * SIGNED_CODES, stream, start + first + position,
-                       STOCHASTIC_CODES)
-        code = min(max(code, -SIGNED_CODES), SIGNED_CODES)
-        values[position] = np.int8(code if code == code else 0)  # a NaN's code: 0 (its scale is NaN)
+    per_scale = SIGNED_CODES / (scale if scale > 0 else np.float32(1))
+    if STOCHASTIC_CODES or not scale < np.inf:
+        # the general case: a code rounded up may pass 127, and a NaN or inf scale makes NaNs
+        for position in range(last - first):
+            code = code_of(stash[slot, position] * per_scale, stream, start + first + position, STOCHASTIC_CODES)
+            code = min(max(code, -SIGNED_CODES), SIGNED_CODES)
+            values[position] = np.int8(code if code == code else 0)  # a NaN's code: 0 (its scale is NaN)
+    else:
+        # a finite scale: every |x| * per_scale is below 127.5, and none is NaN
+        for position in range(last - first):
+            values[position] = np.int8(np.floor(stash[slot, position] * per_scale + np.float32(0.5)))
     scales[first // QUANT_BLOCK] = scale
 
 
 @njit(inline="always", error_model="numpy")
 def finish_unsigned(values, scales, stash, slot, first, last, stream, start, STOCHASTIC_CODES):
-    """Encode the stashed group [first, last) of a non-negative state into `values` (the group's
-    codes): square roots, its scale the largest (NaN where one is NaN), codes 0..255 linear in
-    root / scale, and a nonzero value never code 0 (formats.encode_unsigned)."""
-    for position in range(last - first):
-        value = stash[slot, position]
-        stash[slot, position] = np.sqrt(value if not value < 0 else np.float32(0))
+    """Encode the stashed square roots of the group [first, last) of a non-negative state into
+    `values` (the group's codes): its scale, the largest root (NaN where one is NaN), codes 0..255
+    linear in root / scale, and a nonzero value never code 0 (formats.encode_unsigned)."""
     scale = largest_magnitude(stash, slot, last - first)
-    safe = scale if scale > 0 else np.float32(1)
-    for position in range(last - first):
-        root = stash[slot, position]
-        code = code_of(root / safe * UNSIGNED_CODES, stream, start + first + position, STOCHASTIC_CODES)
-        code = min(max(code, np.float32(0)), UNSIGNED_CODES)
-        if root > 0 and code == 0:
-            code = np.float32(1)  # a nonzero value never reads as zero
-        values[position] = np.uint8(code if code == code else 0)
+    per_scale = UNSIGNED_CODES / (scale if scale > 0 else np.float32(1))
+    if STOCHASTIC_CODES or not scale < np.inf:
+        for position in range(last - first):
+            root = stash[slot, position]
+            code = code_of(root * per_scale, stream, start + first + position, STOCHASTIC_CODES)
+            code = min(max(code, np.float32(0)), UNSIGNED_CODES)
+            if root > 0 and code == 0:
+                code = np.float32(1)  # a nonzero value never reads as zero
+            values[position] = np.uint8(code if code == code else 0)
+    else:
+        # a finite scale: every root * per_scale lies in [0, 255.5), and none is NaN
+        for position in range(last - first):
+            root = stash[slot, position]
+            code = max(np.floor(root * per_scale + np.float32(0.5)), np.float32(1) if root > 0 else np.float32(0))
+            values[position] = np.uint8(code)
     scales[first // QUANT_BLOCK] = scale
 
 
@@ -440,7 +458,7 @@ def state_functions(fmt, signed, state_rounding):
         return open_bf16, unit_of_none, read_bf16, write, finish_nothing, 1
     if signed:
         return open_signed, unit_signed, read_signed, write_stash, finish_signed, 2
-    return open_unsigned, unit_unsigned, read_unsigned, write_stash, finish_unsigned, 2
+    return open_unsigned, unit_unsigned, read_unsigned, write_root, finish_unsigned, 2
 
 
 # ---- the shared walks; the names in capitals are each kernel's constants ----
