@@ -351,37 +351,47 @@ def read_unsigned(values, index, unit, fallback):
     return root * root
 
 
+# A write stores a state's new value, or stashes it for its block's encoding and returns the
+# block's largest magnitude so far (`largest`, the bits of an fp32 |x|, which an integer max orders
+# and a NaN's lie above inf's): taken in the update's own loop, where it costs next to nothing.
+
 @njit(inline="always", error_model="numpy")
-def write_absent(values, index, value, stash, slot, position, stream, element):
-    pass
+def write_absent(values, index, value, stash, slot, position, stream, element, largest):
+    return largest
 
 
 @njit(inline="always", error_model="numpy")
-def write_nearest(values, index, value, stash, slot, position, stream, element):
+def write_nearest(values, index, value, stash, slot, position, stream, element, largest):
     store_nearest(values, index, value)
+    return largest
 
 
 @njit(inline="always", error_model="numpy")
-def write_bf16_stochastic(values, index, value, stash, slot, position, stream, element):
+def write_bf16_stochastic(values, index, value, stash, slot, position, stream, element, largest):
     values[index] = float32_to_bfloat16_stochastic(np.float32(value), random_bits16(stream, element))
+    return largest
 
 
 @njit(inline="always", error_model="numpy")
-def write_stash(values, index, value, stash, slot, position, stream, element):
-    stash[slot, position] = np.float32(value)  # encoded with its block, once the block is done
+def write_stash(values, index, value, stash, slot, position, stream, element, largest):
+    value = np.float32(value)
+    stash[slot, position] = value  # encoded with its block, once the block is done
+    return max(largest, float32_bits(abs(value)))
 
 
 @njit(inline="always", error_model="numpy")
-def write_root(values, index, value, stash, slot, position, stream, element):
+def write_root(values, index, value, stash, slot, position, stream, element, largest):
     """Stash a non-negative state's square root (0 for a negative value), encoded with its block
     once the block is done. The root of the value itself: the same root the rule takes (Adam's
     denominator), which the compiler then takes once."""
     root = np.sqrt(np.float32(value))
-    stash[slot, position] = np.float32(0) if value < 0 else root
+    root = np.float32(0) if value < 0 else root
+    stash[slot, position] = root
+    return max(largest, float32_bits(abs(root)))
 
 
 @njit(inline="always", error_model="numpy")
-def finish_nothing(values, scales, stash, slot, first, last, stream, start, STOCHASTIC_CODES):
+def finish_nothing(values, scales, stash, slot, first, last, stream, start, largest, STOCHASTIC_CODES):
     pass
 
 
@@ -394,21 +404,11 @@ def code_of(scaled, stream, element, STOCHASTIC_CODES):
 
 
 @njit(inline="always", error_model="numpy")
-def largest_magnitude(stash, slot, count):
-    """The largest |x| of the first `count` stashed values of `slot`, NaN where one is NaN: the
-    largest of their bits without the sign (as integers, which vectorizes; a NaN's lie above inf's)."""
-    largest = np.uint32(0)
-    for position in range(count):
-        largest = max(largest, float32_bits(abs(stash[slot, position])))
-    return bits_float32(largest)
-
-
-@njit(inline="always", error_model="numpy")
-def finish_signed(values, scales, stash, slot, first, last, stream, start, STOCHASTIC_CODES):
+def finish_signed(values, scales, stash, slot, first, last, stream, start, largest, STOCHASTIC_CODES):
     """Encode the stashed group [first, last) of a signed state into `values` (the group's codes):
     its scale, the largest |x| (NaN where one is NaN), and codes -127..127 linear in x / scale
     (formats.encode_signed)."""
-    scale = largest_magnitude(stash, slot, last - first)
+    scale = bits_float32(largest)
     per_scale = SIGNED_CODES / (scale if scale > 0 else np.float32(1))
     if STOCHASTIC_CODES or not scale < np.inf:
         # the general case: a code rounded up may pass 127, and a NaN or inf scale makes NaNs
@@ -424,11 +424,11 @@ def finish_signed(values, scales, stash, slot, first, last, stream, start, STOCH
 
 
 @njit(inline="always", error_model="numpy")
-def finish_unsigned(values, scales, stash, slot, first, last, stream, start, STOCHASTIC_CODES):
+def finish_unsigned(values, scales, stash, slot, first, last, stream, start, largest, STOCHASTIC_CODES):
     """Encode the stashed square roots of the group [first, last) of a non-negative state into
     `values` (the group's codes): its scale, the largest root (NaN where one is NaN), codes 0..255
     linear in root / scale, and a nonzero value never code 0 (formats.encode_unsigned)."""
-    scale = largest_magnitude(stash, slot, last - first)
+    scale = bits_float32(largest)
     per_scale = UNSIGNED_CODES / (scale if scale > 0 else np.float32(1))
     if STOCHASTIC_CODES or not scale < np.inf:
         for position in range(last - first):
@@ -491,6 +491,7 @@ def walk_block(numbers, table, tensor, start, count, like, param, master, grad, 
         # check per access), so that the loops vectorize
         param_of, grad_of, master_of = param[first:last], grad[first:last], master[first:last]
         values0_of, values1_of, values2_of = values0[first:last], values1[first:last], values2[first:last]
+        largest0 = largest1 = largest2 = np.uint32(0)  # each 8-bit state's largest magnitude (its bits)
         for index in range(last - first):
             element = start + first + index  # in the tensor: the random streams' position
             if ROUNDING == MASTER:
@@ -514,12 +515,15 @@ def walk_block(numbers, table, tensor, start, count, like, param, master, grad, 
                 store_stochastic(param_of, index, updated[0], random_bits16(stream, element))
             else:
                 store_nearest(param_of, index, updated[0])
-            WRITE0(values0_of, index, updated[1], stash, 0, index, streams[0], element)
-            WRITE1(values1_of, index, updated[2], stash, 1, index, streams[1], element)
-            WRITE2(values2_of, index, updated[3], stash, 2, index, streams[2], element)
-        FINISH0(values0_of, scales0, stash, 0, first, last, streams[0], start, STOCHASTIC_CODES)
-        FINISH1(values1_of, scales1, stash, 1, first, last, streams[1], start, STOCHASTIC_CODES)
-        FINISH2(values2_of, scales2, stash, 2, first, last, streams[2], start, STOCHASTIC_CODES)
+            largest0 = WRITE0(values0_of, index, updated[1], stash, 0, index, streams[0], element,
+                                 largest0)
+            largest1 = WRITE1(values1_of, index, updated[2], stash, 1, index, streams[1], element,
+                                 largest1)
+            largest2 = WRITE2(values2_of, index, updated[3], stash, 2, index, streams[2], element,
+                                 largest2)
+        FINISH0(values0_of, scales0, stash, 0, first, last, streams[0], start, largest0, STOCHASTIC_CODES)
+        FINISH1(values1_of, scales1, stash, 1, first, last, streams[1], start, largest1, STOCHASTIC_CODES)
+        FINISH2(values2_of, scales2, stash, 2, first, last, streams[2], start, largest2, STOCHASTIC_CODES)
 
 
 @njit(inline="always", error_model="numpy")
