@@ -220,9 +220,9 @@ def _blocks(values):
 
 
 def _to_code(scaled, generator):
-    """Round to a code: to nearest (halves up), or up with probability the fraction (generator)."""
+    """Round to a code: to nearest (ties to even), or up with probability the fraction (generator)."""
     if generator is None:
-        return torch.floor(scaled + 0.5)
+        return torch.round(scaled)
     return torch.floor(scaled + torch.rand(scaled.shape, generator=generator).to(scaled.device))
 
 

@@ -210,6 +210,7 @@ ABSENT, PLAIN_STATE, BF16_STATE, Q8_SIGNED, Q8_UNSIGNED = (tl.constexpr(code) fo
 QUANT_BLOCK = tl.constexpr(formats.QUANT_BLOCK)
 SIGNED_CODES = tl.constexpr(float(formats.SIGNED_CODES))
 UNSIGNED_CODES = tl.constexpr(float(formats.UNSIGNED_CODES))
+ROUNDING_SHIFT = tl.constexpr(1.5 * 2**23)  # added to a float below 2^22, rounds it to an integer
 
 
 @triton.jit
@@ -415,7 +416,7 @@ def store_state(values_ptr, scales_ptr, offsets, start, numel, values, random_bi
                                   (BLOCK // QUANT_BLOCK, QUANT_BLOCK))
             codes = tl.floor(scaled + fraction)
         else:
-            codes = tl.floor(scaled + 0.5)
+            codes = (scaled + ROUNDING_SHIFT) - ROUNDING_SHIFT  # to nearest, ties to even (|scaled| < 2^22)
         # clamped keeping NaNs (those of a block whose scale is NaN or inf), which then take code 0
         if FORMAT == Q8_SIGNED:
             codes = tl.minimum(tl.maximum(codes, -SIGNED_CODES, propagate_nan=tl.PropagateNan.ALL), SIGNED_CODES,

@@ -300,7 +300,7 @@ def edge_value_grads():
     ties = torch.arange(formats.QUANT_BLOCK - 1) + 0.5
     blocks[1, 1:] = ties - 32  # x.5 either side of zero
     blocks[1, 0] = 127.0
-    blocks[2, 1:] = ties.clamp(max=127.5) * 2  # halves of the largest root, 255
+    blocks[2, 1:] = ties  # roots x.5 (squares and roots exact) beside the largest, 255
     blocks[2, 0] = 255.0
     blocks[3, :8] = torch.tensor([1.0, 1e-3, 1e-20, 1e-40, 0.0, -0.0, -1e-3, 0.5])
     blocks[4] = -0.0

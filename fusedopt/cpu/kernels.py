@@ -273,6 +273,9 @@ SIGNED_LIKE, UNSIGNED_LIKE = np.empty(0, np.int8), np.empty(0, np.uint8)  # the 
 SCALES_LIKE = np.empty(0, np.float32)
 QUANT_BLOCK = formats.QUANT_BLOCK
 SIGNED_CODES, UNSIGNED_CODES = np.float32(formats.SIGNED_CODES), np.float32(formats.UNSIGNED_CODES)
+# Added to a float of magnitude below 2^22, 1.5 * 2^23 rounds it to an integer, to nearest even,
+# which the low bits of the sum's significand hold (two's complement for a negative one)
+ROUNDING_SHIFT = np.float32(1.5 * 2**23)
 SLOT_STREAM = np.uint64(0xD1B54A32D192ED03)  # sets apart the random streams of the param and each state
 
 
@@ -397,10 +400,10 @@ def finish_nothing(values, scales, stash, slot, first, last, stream, start, larg
 
 @njit(inline="always", error_model="numpy")
 def code_of(scaled, stream, element, STOCHASTIC_CODES):
-    """Round a scaled value to a code: to nearest (halves up), or up with probability its fraction."""
+    """Round a scaled value to a code: to nearest (ties to even), or up with probability its fraction."""
     if STOCHASTIC_CODES:
         return np.floor(scaled + np.float32(random_bits16(stream, element)) * np.float32(1.0 / 65536))
-    return np.floor(scaled + np.float32(0.5))
+    return np.rint(scaled)
 
 
 @njit(inline="always", error_model="numpy")
@@ -417,9 +420,10 @@ def finish_signed(values, scales, stash, slot, first, last, stream, start, large
             code = min(max(code, -SIGNED_CODES), SIGNED_CODES)
             values[position] = np.int8(code if code == code else 0)  # a NaN's code: 0 (its scale is NaN)
     else:
-        # a finite scale: every |x| * per_scale is below 127.5, and none is NaN
+        # a finite scale: every |x| * per_scale is below 127.5, and none is NaN; its code to nearest
+        # is the low byte of the sum with ROUNDING_SHIFT
         for position in range(last - first):
-            values[position] = np.int8(np.floor(stash[slot, position] * per_scale + np.float32(0.5)))
+            values[position] = np.int8(float32_bits(stash[slot, position] * per_scale + ROUNDING_SHIFT))
     scales[first // QUANT_BLOCK] = scale
 
 
@@ -439,11 +443,13 @@ def finish_unsigned(values, scales, stash, slot, first, last, stream, start, lar
                 code = np.float32(1)  # a nonzero value never reads as zero
             values[position] = np.uint8(code if code == code else 0)
     else:
-        # a finite scale: every root * per_scale lies in [0, 255.5), and none is NaN
+        # a finite scale: every root * per_scale lies in [0, 255.5), and none is NaN; its code to
+        # nearest is the low byte of the sum with ROUNDING_SHIFT, at least 1 for a nonzero root
         for position in range(last - first):
             root = stash[slot, position]
-            code = max(np.floor(root * per_scale + np.float32(0.5)), np.float32(1) if root > 0 else np.float32(0))
-            values[position] = np.uint8(code)
+            shifted = root * per_scale + ROUNDING_SHIFT
+            shifted = max(shifted, ROUNDING_SHIFT + np.float32(1)) if root > 0 else shifted
+            values[position] = np.uint8(float32_bits(shifted))
     scales[first // QUANT_BLOCK] = scale
 
 
