@@ -521,12 +521,9 @@ def walk_block(numbers, table, tensor, start, count, like, param, master, grad, 
                 store_stochastic(param_of, index, updated[0], random_bits16(stream, element))
             else:
                 store_nearest(param_of, index, updated[0])
-            largest0 = WRITE0(values0_of, index, updated[1], stash, 0, index, streams[0], element,
-                                 largest0)
-            largest1 = WRITE1(values1_of, index, updated[2], stash, 1, index, streams[1], element,
-                                 largest1)
-            largest2 = WRITE2(values2_of, index, updated[3], stash, 2, index, streams[2], element,
-                                 largest2)
+            largest0 = WRITE0(values0_of, index, updated[1], stash, 0, index, streams[0], element, largest0)
+            largest1 = WRITE1(values1_of, index, updated[2], stash, 1, index, streams[1], element, largest1)
+            largest2 = WRITE2(values2_of, index, updated[3], stash, 2, index, streams[2], element, largest2)
         FINISH0(values0_of, scales0, stash, 0, first, last, streams[0], start, largest0, STOCHASTIC_CODES)
         FINISH1(values1_of, scales1, stash, 1, first, last, streams[1], start, largest1, STOCHASTIC_CODES)
         FINISH2(values2_of, scales2, stash, 2, first, last, streams[2], start, largest2, STOCHASTIC_CODES)
