@@ -12,9 +12,11 @@ same values, interleaved, medians; then the targets, each with the numbers behin
   (and max_grad_norm=) against torch's clip + AdamW(fused=True), on the benchmark's CPU parameter
   sets (bench.cases) and a ~50-tensor small transformer, the grads refilled (untimed) before each
   iteration, since torch's clip rewrites them;
-- the first step's latency in a new process, with numba's cache cold and warm.
+- the first step's latency in a new process, with numba's cache cold and warm;
+- formats: AdamW with its states in fp32, bf16 and 8-bit codes (to nearest, and stochastically
+  rounded) on matrices whose states hold codes, and the target of 8-bit states no slower than fp32.
 
-    python -m bench.cpu_kernels [--quick] [--sections rules,small,clip,first] [--threads N]
+    python -m bench.cpu_kernels [--quick] [--sections rules,small,clip,first,formats] [--threads N]
 """
 import argparse
 import functools
@@ -36,7 +38,7 @@ from fusedopt.registry import RULES as REGISTRY
 from . import cases
 
 SETS = {"2000 x 4K": [4096] * 2000, "150 x 50K": [50_000] * 150, "1 x 8M": [8_000_000]}
-SECTIONS = ("rules", "small", "clip", "first")
+SECTIONS = ("rules", "small", "clip", "first", "formats")
 
 
 def _fastest(twin):
@@ -288,6 +290,44 @@ def first_section():
         shutil.rmtree(cache, ignore_errors=True)
 
 
+# ---- formats: AdamW's step with its states in each storage format ----
+
+# 2-D params, rows of whole 64-element blocks, so that "8bit" stores codes (fusedopt.formats)
+FORMAT_SETS = {"1 x 1024x2048": [(1024, 2048)], "48 x 256x512": [(256, 512)] * 48}
+QUICK_FORMAT_SETS = {"1 x 256x512": [(256, 512)], "8 x 64x128": [(64, 128)] * 8}
+STATE_FORMATS = {"fp32": {}, "bf16": {"state_precision": "bf16"}, "8-bit": {"state_precision": "8bit"},
+                 "8-bit stochastic": {"state_precision": "8bit", "state_rounding": "stochastic"}}
+
+
+def formats_section(sets, repeats):
+    print("| set | " + " | ".join(f"{name} ms" for name in STATE_FORMATS) + " | fp32 / 8-bit |")
+    print("|---|" + "---|" * (len(STATE_FORMATS) + 1))
+    targets = []
+    for set_name, shapes in sets.items():
+        generator = torch.Generator().manual_seed(0)
+        values = [(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator) * 1e-3)
+                  for shape in shapes]
+        steps = {}
+        for name, options in STATE_FORMATS.items():
+            params = [p.clone().requires_grad_() for p, _ in values]
+            for param, (_, grad) in zip(params, values):
+                param.grad = grad.clone()
+            optimizer = fusedopt.AdamW(params, lr=1e-3, weight_decay=0.01, backend="numba", **options)
+            optimizer.step()  # compile, tables, state
+            stored = {optimizer.state[p]["exp_avg"].dtype for p in params}
+            if options.get("state_precision") == "8bit" and stored != {torch.int8}:
+                raise RuntimeError(f"{set_name}: 8-bit states were stored as {stored}, not codes")
+            steps[name] = optimizer.step
+        ms = interleaved_ms(steps, repeats)
+        ratio = ms["fp32"] / ms["8-bit"]
+        print(f"| {set_name} | " + " | ".join(f"{ms[name]:.3f}" for name in STATE_FORMATS) + f" | {ratio:.2f}x |",
+              flush=True)
+        targets.append(target(f"{set_name}: AdamW with 8-bit states no slower than with fp32 states", 1.0, ratio,
+                              f"8-bit {ms['8-bit']:.3f} ms, fp32 {ms['fp32']:.3f} ms, {torch.get_num_threads()} "
+                              f"thread(s)"))
+    return targets
+
+
 def targets_table(targets):
     lines = ["| target | required | measured | result | measurements |", "|---|---|---|---|---|"]
     lines += [f"| {t['target']} | {t['required']} | {t['measured']} | {'met' if t['met'] else '**missed**'} | "
@@ -298,7 +338,7 @@ def targets_table(targets):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="fewer repeats, and the clip section on the `tiny` parameter sets")
+                        help="fewer repeats, and the clip and formats sections on smaller parameter sets")
     parser.add_argument("--rules", default=",".join(RULES))
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
     parser.add_argument("--threads", type=int, default=None,
@@ -331,6 +371,9 @@ def main(argv=None):
         print()
     if "first" in sections:
         first_section()
+        print()
+    if "formats" in sections:
+        targets += formats_section(QUICK_FORMAT_SETS if args.quick else FORMAT_SETS, repeats)
         print()
     if targets:
         print("## Targets\n\n" + targets_table(targets))

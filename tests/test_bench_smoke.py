@@ -542,6 +542,25 @@ def test_cpu_kernels_bench_measures_small_models_and_clipping_with_targets(capsy
     assert sum(line.startswith("| clip, transformer (54 tensors, 0.93M, float32)") for line in targets) == 1
 
 
+def test_cpu_kernels_bench_times_adamw_in_each_state_format_with_the_8bit_target(capsys):
+    """python -m bench.cpu_kernels's formats section at the quick sizes: a row per parameter set
+    with a time per state format, and the 8-bit target per set (the numbers are not judged)."""
+    pytest.importorskip("numba")
+    from bench import cpu_kernels
+
+    threads = torch.get_num_threads()
+    try:
+        assert cpu_kernels.main(["--quick", "--sections", "formats", "--repeats", "1", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    for name in cpu_kernels.QUICK_FORMAT_SETS:
+        row = next(line for line in out.splitlines() if line.startswith(f"| {name} |"))
+        assert len(row.split("|")) == len(cpu_kernels.STATE_FORMATS) + 4  # set, a time per format, ratio
+    targets = [line for line in out.split("## Targets")[1].splitlines() if "8-bit states no slower" in line]
+    assert len(targets) == len(cpu_kernels.QUICK_FORMAT_SETS)
+
+
 def test_the_batch_sweep_takes_the_rules_torch_optim_has():
     """The sweep races torch.optim's implementations: `all` is every rule with a torch.optim twin,
     and naming one without a twin (Lion) stops with a message instead of failing mid-sweep."""
