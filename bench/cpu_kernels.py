@@ -293,7 +293,7 @@ def first_section():
 # ---- formats: AdamW's step with its states in each storage format ----
 
 # 2-D params, rows of whole 64-element blocks, so that "8bit" stores codes (fusedopt.formats)
-FORMAT_SETS = {"1 x 1024x2048": [(1024, 2048)], "48 x 256x512": [(256, 512)] * 48}
+FORMAT_SETS = {"1 x 1024x2048": [(1024, 2048)], "48 x 256x512": [(256, 512)] * 48, "1 x 4096x4096": [(4096, 4096)]}
 QUICK_FORMAT_SETS = {"1 x 256x512": [(256, 512)], "8 x 64x128": [(64, 128)] * 8}
 STATE_FORMATS = {"fp32": {}, "bf16": {"state_precision": "bf16"}, "8-bit": {"state_precision": "8bit"},
                  "8-bit stochastic": {"state_precision": "8bit", "state_rounding": "stochastic"}}
