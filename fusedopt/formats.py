@@ -27,6 +27,12 @@ SMALLEST_QUANTIZED = 4096  # params with fewer elements keep states in their own
 SIGNED_CODES = 127  # signed states: codes -127..127 (int8); non-negative: 0..255 (uint8)
 UNSIGNED_CODES = 255
 SCALES = "_scales"  # state[key + SCALES]: the scales of an 8-bit state
+CODE_DTYPES = (torch.int8, torch.uint8)  # the codes of signed, of non-negative 8-bit states
+MASTER_KEYS = ("master_param", "master_remainder")  # a bf16 param's master: an fp32 copy, a 16-bit remainder
+
+
+# How a param is stored (Storage.param_rounding); each kernel backend codes them by their index here
+PARAM_ROUNDINGS = ("nearest", "stochastic", "master", "remainder")
 
 
 class Storage(NamedTuple):
@@ -43,7 +49,7 @@ class Storage(NamedTuple):
 def suffixes(state, key):
     """The key suffixes of the tensors state[key] is made of: its values (or codes), and the scales
     of 8-bit codes."""
-    return ("", SCALES) if state[key].dtype in (torch.int8, torch.uint8) else ("",)
+    return ("", SCALES) if state[key].dtype in CODE_DTYPES else ("",)
 
 
 def check_precision(value):
@@ -113,8 +119,12 @@ def scales_like(param):
 def format_of(state, key, param):
     """The format of state[key] as its tensors are: 8-bit codes (int8 or uint8, with their scales
     under key + SCALES), bf16 beside a param of another dtype, or the param's own dtype."""
-    value = state[key]
-    if value.dtype in (torch.int8, torch.uint8):
+    return stored_format(state[key], param)
+
+
+def stored_format(value, param):
+    """format_of a state tensor `value` of `param`."""
+    if value.dtype in CODE_DTYPES:
         return Q8
     if value.dtype == torch.bfloat16 and param.dtype != torch.bfloat16:
         return BF16
@@ -136,7 +146,7 @@ def fp32_state_dict(optimizer):
         param = by_id[index]
         state[index] = {key: decode(values, key, param.dtype) if torch.is_tensor(value) and key != "step" else value
                         for key, value in values.items()
-                        if not key.endswith(SCALES) and key not in ("master_param", "master_remainder")}
+                        if not key.endswith(SCALES) and key not in MASTER_KEYS}
     groups = [{key: value for key, value in group.items() if key not in ("state_precision", "state_rounding")}
               for group in state_dict["param_groups"]]
     return {"state": state, "param_groups": groups}
@@ -146,9 +156,7 @@ def keeps_its_dtype(key, value, param):
     """Whether a saved state entry is loaded as it is, not cast to its param's dtype as torch.optim
     casts its states: 8-bit codes and their scales, fp32 masters and 16-bit remainders, and bf16
     states beside a param of another dtype."""
-    if key.endswith(SCALES) or key in ("master_param", "master_remainder"):
-        return True
-    return value.dtype in (torch.int8, torch.uint8) or (value.dtype == torch.bfloat16 and param.dtype != torch.bfloat16)
+    return key.endswith(SCALES) or key in MASTER_KEYS or stored_format(value, param) != PLAIN
 
 
 def check_codes_fit(entries, param, error=ValueError):
@@ -163,7 +171,7 @@ def check_codes_fit(entries, param, error=ValueError):
                                  f"of shape {tuple(param.shape)} has {expected} (blocks of {QUANT_BLOCK} within rows)")
         elif value.shape != param.shape:
             raise error(f"state {key!r} has shape {tuple(value.shape)}, its param {tuple(param.shape)}")
-        elif value.dtype in (torch.int8, torch.uint8) and key + SCALES not in entries:
+        elif value.dtype in CODE_DTYPES and key + SCALES not in entries:
             raise error(f"state {key!r} holds 8-bit codes without their scales ({key + SCALES!r})")
 
 
@@ -201,7 +209,7 @@ def encode(values, state, key, rounding="nearest", random_key=None):
     generator = None
     if rounding == "stochastic":
         generator = torch.Generator().manual_seed(hash(random_key) & (2**63 - 1))
-    if target.dtype in (torch.int8, torch.uint8):
+    if target.dtype in CODE_DTYPES:
         codec = encode_signed if target.dtype == torch.int8 else encode_unsigned
         codes, scales = codec(values.reshape(target.shape), generator)
         target.copy_(codes)

@@ -406,7 +406,7 @@ class FusedOptimizer(Optimizer):
         param raise before any launch: a kernel would read and write past them."""
         for key in self._state_keys(group):
             value = state.get(key)
-            if torch.is_tensor(value) and value.dtype in (torch.int8, torch.uint8):
+            if torch.is_tensor(value) and value.dtype in formats.CODE_DTYPES:
                 formats.check_codes_fit({name: state[name] for name in (key, key + formats.SCALES) if name in state},
                                         param, RuntimeError)
 

@@ -5,6 +5,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .formats import CODE_DTYPES, QUANT_BLOCK
+
 # Rows of the per-tensor table (int64, one column per tensor).
 NUMEL_ROW = 0  # elements in the tensor (real elements: a complex tensor counts twice)
 EXTRA_ROW = 1  # one per-tensor integer a rule may read (RuleSpec.extra: SGD's fresh-buffer flag)
@@ -14,7 +16,7 @@ PARAM_ROW, GRAD_ROW, FIRST_STATE_ROW = FIRST_ADDRESS_ROW, FIRST_ADDRESS_ROW + 1,
 # The dtypes a kernel walks (complex params as their real views), and those states may have besides
 # their param's (fusedopt.formats: bf16 states, 8-bit codes)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-STATE_DTYPES = (torch.bfloat16, torch.int8, torch.uint8)
+STATE_DTYPES = (torch.bfloat16, *CODE_DTYPES)
 
 _launches = 0
 
@@ -79,8 +81,6 @@ def fits_kernel(param, grad, states, master=None, *, cpu_tensors):
     `states`: (values, scales) pairs: values in the param's dtype, bf16 or 8-bit codes, laid out as
     the param; scales (of 8-bit codes, else None), fp32, one per QUANT_BLOCK elements of a
     contiguous param. `master`: an fp32 copy or an int16 remainder, laid out as the param."""
-    from .formats import QUANT_BLOCK
-
     tensors = (param, grad, *(t for pair in states for t in pair if t is not None),
                *([] if master is None else [master]))
     if not all(holds_its_values(t, cpu_tensors) for t in tensors):
@@ -97,7 +97,7 @@ def fits_kernel(param, grad, states, master=None, *, cpu_tensors):
         values = real_view(values)
         if values.dtype not in (param.dtype, *STATE_DTYPES) or not same_layout(param, values, values.dtype):
             return False
-        if (values.dtype in (torch.int8, torch.uint8)) != (scales is not None):
+        if (values.dtype in CODE_DTYPES) != (scales is not None):
             return False
         if scales is not None and not (param.is_contiguous() and values.is_contiguous() and scales.is_contiguous()
                                        and scales.dtype == torch.float32 and scales.device == param.device

@@ -110,7 +110,7 @@ def rule_functions(spec):
     return functions
 
 
-PARAM_ROUNDINGS = {"nearest": 0, "stochastic": 1, "master": 2, "remainder": 3}  # the kernel's PARAM_ROUNDING
+PARAM_ROUNDINGS = {name: code for code, name in enumerate(formats.PARAM_ROUNDINGS)}  # the kernel's PARAM_ROUNDING
 
 
 def state_formats(spec, storage):
@@ -205,7 +205,7 @@ NUMEL_ROW = tl.constexpr(tables.NUMEL_ROW)
 EXTRA_ROW = tl.constexpr(tables.EXTRA_ROW)
 FIRST_ADDRESS_ROW = tl.constexpr(tables.FIRST_ADDRESS_ROW)
 # How a param is stored (fusedopt.formats.Storage.param_rounding), and each state (STATE_FORMATS)
-NEAREST, STOCHASTIC, MASTER, REMAINDER = (tl.constexpr(code) for code in range(4))
+NEAREST, STOCHASTIC, MASTER, REMAINDER = (tl.constexpr(code) for code in PARAM_ROUNDINGS.values())
 ABSENT, PLAIN_STATE, BF16_STATE, Q8_SIGNED, Q8_UNSIGNED = (tl.constexpr(code) for code in range(5))
 QUANT_BLOCK = tl.constexpr(formats.QUANT_BLOCK)
 SIGNED_CODES = tl.constexpr(float(formats.SIGNED_CODES))

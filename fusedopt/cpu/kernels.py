@@ -32,7 +32,7 @@ SKIP, INV_SCALE, CLIP, LR, DEVICE_LR = range(5)
 # whether the per-tensor integers are read, and the stochastic rounding key.
 COUNTS_STEPS, READS_EXTRA, SEED, COUNT = range(4)
 # How the param is stored, a constant of each kernel
-ROUNDINGS = {"nearest": 0, "stochastic": 1, "master": 2, "remainder": 3}
+ROUNDINGS = {name: code for code, name in enumerate(formats.PARAM_ROUNDINGS)}
 NEAREST, STOCHASTIC, MASTER, REMAINDER = ROUNDINGS.values()
 MAX_STATES = 3  # state slots a rule may have here
 

@@ -1,8 +1,9 @@
-"""python -m fusedopt.cpu: every numba CPU kernel (each rule of the registry, by name, under each of
-its options, for each param dtype and bf16 rounding, and the grad-norm reduction for each grad
-dtype) compiled into numba's on-disk cache, so that no later process pays the compile at its first
-step or clip; one line per kernel as it is done. The kernels compile side by side, in as many
-processes as there are cores (each kernel has its own cache index, written by one process)."""
+"""python -m fusedopt.cpu: every numba CPU kernel of states in torch's layout (each rule of the
+registry, by name, under each of its options, for each param dtype and bf16 rounding but
+remainders, and the grad-norm reduction for each grad dtype) compiled into numba's on-disk cache,
+so that no later process pays the compile at its first step or clip; one line per kernel as it is
+done. The kernels compile side by side, in as many processes as there are cores (each kernel has
+its own cache index, written by one process)."""
 import multiprocessing
 import os
 import sys
@@ -38,7 +39,8 @@ def compile_kernel(name, options):
     """Compile (or load from the cache) the kernel of rule `name` under `options`, its states in
     the params' dtype (torch's layout), (or, for GRAD_NORM, the grad-norm reduction) for every
     dtype and bf16 rounding: (the ones that failed, as "rule options dtype rounding"; seconds it
-    took). (Kernels of states in bf16 or 8 bits compile at first use.)"""
+    took). (Kernels of states in bf16 or 8 bits, and of bf16 params with 16-bit remainders, compile
+    at first use.)"""
     from . import grad_norm_ready
 
     start = time.perf_counter()
