@@ -23,6 +23,7 @@ from .. import formats, tables
 # about 8% of a step over one 8M tensor; 2-3% with blocks of 65536).
 CPU_BLOCK = 4096
 MAX_CPU_BLOCK = 65536
+assert CPU_BLOCK % formats.QUANT_BLOCK == 0  # a block holds whole 8-bit groups (kernels.walk_block)
 BLOCKS_PER_THREAD = 32
 
 

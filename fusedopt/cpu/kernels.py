@@ -472,7 +472,7 @@ def state_functions(fmt, signed, state_rounding):
 # Bound by make_kernel in each kernel's own copy of the templates below (never compiled as they are)
 UPDATE = OPTIONS = SLOTS = ROUNDING = WALK = NUMBERS_OF_BLOCK = BLOCK_NUMBERS = LAUNCH = LAUNCH_LENGTH = None
 OPEN0 = OPEN1 = OPEN2 = UNIT0 = UNIT1 = UNIT2 = READ0 = READ1 = READ2 = WRITE0 = WRITE1 = WRITE2 = None
-FINISH0 = FINISH1 = FINISH2 = ROW0 = ROW1 = ROW2 = MASTER_ROW = GROUP = STASH = STOCHASTIC_CODES = None
+FINISH0 = FINISH1 = FINISH2 = ROW0 = ROW1 = ROW2 = MASTER_ROW = GROUP = WHOLE_GROUPS = STASH = STOCHASTIC_CODES = None
 
 
 def walk_block(numbers, table, tensor, start, count, like, param, master, grad, inv_scale, clip, stream):
@@ -482,14 +482,17 @@ def walk_block(numbers, table, tensor, start, count, like, param, master, grad, 
     the rule, store them back (encoded: 8-bit states once their group is done). Made per kernel
     (make_kernel) with its constants: UPDATE, OPTIONS, SLOTS (the rule's number of slots),
     ROUNDING, each slot's functions (OPEN0, UNIT0, READ0, WRITE0, FINISH0, ...; formats absent from
-    the rule or the options: placeholders) and table rows (ROW0, ...), GROUP and STASH."""
+    the rule or the options: placeholders) and table rows (ROW0, ...), GROUP, WHOLE_GROUPS and STASH."""
     values0, scales0 = OPEN0(table, FIRST_STATE_ROW + ROW0, tensor, start, count, like, param)
     values1, scales1 = OPEN1(table, FIRST_STATE_ROW + ROW1, tensor, start, count, like, param)
     values2, scales2 = OPEN2(table, FIRST_STATE_ROW + ROW2, tensor, start, count, like, param)
     stash = np.empty((MAX_STATES, STASH), np.float32)  # an 8-bit group's new values, until encoded
     streams = (state_stream(stream, 0), state_stream(stream, 1), state_stream(stream, 2))
     for first in range(0, count, GROUP):
-        last = min(first + GROUP, count)
+        # A bucket of 8-bit states holds whole groups (a code-holding param has rows of whole
+        # blocks, tables.fits_kernel, and a block is a multiple of QUANT_BLOCK): its groups have a
+        # constant length, with which LLVM unrolls the group's loops, without their remainders
+        last = first + GROUP if WHOLE_GROUPS else min(first + GROUP, count)
         unit0 = UNIT0(scales0, first // QUANT_BLOCK)
         unit1 = UNIT1(scales1, first // QUANT_BLOCK)
         unit2 = UNIT2(scales2, first // QUANT_BLOCK)
@@ -661,7 +664,7 @@ def make_kernel(spec, options, storage):
     rounding = ROUNDINGS[storage.param_rounding]
     walk = njit(inline="always", error_model="numpy")(with_names(walk_block, dict(
         constants, UPDATE=update, OPTIONS=options, SLOTS=len(spec.states), ROUNDING=rounding,
-        GROUP=QUANT_BLOCK if quantized else 1 << 62, STASH=QUANT_BLOCK if quantized else 1,
+        GROUP=QUANT_BLOCK if quantized else 1 << 62, WHOLE_GROUPS=quantized, STASH=QUANT_BLOCK if quantized else 1,
         STOCHASTIC_CODES=storage.state_rounding == "stochastic")))
     numbers = njit(error_model="numpy")(with_names(numbers_of_block, dict(
         BLOCK_NUMBERS=block_numbers, LAUNCH=spec.Launch, LAUNCH_LENGTH=len(spec.Launch._fields))))
