@@ -170,12 +170,18 @@ def gpt2_shapes(scale=1.0, n_layer=12):
     return tuple([(vocab, d), (ctx, d)] + layer * n_layer + [(d,), (d,)])
 
 
+LARGE_ROW = 4096
+
+
 def param_sets(scale=1.0):
-    large = max(1 << 14, int(round((1 << 26) * scale)))
+    # one matrix of rows of LARGE_ROW elements: rows that hold whole 8-bit blocks, so that its
+    # 8-bit rows hold codes (a 1-D param's states would be bf16, fusedopt.formats)
+    rows = max(4, int(round((1 << 26) * scale / LARGE_ROW)))
     gpt2 = gpt2_shapes(scale)
     n_gpt2 = sum(math.prod(s) for s in gpt2)
     n_small = 2000 if scale >= SIZES["small"] else (500 if scale >= SIZES["tiny"] else 100)
-    sets = [ParamSet("large", ((large,),), torch.float32, f"one tensor of {large:,} elements"),
+    sets = [ParamSet("large", ((rows, LARGE_ROW),), torch.float32,
+                     f"one {rows:,} x {LARGE_ROW:,} tensor ({rows * LARGE_ROW:,} elements)"),
             ParamSet("gpt2", gpt2, torch.float32, f"GPT-2 small shapes: {len(gpt2)} tensors, {n_gpt2 / 1e6:.1f}M params"),
             ParamSet("many-small", ((4096,),) * n_small, torch.float32, f"{n_small:,} tensors of 4,096 elements"),
             ParamSet("gpt2-bf16", gpt2, torch.bfloat16,
