@@ -614,12 +614,15 @@ optimizer = fusedopt.SGD([p], lr=0.1, backend="numba")
 for _ in range(3):
     optimizer.clip_grad_norm_(1.0)
     optimizer.step()
+q = torch.nn.Parameter(torch.randn(4096)); q.grad = torch.randn(4096)
+fusedopt.SGD([q], lr=0.1, momentum=0.9, state_precision="bf16", backend="numba").step()
 """
 
 
 def test_a_first_compilation_says_so_in_one_line_and_nothing_else_prints(tmp_path):
     """A kernel's first compilation (numba's cache cold) prints one line on stderr: what, that it
-    is once, how long, and how to compile ahead; a run that loads the kernels prints nothing."""
+    is once, how long, and how to compile ahead where `python -m fusedopt.cpu` compiles it (not
+    kernels of bf16 or 8-bit states); a run that loads the kernels prints nothing."""
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
     env.pop("FUSEDOPT_BACKEND", None)
     cold, warm = (subprocess.run([sys.executable, "-c", FIRST_USE], env=env, capture_output=True, text=True,
@@ -628,8 +631,10 @@ def test_a_first_compilation_says_so_in_one_line_and_nothing_else_prints(tmp_pat
     lines = cold.stderr.splitlines()
     assert [line.split(" at its first use")[0] for line in lines] == [
         "fusedopt: compiling the CPU kernel of sgd for float32 params",
-        "fusedopt: compiling the CPU grad-norm reduction for float32 grads"], cold.stderr
-    assert all("once" in line and "python -m fusedopt.cpu" in line and line.endswith(" s") for line in lines)
+        "fusedopt: compiling the CPU grad-norm reduction for float32 grads",
+        "fusedopt: compiling the CPU kernel of sgd (momentum_buffer in bf16) for float32 params"], cold.stderr
+    assert all("once" in line and line.endswith(" s") for line in lines)
+    assert ["python -m fusedopt.cpu" in line for line in lines] == [True, True, False]
     assert cold.stdout == warm.stdout == warm.stderr == ""
 
 

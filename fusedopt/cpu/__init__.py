@@ -226,10 +226,11 @@ def dtype_name(dtype):
 
 
 @contextlib.contextmanager
-def compile_announced(kernel, what):
+def compile_announced(kernel, what, ahead=True):
     """While the block runs: where numba compiles `kernel` (a dispatcher; not where it loads it
-    from its cache), one line on stderr that says so, why, how long it took and how to do it
-    ahead. Nothing else: the user's loop stays quiet."""
+    from its cache), one line on stderr that says so, why, how long it took and, where `python -m
+    fusedopt.cpu` compiles it (`ahead`), how to do it ahead. Nothing else: the user's loop stays
+    quiet."""
     if not announce_compiles:
         yield
         return
@@ -241,9 +242,9 @@ def compile_announced(kernel, what):
         def on_start(self, ev):
             if ev.data["dispatcher"] is kernel and self.started is None:
                 self.started = time.perf_counter()
-                print(f"fusedopt: compiling {what} at its first use, once: numba keeps it in its on-disk cache "
-                      "(`python -m fusedopt.cpu` compiles every CPU kernel ahead) ...", end="", file=sys.stderr,
-                      flush=True)
+                hint = " (`python -m fusedopt.cpu` compiles it ahead)" if ahead else ""
+                print(f"fusedopt: compiling {what} at its first use, once: numba keeps it in its on-disk cache"
+                      f"{hint} ...", end="", file=sys.stderr, flush=True)
 
         def on_end(self, ev):
             if ev.data["dispatcher"] is kernel and self.started is not None:
@@ -262,6 +263,8 @@ def kernel_ready(spec, options, storage, dtype):
     key = (spec.update, options, storage, dtype)
     if key in _checked:
         return _checked[key]
+    from . import precompile
+
     kernel = kernel_module().kernel_for(spec, options, storage)
     present = [fmt for fmt in storage.states if fmt != formats.ABSENT]
     states = ", ".join(name if fmt == formats.PLAIN else f"{name} in {fmt}"
@@ -269,7 +272,7 @@ def kernel_ready(spec, options, storage, dtype):
     rounded = f", {storage.param_rounding} rounding" if dtype == torch.bfloat16 else ""
     try:
         with compile_announced(kernel, f"the CPU kernel of {spec.name}{f' ({states})' if states else ''} for "
-                                       f"{dtype_name(dtype)} params{rounded}"):
+                                       f"{dtype_name(dtype)} params{rounded}", precompile.covers(storage)):
             run(kernel, probe_arguments(spec, storage, dtype))
     except Exception as error:  # a numba typing or lowering error: this rule and dtype use the reference
         _checked[key] = False

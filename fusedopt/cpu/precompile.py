@@ -19,6 +19,13 @@ DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 BF16_ROUNDINGS = ("nearest", "stochastic", "master")
 
 
+def covers(storage):
+    """Whether the kernels compiled here include those of buckets stored as `storage`
+    (fusedopt.formats.Storage): states in torch's layout, any param rounding but remainders."""
+    return (all(fmt in (formats.PLAIN, formats.ABSENT) for fmt in storage.states)
+            and storage.state_rounding == "nearest" and storage.param_rounding in BF16_ROUNDINGS)
+
+
 def rule_specs():
     """Every rule's spec in the registry, by name (rules that share one, such as Adam and AdamW,
     once)."""
