@@ -293,7 +293,8 @@ def edge_value_grads():
     """Grads (16 rows of 4 blocks) whose first step puts a block's edge values in the states as
     they are: SGD's momentum buffer is the grad, Adagrad's sum its square. Blocks of largest 127
     (or 255) make the codec's multiplier 1, so ties of rounding are exact; beside them tiny and
-    denormal values, zeros of both signs, and blocks holding an inf or a NaN."""
+    denormal values, zeros of both signs, blocks holding an inf or a NaN, and a block of values
+    below 127 / the largest float (its codes' multiplier is inf)."""
     generator = torch.Generator().manual_seed(11)
     grads = torch.randn(16, 4 * formats.QUANT_BLOCK, generator=generator)
     blocks = grads.view(-1, formats.QUANT_BLOCK)
@@ -308,6 +309,8 @@ def edge_value_grads():
     blocks[6, 9] = math.inf
     blocks[7, 2] = -math.inf
     blocks[8, 40] = math.nan
+    blocks[9] = blocks[9] * 1e-38  # a block so small that 127 / its largest |x| overflows to inf
+    blocks[9, :3] = torch.tensor([0.0, 1e-45, -3e-38])
     return grads
 
 

@@ -413,15 +413,16 @@ def finish_signed(values, scales, stash, slot, first, last, stream, start, large
     (formats.encode_signed)."""
     scale = bits_float32(largest)
     per_scale = SIGNED_CODES / (scale if scale > 0 else np.float32(1))
-    if STOCHASTIC_CODES or not scale < np.inf:
-        # the general case: a code rounded up may pass 127, and a NaN or inf scale makes NaNs
+    if STOCHASTIC_CODES or not (scale < np.inf and per_scale < np.inf):
+        # the general case: a code rounded up may pass 127, a NaN or inf scale makes NaNs, and a
+        # scale below 127 / the largest float an inf multiplier (codes +-127, and 0 for zeros)
         for position in range(last - first):
             code = code_of(stash[slot, position] * per_scale, stream, start + first + position, STOCHASTIC_CODES)
             code = min(max(code, -SIGNED_CODES), SIGNED_CODES)
             values[position] = np.int8(code if code == code else 0)  # a NaN's code: 0 (its scale is NaN)
     else:
-        # a finite scale: every |x| * per_scale is below 127.5, and none is NaN; its code to nearest
-        # is the low byte of the sum with ROUNDING_SHIFT
+        # a finite scale and multiplier: every |x| * per_scale is below 127.5, and none is NaN; its
+        # code to nearest is the low byte of the sum with ROUNDING_SHIFT
         for position in range(last - first):
             values[position] = np.int8(float32_bits(stash[slot, position] * per_scale + ROUNDING_SHIFT))
     scales[first // QUANT_BLOCK] = scale
@@ -434,7 +435,7 @@ def finish_unsigned(values, scales, stash, slot, first, last, stream, start, lar
     linear in root / scale, and a nonzero value never code 0 (formats.encode_unsigned)."""
     scale = bits_float32(largest)
     per_scale = UNSIGNED_CODES / (scale if scale > 0 else np.float32(1))
-    if STOCHASTIC_CODES or not scale < np.inf:
+    if STOCHASTIC_CODES or not (scale < np.inf and per_scale < np.inf):
         for position in range(last - first):
             root = stash[slot, position]
             code = code_of(root * per_scale, stream, start + first + position, STOCHASTIC_CODES)
@@ -443,8 +444,9 @@ def finish_unsigned(values, scales, stash, slot, first, last, stream, start, lar
                 code = np.float32(1)  # a nonzero value never reads as zero
             values[position] = np.uint8(code if code == code else 0)
     else:
-        # a finite scale: every root * per_scale lies in [0, 255.5), and none is NaN; its code to
-        # nearest is the low byte of the sum with ROUNDING_SHIFT, at least 1 for a nonzero root
+        # a finite scale and multiplier: every root * per_scale lies in [0, 255.5), and none is
+        # NaN; its code to nearest is the low byte of the sum with ROUNDING_SHIFT, at least 1 for a
+        # nonzero root
         for position in range(last - first):
             root = stash[slot, position]
             shifted = root * per_scale + ROUNDING_SHIFT
