@@ -333,6 +333,42 @@ def test_kernels_encode_edge_values_as_the_codec_does_bit_for_bit(rule, key, bac
                                equal_nan=True)
 
 
+def wild_grads(seed):
+    """Grads (16 rows of 4 blocks) whose blocks each span up to 40 binades anywhere from the
+    denormals to the overflow, with zeros of both signs, and a tenth of them exact ties."""
+    generator = torch.Generator().manual_seed(seed)
+    blocks = 16 * 4
+    top = torch.randint(-150, 129, (blocks, 1), generator=generator).float()
+    spread = torch.randint(0, 40, (blocks, 1), generator=generator).float()
+    exponents = top - torch.rand(blocks, formats.QUANT_BLOCK, generator=generator) * spread
+    values = torch.sign(torch.randn(blocks, formats.QUANT_BLOCK, generator=generator)) * torch.exp2(exponents)
+    draw = torch.rand(blocks, formats.QUANT_BLOCK, generator=generator)
+    values = torch.where(draw < 0.05, 0.0, torch.where(draw < 0.07, -0.0, values))
+    ties = torch.randint(-127, 127, (blocks, formats.QUANT_BLOCK), generator=generator) + 0.5
+    ties[:, 0] = 127.0
+    values = torch.where(torch.rand(blocks, 1, generator=generator) < 0.1, ties, values)
+    return values.reshape(16, 4 * formats.QUANT_BLOCK)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("rule, key", [("sgd", "momentum_buffer"), ("adagrad", "sum")])
+def test_kernels_encode_blocks_of_every_magnitude_as_the_codec_does_bit_for_bit(rule, key, backend):
+    for seed in range(3):
+        grads = wild_grads(seed)
+        runs = []
+        for runner in (backend, "torch"):
+            param = torch.nn.Parameter(torch.zeros_like(grads))
+            optimizer = REGISTRY[rule].optimizer([param], lr=0.1, backend=runner, state_precision="8bit",
+                                                 **REGISTRY[rule].stateful)
+            param.grad = grads.clone()
+            optimizer.step()
+            runs.append(optimizer.state[param])
+        ours, reference = runs
+        assert torch.equal(ours[key], reference[key]), seed
+        torch.testing.assert_close(ours[key + formats.SCALES], reference[key + formats.SCALES], rtol=0, atol=0,
+                                   equal_nan=True)
+
+
 @pytest.mark.parametrize("backend", KERNELS + ["torch"])
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_stochastic_rounding_of_states_is_reproducible_and_differs_from_nearest(precision, backend):
