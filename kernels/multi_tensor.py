@@ -211,6 +211,7 @@ QUANT_BLOCK = tl.constexpr(formats.QUANT_BLOCK)
 SIGNED_CODES = tl.constexpr(float(formats.SIGNED_CODES))
 UNSIGNED_CODES = tl.constexpr(float(formats.UNSIGNED_CODES))
 ROUNDING_SHIFT = tl.constexpr(1.5 * 2**23)  # added to a float below 2^22, rounds it to an integer
+PTX_PRODUCTS = tl.constexpr(not INTERPRETED and torch.version.hip is None)  # the codec's products (product)
 
 
 @triton.jit
@@ -367,6 +368,19 @@ def store_values(pointer, offsets, numel, values, FULL: tl.constexpr):
 # ---- states in their formats (fusedopt.formats): decoded on load, encoded on store ----
 
 @triton.jit
+def product(a, b):
+    """a * b (fp32), rounded as the codec rounds it: never fused with the add or subtract that
+    follows (the GPU compilers make fmas of them, rounding once where the codec rounds twice), nor
+    its denormals flushed. On NVIDIA GPUs mul.rn.f32, which ptxas never contracts; elsewhere (the
+    interpreter's numpy multiply fuses nothing) the plain multiply."""
+    if PTX_PRODUCTS:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return a * b
+
+
+@triton.jit
 def load_state(values_ptr, scales_ptr, offsets, start, numel, FORMAT: tl.constexpr, FULL: tl.constexpr,
                BLOCK: tl.constexpr):
     """A state's block in the math dtype: as stored (PLAIN, BF16: widened), or decoded from 8-bit
@@ -379,14 +393,16 @@ def load_state(values_ptr, scales_ptr, offsets, start, numel, FORMAT: tl.constex
             codes = tl.load(values_ptr + offsets, mask=offsets < numel, other=0)
         groups = start // QUANT_BLOCK + tl.arange(0, BLOCK // QUANT_BLOCK)
         scales = tl.load(scales_ptr + groups, mask=groups * QUANT_BLOCK < numel, other=0.0)
+        # correctly rounded (`/` on a GPU is approximate), and products never fused into the
+        # rule's arithmetic: the codec's values, bit for bit
         if FORMAT == Q8_SIGNED:
-            units = scales / SIGNED_CODES
+            units = tl.div_rn(scales, tl.full(scales.shape, SIGNED_CODES, tl.float32))
         else:
-            units = scales / UNSIGNED_CODES
-        values = tl.reshape(tl.reshape(codes.to(tl.float32), (BLOCK // QUANT_BLOCK, QUANT_BLOCK)) * units[:, None],
-                            (BLOCK,))
+            units = tl.div_rn(scales, tl.full(scales.shape, UNSIGNED_CODES, tl.float32))
+        values = tl.reshape(product(tl.reshape(codes.to(tl.float32), (BLOCK // QUANT_BLOCK, QUANT_BLOCK)),
+                                    units[:, None]), (BLOCK,))
         if FORMAT == Q8_UNSIGNED:
-            values = values * values
+            values = product(values, values)
         return values
     else:
         return load_block(values_ptr, offsets, numel, FULL)
@@ -407,10 +423,11 @@ def store_state(values_ptr, scales_ptr, offsets, start, numel, values, random_bi
         scales = tl.where(has_nan, float("nan"), largest)
         safe = tl.where(scales > 0, scales, 1.0)
         # one correctly rounded division per block (`/` on a GPU is approximate), then a multiply
+        # rounded before the rounding to a code adds to it
         if FORMAT == Q8_SIGNED:
-            scaled = grouped * tl.div_rn(tl.full(safe.shape, SIGNED_CODES, tl.float32), safe)[:, None]
+            scaled = product(grouped, tl.div_rn(tl.full(safe.shape, SIGNED_CODES, tl.float32), safe)[:, None])
         else:
-            scaled = grouped * tl.div_rn(tl.full(safe.shape, UNSIGNED_CODES, tl.float32), safe)[:, None]
+            scaled = product(grouped, tl.div_rn(tl.full(safe.shape, UNSIGNED_CODES, tl.float32), safe)[:, None])
         if STOCHASTIC_STATES:
             fraction = tl.reshape((random_bits & 0xFFFF).to(tl.float32) * (1.0 / 65536),
                                   (BLOCK // QUANT_BLOCK, QUANT_BLOCK))

@@ -104,3 +104,20 @@ def test_no_kernel_spills(codegen):
     for row in codegen[0]["kernels"]:
         assert row["spill_bytes"] == 0, row
         assert row["registers"] is not None and row["registers"] <= 255, row
+
+
+def test_8bit_codecs_round_as_the_reference_does(codegen):
+    """The 8-bit codec is exact on a GPU: its products are mul.rn.f32 (never fused into an fma,
+    never flushed to zero), no fma adds the shift that rounds a code, and no division of it is
+    approximate."""
+    import re
+
+    table, ptx_dir, _ = codegen
+    rows = [row for row in table["kernels"] if "states_8bit" in row["kernel"]]
+    assert rows
+    for row in rows:
+        (path,) = [ptx_dir / name for name in os.listdir(ptx_dir) if name.startswith(row["kernel"] + ".")]
+        ptx = path.read_text()
+        assert "mul.rn.f32" in ptx and "mul.rn.ftz.f32" not in ptx, row["kernel"]
+        assert not re.search(r"fma\.rn\.f32\s+[^;]*0f4B400000;", ptx), row["kernel"]  # 1.5 * 2^23
+        assert "div.approx" not in ptx, row["kernel"]
