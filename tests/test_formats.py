@@ -336,21 +336,22 @@ CODEC_CASES = {"edge values": edge_value_grads,
                **{f"every magnitude, seed {seed}": functools.partial(wild_grads, seed) for seed in range(3)}}
 
 
-@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("device, backend", KERNELS_ON, ids=[f"{d}-{b}" for d, b in KERNELS_ON])
 @pytest.mark.parametrize("rule, key", [("sgd", "momentum_buffer"), ("adagrad", "sum")])
 @pytest.mark.parametrize("case", CODEC_CASES)
-def test_kernels_encode_as_the_codec_does_bit_for_bit(case, rule, key, backend):
+def test_kernels_encode_as_the_codec_does_bit_for_bit(case, rule, key, device, backend):
     """A first step puts the grads in the states as they are (SGD's momentum buffer is the grad,
-    Adagrad's sum its square): the kernels' codes and scales are the codec's, bit for bit."""
+    Adagrad's sum its square): the kernels' codes and scales are the codec's, bit for bit (on a
+    GPU too: its compilers must neither fuse nor approximate the codec's arithmetic)."""
     grads = CODEC_CASES[case]()
     runs = []
-    for runner in (backend, "torch"):
-        param = torch.nn.Parameter(torch.zeros_like(grads))
+    for runner, on in ((backend, device), ("torch", "cpu")):
+        param = torch.nn.Parameter(torch.zeros_like(grads, device=on))
         optimizer = REGISTRY[rule].optimizer([param], lr=0.1, backend=runner, state_precision="8bit",
                                              **REGISTRY[rule].stateful)
-        param.grad = grads.clone()
+        param.grad = grads.to(on)
         optimizer.step()
-        runs.append(optimizer.state[param])
+        runs.append({name: value.cpu() for name, value in optimizer.state[param].items()})
     ours, reference = runs
     assert ours[key].dtype == (torch.int8 if rule == "sgd" else torch.uint8)
     assert torch.equal(ours[key], reference[key])
