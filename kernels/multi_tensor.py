@@ -395,10 +395,8 @@ def load_state(values_ptr, scales_ptr, offsets, start, numel, FORMAT: tl.constex
         scales = tl.load(scales_ptr + groups, mask=groups * QUANT_BLOCK < numel, other=0.0)
         # correctly rounded (`/` on a GPU is approximate), and products never fused into the
         # rule's arithmetic: the codec's values, bit for bit
-        if FORMAT == Q8_SIGNED:
-            units = tl.div_rn(scales, tl.full(scales.shape, SIGNED_CODES, tl.float32))
-        else:
-            units = tl.div_rn(scales, tl.full(scales.shape, UNSIGNED_CODES, tl.float32))
+        top = tl.full(scales.shape, SIGNED_CODES if FORMAT == Q8_SIGNED else UNSIGNED_CODES, tl.float32)
+        units = tl.div_rn(scales, top)
         values = tl.reshape(product(tl.reshape(codes.to(tl.float32), (BLOCK // QUANT_BLOCK, QUANT_BLOCK)),
                                     units[:, None]), (BLOCK,))
         if FORMAT == Q8_UNSIGNED:
@@ -424,10 +422,8 @@ def store_state(values_ptr, scales_ptr, offsets, start, numel, values, random_bi
         safe = tl.where(scales > 0, scales, 1.0)
         # one correctly rounded division per block (`/` on a GPU is approximate), then a multiply
         # rounded before the rounding to a code adds to it
-        if FORMAT == Q8_SIGNED:
-            scaled = product(grouped, tl.div_rn(tl.full(safe.shape, SIGNED_CODES, tl.float32), safe)[:, None])
-        else:
-            scaled = product(grouped, tl.div_rn(tl.full(safe.shape, UNSIGNED_CODES, tl.float32), safe)[:, None])
+        top = tl.full(safe.shape, SIGNED_CODES if FORMAT == Q8_SIGNED else UNSIGNED_CODES, tl.float32)
+        scaled = product(grouped, tl.div_rn(top, safe)[:, None])
         if STOCHASTIC_STATES:
             fraction = tl.reshape((random_bits & 0xFFFF).to(tl.float32) * (1.0 / 65536),
                                   (BLOCK // QUANT_BLOCK, QUANT_BLOCK))

@@ -407,15 +407,25 @@ def code_of(scaled, stream, element, STOCHASTIC_CODES):
 
 
 @njit(inline="always", error_model="numpy")
+def group_scale(largest, codes):
+    """A group's scale (its largest magnitude, from the bits `largest`), its codes' multiplier
+    codes / scale (one correctly rounded division per group), and whether both are finite: then
+    no scaled value is NaN or past codes + 1/2, and codes to nearest need no clamp (a scale below
+    codes / the largest float makes the multiplier inf)."""
+    scale = bits_float32(largest)
+    per_scale = codes / (scale if scale > 0 else np.float32(1))
+    return scale, per_scale, scale < np.inf and per_scale < np.inf
+
+
+@njit(inline="always", error_model="numpy")
 def finish_signed(values, scales, stash, slot, first, last, stream, start, largest, STOCHASTIC_CODES):
     """Encode the stashed group [first, last) of a signed state into `values` (the group's codes):
     its scale, the largest |x| (NaN where one is NaN), and codes -127..127 linear in x / scale
     (formats.encode_signed)."""
-    scale = bits_float32(largest)
-    per_scale = SIGNED_CODES / (scale if scale > 0 else np.float32(1))
-    if STOCHASTIC_CODES or not (scale < np.inf and per_scale < np.inf):
-        # the general case: a code rounded up may pass 127, a NaN or inf scale makes NaNs, and a
-        # scale below 127 / the largest float an inf multiplier (codes +-127, and 0 for zeros)
+    scale, per_scale, finite = group_scale(largest, SIGNED_CODES)
+    if STOCHASTIC_CODES or not finite:
+        # the general case: a code rounded up may pass 127, a NaN or inf scale makes NaNs, and an
+        # inf multiplier infs (codes +-127, and 0 for zeros)
         for position in range(last - first):
             code = code_of(stash[slot, position] * per_scale, stream, start + first + position, STOCHASTIC_CODES)
             code = min(max(code, -SIGNED_CODES), SIGNED_CODES)
@@ -433,9 +443,8 @@ def finish_unsigned(values, scales, stash, slot, first, last, stream, start, lar
     """Encode the stashed square roots of the group [first, last) of a non-negative state into
     `values` (the group's codes): its scale, the largest root (NaN where one is NaN), codes 0..255
     linear in root / scale, and a nonzero value never code 0 (formats.encode_unsigned)."""
-    scale = bits_float32(largest)
-    per_scale = UNSIGNED_CODES / (scale if scale > 0 else np.float32(1))
-    if STOCHASTIC_CODES or not (scale < np.inf and per_scale < np.inf):
+    scale, per_scale, finite = group_scale(largest, UNSIGNED_CODES)
+    if STOCHASTIC_CODES or not finite:
         for position in range(last - first):
             root = stash[slot, position]
             code = code_of(root * per_scale, stream, start + first + position, STOCHASTIC_CODES)
