@@ -81,6 +81,7 @@ def state_format(precision, param, coded=True):
     """The format of `param`'s states under `precision` ("fp32", "bf16", "8bit"), from its global
     shape and dtype; complex params (updated as real views) and fp64 ones keep their dtype. A state
     that may not be `coded` takes bf16 where it would take 8-bit codes."""
+    check_precision(precision)
     if precision == "fp32" or param.is_complex() or param.dtype == torch.float64 or not param.is_floating_point():
         return PLAIN
     if precision == "bf16" or param.numel() < SMALLEST_QUANTIZED:

@@ -15,7 +15,8 @@ from . import arguments, compiled, distributed, epilogue, formats, reference
 from .backends import resolve_backend, runs_on_kernels
 from .device_schedule import DeviceSchedule, advance_group_step
 from .plan import GroupPlan, grad_of
-from .rounding import check_rounding_seed, keeps_master, master_key, param_rounding, rounded_reference_step
+from .rounding import (check_rounding_seed, keeps_master, master_from, master_key, param_rounding,
+                       rounded_reference_step)
 from .state import counted, plain
 from .steps import STEP_NOT_A_TENSOR, as_float, as_step_tensor, scalar_step_tensor
 from .tables import GroupStep, step_buffer
@@ -282,6 +283,13 @@ class FusedOptimizer(Optimizer):
         for key in self._state_keys(group):
             self.new_state(param, group, key)
 
+    def _storage_options(self, group):
+        """The group's (state_precision, state_rounding), checked: a value put in the group by hand
+        or by a checkpoint that is not one of theirs raises ValueError, as the constructor does.
+        A plan is made again when they change, which converts the states (_store_in_group_format)."""
+        return (formats.check_precision(group.get("state_precision", "fp32")),
+                formats.check_state_rounding(group.get("state_rounding", "nearest")))
+
     def _state_format(self, group, param, key):
         """The format (fusedopt.formats) state[key] of `param` takes under its group's
         state_precision."""
@@ -441,19 +449,37 @@ class FusedOptimizer(Optimizer):
             self._check_capturable_device(param)
         self.check_grad(grad)
         state = self.state.get(param)
+        for key in [key for key, value in state.items() if value is None] if state else ():
+            del state[key]  # torch.optim's None momentum buffer (its old checkpoints): none yet
         if not state:
             self.init_state(param, group)
         else:
             self.check_state(state, group, grad, param)
             self._check_codes(state, group, param)
+            self._store_in_group_format(group, param)
         if not torch.is_inference_mode_enabled():
             self._check_not_inference(param, group)
-        key = master_key(self.param_rounding)
-        if self._keeps_master(param) and key not in self.state[param]:
-            with torch.inference_mode(False):  # fusedopt's own: never an inference tensor
-                self.state[param][key] = (  # the master, or its remainder: 0 while the master is the param
-                    param.detach().float().clone(memory_format=torch.preserve_format) if key == "master_param" else
-                    torch.zeros_like(param, dtype=torch.int16, memory_format=torch.preserve_format))
+        self._prepare_master(param)
+
+    def _prepare_master(self, param):
+        """The master a bf16 param keeps under master_weights (True: an fp32 copy, "remainder": a
+        16-bit remainder), made where it is missing: from the other kind, where a checkpoint of the
+        other setting left one, else from the param. A master the optimizer does not keep (left
+        by a checkpoint of another setting) leaves the state: stale after any step, it must not
+        be taken up later."""
+        key = master_key(self.param_rounding) if self._keeps_master(param) else None
+        state = self.state[param] if key is not None else self.state.get(param, {})  # (no empty entry, as in torch)
+        other = [name for name in formats.MASTER_KEYS if name != key and name in state]
+        if key is not None and key not in state:
+            with torch.inference_mode(False), torch.no_grad():  # fusedopt's own: never an inference tensor
+                if other:  # the same master in the other form, bit for bit
+                    state[key] = master_from(param, state, key)
+                else:  # the master, or its remainder: 0 while the master is the param
+                    state[key] = (param.detach().float().clone(memory_format=torch.preserve_format)
+                                  if key == "master_param" else
+                                  torch.zeros_like(param, dtype=torch.int16, memory_format=torch.preserve_format))
+        for name in other:
+            del state[name]
 
     def _keeps_master(self, param):
         """Whether `param` (bf16 under master_weights=True) has an fp32 master copy in its state."""
@@ -698,7 +724,16 @@ class FusedOptimizer(Optimizer):
         States saved in another format than the group asks for (a torch.optim checkpoint loaded
         into an optimizer with state_precision="8bit") are stored in the group's format; a group
         saved without fusedopt's storage options keeps this optimizer's. Codes or scales that do
-        not fit their param raise ValueError, and nothing is loaded."""
+        not fit their param raise ValueError, and nothing is loaded. A master of the other
+        master_weights setting is converted, and one this optimizer keeps none of is dropped."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):  # torch.optim's checks, first
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        if any(len(saved["params"]) != len(group["params"]) for saved, group in zip(saved_groups, self.param_groups)):
+            raise ValueError("loaded state dict contains a parameter group that doesn't match the size of "
+                             "optimizer's group")
+        for saved in saved_groups:
+            self._storage_options(saved)
         params = list(itertools.chain.from_iterable(group["params"] for group in self.param_groups))
         saved_ids = list(itertools.chain.from_iterable(group["params"] for group in state_dict["param_groups"]))
         kept = {}  # saved id -> {key: tensor} of the entries loaded as they are
@@ -721,25 +756,38 @@ class FusedOptimizer(Optimizer):
         by_id = dict(zip(saved_ids, params))
         for saved_id, own in kept.items():
             param = by_id[saved_id]
+            device = distributed.local_tensor(param).device
             for key, value in own.items():
-                self.state[param][key] = value.to(device=distributed.local_tensor(param).device, copy=True) \
-                    if not distributed.is_dtensor(value) else value.clone()
+                dtype = torch.float32 if key.endswith(formats.SCALES) else value.dtype  # scales are fp32
+                self.state[param][key] = value.to(dtype, copy=True) if distributed.is_dtensor(value) else \
+                    value.to(device=device, dtype=dtype, copy=True)
         for group in self.param_groups:
             for param in group["params"]:
                 if param in self.state:
                     self._store_in_group_format(group, param)
+                    self._prepare_master(param)
 
     def _store_in_group_format(self, group, param, rounding="nearest", random_key=None):
         """Each state of `param` stored in the format its group's state_precision asks for, where it
-        is in torch's layout (a torch.optim checkpoint's, or one the reference step made): rounded
-        as `rounding` says, stochastic rounding keyed by random_key(key)."""
+        is in another (a torch.optim checkpoint's, one the reference step made, or the 8-bit codes
+        of a state_precision the group has since left): decoded and encoded again,
+        rounded as `rounding` says, stochastic rounding keyed by random_key(key). A bf16 state
+        stays bf16 (states the user made bf16 step as such, under any state_precision), and a
+        sparse one (SGD's momentum buffer of a sparse grad) stays as torch.optim keeps it."""
         state = self.state.get(param, {})  # (a param without state gets no empty entry, as in torch)
         for key in self._state_keys(group):
-            if key in state and formats.format_of(state, key, param) == formats.PLAIN \
-                    and self._state_format(group, param, key) != formats.PLAIN:
-                values = state.pop(key)
-                self.new_state(param, group, key)
-                formats.encode(values, state, key, rounding, None if random_key is None else random_key(key))
+            value = state.get(key)
+            if not torch.is_tensor(value) or value.layout != torch.strided:
+                continue
+            stored, wanted = formats.format_of(state, key, param), self._state_format(group, param, key)
+            if stored == wanted or stored == formats.BF16:
+                continue
+            values = formats.decode(state, key, torch.promote_types(param.dtype, torch.float32)) \
+                if stored != formats.PLAIN else value
+            for suffix in formats.suffixes(state, key):
+                del state[key + suffix]
+            self.new_state(param, group, key)
+            formats.encode(values, state, key, rounding, None if random_key is None else random_key(key))
 
     def __repr__(self):
         """torch.optim's repr (each group's options), saying that this is fusedopt's, its settings

@@ -394,6 +394,7 @@ class GroupPlan:
         group, one after the other: the reference)."""
         self.params = params
         self.structure = optimizer._structure(group)
+        self.storage_options = optimizer._storage_options(group)
         self.values = group_values(group)  # those the structure was found from (checked each step)
         self.buckets = []
         self.reference_params = []
@@ -526,13 +527,14 @@ class GroupPlan:
 
     def _planned_for(self, optimizer, group, params):
         """Whether `params` are the very params this plan was made for, and the group's options
-        still make the same state tensors (not asked again while the group's values are those it
-        was last asked for); the values are kept for this step's launches."""
+        still make the same state tensors, stored as they were (not asked again while the group's
+        values are those it was last asked for); the values are kept for this step's launches."""
         if len(params) != len(self.params) or not all(map(operator.is_, params, self.params)):
             return False
         values = group_values(group)
         if values is None or values != self.values:
-            if optimizer._structure(group) != self.structure:
+            if optimizer._structure(group) != self.structure or \
+                    optimizer._storage_options(group) != self.storage_options:
                 return False
             self.values = values
         return True

@@ -106,6 +106,28 @@ def rounded_reference_step(optimizer, group, params, grads):
                 lambda key, index=index: (optimizer.rounding_seed, count, index, 1 + keys.index(key)))
 
 
+def master_from(param, state, key):
+    """A bf16 param's master in the form `key` names ("master_param": an fp32 copy;
+    "master_remainder"), from the other form in its `state`: the same master bit for bit. (From a
+    copy, the param becomes the copy rounded ties away from zero, as a remainder's param is: it
+    moves only where the copy lies exactly halfway between two bf16 values.)"""
+    local = distributed.local_tensor
+    target = torch.empty_like(local(param), dtype=torch.float32 if key == "master_param" else torch.int16,
+                              memory_format=torch.preserve_format)
+    if key == "master_param":
+        target.copy_(join_master(local(param), local(state["master_remainder"])))
+    else:
+        high, remainder = split_master(local(state["master_param"]))
+        local(param).copy_(high)
+        target.copy_(remainder)
+    if distributed.is_dtensor(param):
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(target, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                                  stride=param.stride())
+    return target
+
+
 def join_master_of(param, remainder):
     """join_master on local shards, as a tensor like `param` (a DTensor for a DTensor param)."""
     master = join_master(distributed.local_tensor(param), distributed.local_tensor(remainder))

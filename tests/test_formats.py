@@ -568,3 +568,174 @@ def test_8bit_states_the_user_replaces_by_bf16_ones_step_as_bf16(backend, table_
     step_both(ours, theirs, ours_params, theirs_params, seed=18)
     assert all(formats.format_of(ours.state[p], "exp_avg", p) != formats.Q8 for p in ours_params)
     assert_runs_match(ours, theirs, ours_params, theirs_params, "8-bit states made bf16")
+
+
+# ---- storage options edited between steps, and checkpoints of other settings ----
+
+
+def state_snapshot(optimizer):
+    return {index: dict(values) for index, values in optimizer.state_dict()["state"].items()}
+
+
+def assert_same_run(ours, theirs, ours_params, theirs_params):
+    assert all(torch.equal(p, q) for p, q in zip(ours_params, theirs_params))
+    mine, reference = state_snapshot(ours), state_snapshot(theirs)
+    assert mine.keys() == reference.keys()
+    for index, values in reference.items():
+        assert mine[index].keys() == values.keys(), index
+        for key, value in values.items():
+            assert mine[index][key].dtype == value.dtype and torch.equal(mine[index][key], value), (index, key)
+
+
+EDITS = {"fp32 to 8bit": ({}, {"state_precision": "8bit"}), "8bit to fp32": ({"state_precision": "8bit"},
+                                                                              {"state_precision": "fp32"}),
+         "8bit to bf16": ({"state_precision": "8bit"}, {"state_precision": "bf16"}),
+         "fp32 to bf16": ({}, {"state_precision": "bf16"}),
+         "nearest to stochastic": ({"state_precision": "8bit"}, {"state_rounding": "stochastic"})}
+
+
+@pytest.mark.parametrize("backend", KERNELS + ["torch"])
+@pytest.mark.parametrize("edit", EDITS)
+def test_a_group_given_other_storage_options_steps_as_a_checkpoint_saved_with_them(edit, backend):
+    """Storage options edited into a group between steps take effect at the next step, on the
+    kernels as on the reference: the states are converted, and the run goes on bit for bit as one
+    restored from a checkpoint whose group holds the new options."""
+    before, after = EDITS[edit]
+    ours_params, theirs_params = make_params(21), make_params(21)
+    ours, theirs = (build("adam", params, backend, **before) for params in (ours_params, theirs_params))
+    step_both(ours, theirs, ours_params, theirs_params, seed=22)
+    saved = theirs.state_dict()
+    for group in saved["param_groups"]:
+        group.update(after)
+    theirs = build("adam", theirs_params, backend, **before)
+    theirs.load_state_dict(saved)
+    ours.param_groups[0].update(after)
+    step_both(ours, theirs, ours_params, theirs_params, seed=23)
+    assert_same_run(ours, theirs, ours_params, theirs_params)
+    old, new = (options.get("state_precision", ours.param_groups[0].get("state_precision", "fp32"))
+                for options in (before, after))
+    for p in ours_params:  # each state in the format the group now asks for; bf16 ones stay bf16
+        kept = formats.state_format(old, p) == formats.BF16
+        for key in ("exp_avg", "exp_avg_sq"):
+            expected = formats.BF16 if kept else formats.state_format(new, p)
+            assert formats.format_of(ours.state[p], key, p) == expected, (p.shape, key)
+    if backend != "torch":
+        assert all(not plan.reference_params for plan in ours._plans.values()), "a param took the reference"
+        if "state_rounding" in after:
+            assert all(bucket.storage.state_rounding == "stochastic" for plan in ours._plans.values()
+                       for bucket in plan.buckets)
+
+
+@pytest.mark.parametrize("backend", KERNELS + ["torch"])
+@pytest.mark.parametrize("key, value", [("state_precision", "fp16"), ("state_precision", "int4"),
+                                        ("state_rounding", "up")])
+def test_storage_options_that_are_none_of_theirs_raise_at_the_step_and_at_loading(key, value, backend):
+    params = make_params(24)
+    optimizer = build("adam", params, backend, state_precision="8bit")
+    step_both(optimizer, optimizer, params, params, seed=25, steps=1)
+    saved = optimizer.state_dict()
+    before = [p.detach().clone() for p in params]
+    optimizer.param_groups[0][key] = value
+    with pytest.raises(ValueError, match=f"Invalid {key}: {value!r}"):
+        step_both(optimizer, optimizer, params, params, seed=26, steps=1)
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+    saved["param_groups"][0][key] = value
+    target = build("adam", make_params(24), backend, state_precision="8bit")
+    with pytest.raises(ValueError, match=f"Invalid {key}"):
+        target.load_state_dict(saved)
+    assert len(target.state) == 0 and target.param_groups[0].get(key) != value
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_sgds_momentum_buffer_of_a_sparse_grad_stays_sparse_as_in_torch(precision):
+    """torch.optim keeps a sparse momentum buffer for a sparse grad; no format stores one."""
+    ours_param, theirs_param = (torch.nn.Parameter(torch.ones(64, 64)) for _ in range(2))
+    ours = fusedopt.SGD([ours_param], lr=0.1, momentum=0.9, state_precision=precision)
+    theirs = torch.optim.SGD([theirs_param], lr=0.1, momentum=0.9)
+    for step in range(3):
+        indices = torch.tensor([[0, 5, step], [1, 2, 63]])
+        grad = torch.sparse_coo_tensor(indices, torch.tensor([1.0, -2.0, 0.5]), (64, 64))
+        ours_param.grad, theirs_param.grad = grad.clone(), grad.clone()
+        ours.step()
+        theirs.step()
+    assert torch.equal(ours_param, theirs_param)
+    buffer = ours.state[ours_param]["momentum_buffer"]
+    assert buffer.is_sparse and torch.equal(buffer.to_dense(), theirs.state[theirs_param]["momentum_buffer"].to_dense())
+
+
+@pytest.mark.parametrize("precision", ["fp32", *PRECISIONS])
+def test_a_none_momentum_buffer_of_an_old_torch_checkpoint_starts_from_the_grad(precision):
+    """torch.optim.SGD saved {"momentum_buffer": None} for momentum=0 (torch 2.0 and before); it
+    loads it, and with momentum on starts the buffer from the grad."""
+    ours_param, theirs_param = (torch.nn.Parameter(torch.ones(64, 64)) for _ in range(2))
+    saved = {"state": {0: {"momentum_buffer": None}},
+             "param_groups": [dict(lr=0.1, momentum=0.9, dampening=0, weight_decay=0, nesterov=False,
+                                   maximize=False, foreach=None, differentiable=False, fused=None, params=[0])]}
+    ours = fusedopt.SGD([ours_param], lr=0.1, momentum=0.9, state_precision=precision)
+    theirs = torch.optim.SGD([theirs_param], lr=0.1, momentum=0.9)
+    ours.load_state_dict(saved)
+    theirs.load_state_dict(saved)
+    generator = torch.Generator().manual_seed(27)
+    for _ in range(2):
+        grad = torch.randn(64, 64, generator=generator)
+        ours_param.grad, theirs_param.grad = grad.clone(), grad.clone()
+        ours.step()
+        theirs.step()
+    assert_close(ours_param.detach(), theirs_param.detach(), rtol=1e-2, atol=1e-3, name=precision)
+    assert formats.format_of(ours.state[ours_param], "momentum_buffer", ours_param) == \
+        formats.state_format(precision, ours_param)
+
+
+MASTER_SETTINGS = {"fp32 copy": True, "remainder": "remainder", "none": False}
+
+
+@pytest.mark.parametrize("backend", KERNELS + ["torch"])
+@pytest.mark.parametrize("saved_with, loaded_into", [("fp32 copy", "remainder"), ("remainder", "fp32 copy"),
+                                                     ("fp32 copy", "none"), ("remainder", "none")])
+def test_a_checkpoint_of_another_master_weights_setting_converts_or_drops_its_master(saved_with, loaded_into,
+                                                                                     backend):
+    """A bf16 param's master saved under one master_weights setting: converted where the loading
+    optimizer keeps the other kind (the same master bit for bit, so the run goes on exactly), and
+    dropped where it keeps none (stale after its first step, it must not come back later)."""
+    params = make_params(28, dtype=torch.bfloat16)
+    saving = build("adam", params, backend, master_weights=MASTER_SETTINGS[saved_with])
+    step_both(saving, saving, params, params, seed=29, steps=3)
+    loaded_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    loading = build("adam", loaded_params, backend, master_weights=MASTER_SETTINGS[loaded_into])
+    buffer = io.BytesIO()
+    torch.save(saving.state_dict(), buffer)
+    buffer.seek(0)
+    loading.load_state_dict(torch.load(buffer, weights_only=True))
+    kept = {"fp32 copy": "master_param", "remainder": "master_remainder", "none": None}[loaded_into]
+    for p in loaded_params:
+        assert [key for key in formats.MASTER_KEYS if key in loading.state[p]] == ([kept] if kept else [])
+    if kept is None:  # the params move without a master; one kept again later starts from them
+        step_both(loading, loading, loaded_params, loaded_params, seed=30, steps=2)
+        again = build("adam", loaded_params, backend, master_weights=MASTER_SETTINGS[saved_with])
+        again.load_state_dict(loading.state_dict())
+        for p in loaded_params:
+            master = again.state[p]["master_param" if saved_with == "fp32 copy" else "master_remainder"]
+            assert torch.equal(master, p.detach().float()) if saved_with == "fp32 copy" else not master.any()
+        return
+    step_both(saving, loading, params, loaded_params, seed=32, steps=3)
+    assert all(torch.equal(p, q) for p, q in zip(params, loaded_params))
+
+
+def test_a_checkpoint_with_other_groups_gets_torchs_message_and_scales_load_as_fp32():
+    params = make_params(33)
+    optimizer = build("adam", params, "torch", state_precision="8bit")
+    step_both(optimizer, optimizer, params, params, seed=34, steps=1)
+    saved = optimizer.state_dict()
+    two_groups = build("adam", [{"params": params[:2]}, {"params": params[2:]}], "torch", state_precision="8bit")
+    with pytest.raises(ValueError, match="different number of parameter groups"):
+        two_groups.load_state_dict(saved)
+    fewer = build("adam", params[:-1], "torch", state_precision="8bit")
+    with pytest.raises(ValueError, match="doesn't match the size of optimizer's group"):
+        fewer.load_state_dict(saved)
+    for values in saved["state"].values():
+        for key in [key for key in values if key.endswith(formats.SCALES)]:
+            values[key] = values[key].double()
+    twin = build("adam", make_params(33), "torch", state_precision="8bit")
+    twin.load_state_dict(saved)
+    assert all(value.dtype == torch.float32 for values in twin.state.values() for key, value in values.items()
+               if key.endswith(formats.SCALES))
