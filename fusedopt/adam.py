@@ -186,6 +186,10 @@ class Adam(FusedOptimizer):
                                ("differentiable", False), ("fused", None), ("decoupled_weight_decay", False)):
                 group.setdefault(key, value)
 
+    def check_grad(self, grad):
+        if grad.is_sparse:  # torch.optim's words, AdamW's included
+            raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
+
     def lerped_state_keys(self, group):
         return ("exp_avg",)
 

@@ -248,6 +248,16 @@ def test_sparse_grad_raises_runtime_error_like_torch(name, dense_steps, backend,
                                 backend)
 
 
+@pytest.mark.parametrize("name", [name for name in DENSE_ONLY if BY_CLASS[name].twin is not None])
+def test_sparse_grad_refusal_says_what_torch_says(name):
+    messages = []
+    for optimizer_class in (BY_CLASS[name].twin, getattr(fusedopt, name)):
+        with pytest.raises(RuntimeError) as info:
+            _step_sparse_after(0, "cpu", optimizer_class)
+        messages.append(str(info.value))
+    assert messages[1] == messages[0]
+
+
 SPARSE_OPTIONS = [pytest.param(name, options, id="-".join([name, *options]))
                   for name in SPARSE for options in BY_CLASS[name].sparse_options]
 
