@@ -449,8 +449,9 @@ class FusedOptimizer(Optimizer):
             self._check_capturable_device(param)
         self.check_grad(grad)
         state = self.state.get(param)
-        for key in [key for key, value in state.items() if value is None] if state else ():
-            del state[key]  # torch.optim's None momentum buffer (its old checkpoints): none yet
+        for key in self._state_keys(group) if state else ():
+            if key in state and state[key] is None:
+                del state[key]  # torch.optim's None momentum buffer (its old checkpoints): none yet
         if not state:
             self.init_state(param, group)
         else:
