@@ -119,6 +119,7 @@ class Adagrad(FusedOptimizer):
         for group in self.param_groups:
             for param in group["params"]:
                 self.init_state(param, group)
+                self._prepare_master(param)  # with the state, so that a state_dict() names it (DCP's template)
 
     def __setstate__(self, state):
         super().__setstate__(state)

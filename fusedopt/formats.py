@@ -12,6 +12,7 @@ shard, which holds whole dim-0 slices, never splits one, and the scales (one per
 (rows, row // QUANT_BLOCK)) shard with the param; a param whose rows cannot be cut so (1-D, or a
 row length that is not a multiple of QUANT_BLOCK) takes bf16, which needs no blocks.
 """
+import math
 from typing import NamedTuple
 
 import torch
@@ -228,6 +229,11 @@ def _blocks(values):
     return values.float().reshape(-1, QUANT_BLOCK)
 
 
+def _scales_shaped(scales, values):
+    """A block's scales as (rows, blocks per row) of `values` (a shard may have no rows)."""
+    return scales.reshape(values.shape[0], math.prod(values.shape[1:]) // QUANT_BLOCK)
+
+
 def _to_code(scaled, generator):
     """Round to a code: to nearest (ties to even), or up with probability the fraction (generator)."""
     if generator is None:
@@ -243,7 +249,7 @@ def encode_signed(values, generator=None):
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
     codes = _to_code(blocks * (SIGNED_CODES / safe)[:, None], generator).clamp(-SIGNED_CODES, SIGNED_CODES)
     codes = torch.nan_to_num(codes, nan=0.0)  # a NaN's code: 0 (its block's scale is NaN)
-    return codes.to(torch.int8).reshape(values.shape), scales.reshape(values.shape[0], -1)
+    return codes.to(torch.int8).reshape(values.shape), _scales_shaped(scales, values)
 
 
 def decode_signed(codes, scales):
@@ -261,7 +267,7 @@ def encode_unsigned(values, generator=None):
     codes = _to_code(roots * (UNSIGNED_CODES / safe)[:, None], generator).clamp(0, UNSIGNED_CODES)
     codes = torch.where((roots > 0) & (codes == 0), torch.ones_like(codes), codes)
     codes = torch.nan_to_num(codes, nan=0.0)
-    return codes.to(torch.uint8).reshape(values.shape), scales.reshape(values.shape[0], -1)
+    return codes.to(torch.uint8).reshape(values.shape), _scales_shaped(scales, values)
 
 
 def decode_unsigned(codes, scales):

@@ -106,6 +106,13 @@ def rounded_reference_step(optimizer, group, params, grads):
                 lambda key, index=index: (optimizer.rounding_seed, count, index, 1 + keys.index(key)))
 
 
+def master_rounds_to(master, param):
+    """Whether the bf16 `param` is its fp32 `master` rounded to nearest, as the step leaves it
+    (shard by shard): else the param was written since, and the master is stale."""
+    local = distributed.local_tensor
+    return torch.equal(local(master).to(torch.bfloat16), local(param).detach())
+
+
 def master_from(param, state, key):
     """A bf16 param's master in the form `key` names ("master_param": an fp32 copy;
     "master_remainder"), from the other form in its `state`: the same master bit for bit. (From a

@@ -739,3 +739,28 @@ def test_a_checkpoint_with_other_groups_gets_torchs_message_and_scales_load_as_f
     twin.load_state_dict(saved)
     assert all(value.dtype == torch.float32 for values in twin.state.values() for key, value in values.items()
                if key.endswith(formats.SCALES))
+
+
+@pytest.mark.parametrize("encode", [formats.encode_signed, formats.encode_unsigned])
+def test_a_shard_without_rows_encodes_to_no_codes_and_no_scales(encode):
+    """An FSDP2 shard of a param with fewer rows than ranks holds none."""
+    codes, scales = encode(torch.zeros(0, 4096))
+    assert codes.shape == (0, 4096) and scales.shape == (0, 64)
+
+
+@pytest.mark.parametrize("master_weights", [True, "remainder"])
+def test_adagrads_master_is_made_with_its_state_and_follows_a_param_written_before_the_first_step(master_weights):
+    """Adagrad makes its state in its constructor, as torch does: the master with it, so that the
+    state_dict torch.distributed.checkpoint loads into names it; a param written after that (a
+    model's load_state_dict) is the one the first step starts from."""
+    params, later = make_params(35, dtype=torch.bfloat16), make_params(36, dtype=torch.bfloat16)
+    optimizer = build("adagrad", params, "numba", master_weights=master_weights)
+    key = "master_param" if master_weights is True else "master_remainder"
+    assert all(key in values for values in optimizer.state_dict()["state"].values())
+    with torch.no_grad():
+        for p, q in zip(params, later):
+            p.copy_(q)
+    twin_params = [torch.nn.Parameter(q.detach().clone()) for q in later]
+    twin = build("adagrad", twin_params, "numba", master_weights=master_weights)
+    step_both(optimizer, twin, params, twin_params, seed=37, steps=2)
+    assert all(torch.equal(p, q) for p, q in zip(params, twin_params))
