@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import load_block, locate_block, tensor_pointer
+from .multi_tensor import load_block, locate_block, tensor_pointer, tl_max, tl_sum
 
 # Norm kinds, a constexpr of the kernel.
 TWO_NORM, INF_NORM, P_NORM = 0, 1, 2
@@ -27,13 +27,13 @@ def block_partial(grad, norm_type, NORM: tl.constexpr):
     magnitude = tl.abs(grad)
     nonfinite = (grad - grad) != 0  # inf - inf and NaN - NaN are NaN
     if NORM == 0:
-        partial = tl.sum(grad * grad)
+        partial = tl_sum(grad * grad)
     elif NORM == 1:
         # tl.max may drop NaN: add the block's NaNs (NaN + x is NaN) so that they reach the norm
-        partial = tl.max(magnitude) + tl.sum(tl.where(grad != grad, grad, 0.0))
+        partial = tl_max(magnitude) + tl_sum(tl.where(grad != grad, grad, 0.0))
     else:
-        partial = tl.sum(tl.exp2(norm_type * tl.log2(magnitude)))  # |0|^p: exp2(-inf) = 0
-    return partial, tl.sum(nonfinite.to(grad.dtype))
+        partial = tl_sum(tl.exp2(norm_type * tl.log2(magnitude)))  # |0|^p: exp2(-inf) = 0
+    return partial, tl_sum(nonfinite.to(grad.dtype))
 
 
 @triton.jit(do_not_specialize=["num_tensors", "num_blocks"])

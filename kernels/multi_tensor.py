@@ -2,7 +2,10 @@
 block of every tensor in a bucket), the one update kernel every rule runs through, the shared
 @triton.jit helpers, and each rule's equations (fusedopt.spec) compiled with Triton's arithmetic.
 """
+import ast
+import inspect
 import os
+import textwrap
 import types
 
 import triton
@@ -15,6 +18,36 @@ from ..tables import GroupStep, count_launch, launch_count  # noqa: F401 (the ke
 
 # Whether triton.jit defines the kernels below for its interpreter (they then take CPU tensors).
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def interpreted_copy(function, made):
+    """Triton's own @triton.jit `function` as the interpreter runs it, and in it the library
+    functions it calls: triton defines its library when it is first imported, which torch.compile's
+    machinery may do before the interpreter is turned on (fusedopt.backends); the interpreter
+    cannot call the compiler's functions. (Functions passed, not called, such as a reduction's
+    combine, the interpreter takes as they are.)"""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    if not isinstance(function, JITFunction):
+        return function
+    if function not in made:
+        python = function.fn
+        scope = dict(python.__globals__)
+        made[function] = InterpretedFunction(types.FunctionType(python.__code__, scope, python.__name__,
+                                                                python.__defaults__, python.__closure__))
+        tree = ast.parse(textwrap.dedent(inspect.getsource(python)))
+        called = {node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+        for name in called & scope.keys():
+            scope[name] = interpreted_copy(scope[name], made)
+    return made[function]
+
+
+# The library functions the kernels call, as the interpreter can run them where it is on
+tl_max, tl_sum, tl_philox = tl.max, tl.sum, tl.philox
+if INTERPRETED:
+    _made = {}
+    tl_max, tl_sum, tl_philox = (interpreted_copy(function, _made) for function in (tl.max, tl.sum, tl.philox))
 
 # 8 warps over 2048 elements: 8 elements per thread, two 16-byte accesses per fp32 stream, which
 # keeps Adam with AMSGrad (5 streams) well under the register limit on sm_80 and sm_90.
@@ -416,8 +449,8 @@ def store_state(values_ptr, scales_ptr, offsets, start, numel, values, random_bi
         grouped = tl.reshape(values, (BLOCK // QUANT_BLOCK, QUANT_BLOCK))
         if FORMAT == Q8_UNSIGNED:
             grouped = tl.sqrt_rn(tl.maximum(grouped, 0.0, propagate_nan=tl.PropagateNan.ALL))
-        largest = tl.max(tl.abs(grouped), axis=1)
-        has_nan = tl.max((grouped != grouped).to(tl.int32), axis=1) > 0  # tl.max may drop a NaN
+        largest = tl_max(tl.abs(grouped), axis=1)
+        has_nan = tl_max((grouped != grouped).to(tl.int32), axis=1) > 0  # tl.max may drop a NaN
         scales = tl.where(has_nan, float("nan"), largest)
         safe = tl.where(scales > 0, scales, 1.0)
         # one correctly rounded division per block (`/` on a GPU is approximate), then a multiply
@@ -573,7 +606,7 @@ def update_kernel(
             # random bits that depend only on the seed, the element, the tensor and the group's step
             # count: reproducible, and fresh at every replay of a captured graph; one stream for the
             # param, one for each state slot
-            random_streams = tl.philox(tl.load(rounding_seed), offsets.to(tl.int32), tensor.to(tl.int32),
+            random_streams = tl_philox(tl.load(rounding_seed), offsets.to(tl.int32), tensor.to(tl.int32),
                                        tl.load(group_step).to(tl.int32), 0)
         if full:
             update_block(param_ptr, master_ptr, grad_ptr, value_ptrs, scale_ptrs, offsets, start, numel,

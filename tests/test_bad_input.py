@@ -366,6 +366,29 @@ def test_triton_backend_on_cpu_without_cuda_turns_the_interpreter_on():
     assert int(lines[-1]) == len(NAMES)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the kernels are compiled, not interpreted")
+def test_the_interpreter_turned_on_after_triton_was_imported_runs_every_kernel():
+    """fusedopt's import loads triton (through torch.compile's machinery) before the interpreter is
+    on: the library functions the kernels call (reductions of 8-bit blocks and of grad norms,
+    Philox bits) still run, and the results are those of a process started with it on."""
+    code = """
+        import torch
+        import fusedopt
+
+        generator = torch.Generator().manual_seed(0)
+        for options in (dict(state_precision="8bit"), dict(state_precision="8bit", state_rounding="stochastic"),
+                        dict(max_grad_norm=1.0)):
+            params = [torch.nn.Parameter(torch.randn(128, 64, generator=generator))]
+            optimizer = fusedopt.AdamW(params, backend="triton", **options)
+            for _ in range(2):
+                params[0].grad = torch.randn(128, 64, generator=generator)
+                optimizer.step()
+            print(params[0].detach().double().sum().item())
+    """
+    lines = [run_python(code, env).stdout.split() for env in ({}, {"TRITON_INTERPRET": "1"})]
+    assert len(lines[0]) == 3 and lines[0] == lines[1], lines
+
+
 def test_triton_backend_on_cpu_tensors_with_the_interpreter_off_raises_runtime_error():
     result = run_python(STEP_EACH_CLASS_ON_CPU, {"TRITON_INTERPRET": "0"})
     assert result.returncode == 0, result.stderr
