@@ -15,8 +15,8 @@ from . import arguments, compiled, distributed, epilogue, formats, reference
 from .backends import resolve_backend, runs_on_kernels
 from .device_schedule import DeviceSchedule, advance_group_step
 from .plan import GroupPlan, grad_of
-from .rounding import (check_rounding_seed, keeps_master, master_from, master_key, master_rounds_to,
-                       param_rounding, rounded_reference_step)
+from .rounding import (check_rounding_seed, follow_written_param, keeps_master, master_from,
+                       master_key, param_rounding, rounded_reference_step)
 from .state import counted, plain
 from .steps import STEP_NOT_A_TENSOR, as_float, as_step_tensor, scalar_step_tensor
 from .tables import GroupStep, step_buffer
@@ -467,13 +467,14 @@ class FusedOptimizer(Optimizer):
         16-bit remainder), made where it is missing: from the other kind, where a checkpoint of the
         other setting left one, else from the param. A master the optimizer does not keep (left
         by a checkpoint of another setting) leaves the state: stale after any step, it must not
-        be taken up later. An fp32 copy the param is no longer rounded from is made again from the
-        param (checked where the params are planned, not at every step)."""
+        be taken up later. Where a param is no longer its fp32 copy rounded, the copy takes the
+        param's value (checked where the params are planned, not at every step)."""
         key = master_key(self.param_rounding) if self._keeps_master(param) else None
         state = self.state[param] if key is not None else self.state.get(param, {})  # (no empty entry, as in torch)
         other = [name for name in formats.MASTER_KEYS if name != key and name in state]
-        if key == "master_param" and key in state and not master_rounds_to(state[key], param):
-            del state[key]  # the param was written since (a model's load_state_dict): the param is the truth
+        if key == "master_param" and key in state:
+            with torch.no_grad():
+                follow_written_param(state[key], param)
         if key is not None and key not in state:
             with torch.inference_mode(False), torch.no_grad():  # fusedopt's own: never an inference tensor
                 if other:  # the same master in the other form, bit for bit

@@ -106,23 +106,27 @@ def rounded_reference_step(optimizer, group, params, grads):
                 lambda key, index=index: (optimizer.rounding_seed, count, index, 1 + keys.index(key)))
 
 
-def master_rounds_to(master, param):
-    """Whether the bf16 `param` is its fp32 `master` rounded to nearest, as the step leaves it
-    (shard by shard): else the param was written since, and the master is stale."""
+def follow_written_param(master, param):
+    """Where the bf16 `param` is no longer its fp32 `master` rounded to nearest, as the step leaves
+    it, the param was written since (a model's load_state_dict): there the master becomes the
+    param (in place, shard by shard; a NaN stays a NaN)."""
     local = distributed.local_tensor
-    return torch.equal(local(master).to(torch.bfloat16), local(param).detach())
+    master, param = local(master), local(param).detach()
+    master.copy_(torch.where(master.to(torch.bfloat16) == param, master, param.float()))
 
 
 def master_from(param, state, key):
     """A bf16 param's master in the form `key` names ("master_param": an fp32 copy;
-    "master_remainder"), from the other form in its `state`: the same master bit for bit. (From a
-    copy, the param becomes the copy rounded ties away from zero, as a remainder's param is: it
-    moves only where the copy lies exactly halfway between two bf16 values.)"""
+    "master_remainder"), from the other form in its `state`: the same master bit for bit. The
+    param becomes the master rounded as the new form rounds it (to nearest even for a copy, ties
+    away from zero beside a remainder): it moves only where the master lies exactly halfway
+    between two bf16 values."""
     local = distributed.local_tensor
     target = torch.empty_like(local(param), dtype=torch.float32 if key == "master_param" else torch.int16,
                               memory_format=torch.preserve_format)
     if key == "master_param":
         target.copy_(join_master(local(param), local(state["master_remainder"])))
+        local(param).copy_(target)
     else:
         high, remainder = split_master(local(state["master_param"]))
         local(param).copy_(high)

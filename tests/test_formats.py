@@ -718,7 +718,43 @@ def test_a_checkpoint_of_another_master_weights_setting_converts_or_drops_its_ma
             assert torch.equal(master, p.detach().float()) if saved_with == "fp32 copy" else not master.any()
         return
     step_both(saving, loading, params, loaded_params, seed=32, steps=3)
-    assert all(torch.equal(p, q) for p, q in zip(params, loaded_params))
+    for optimizer, group_params in ((saving, params), (loading, loaded_params)):
+        for p in group_params:  # each param its master rounded as its form rounds
+            state = optimizer.state[p]
+            expected = split_master(master_of(state, p))[0] if "master_remainder" in state else \
+                state["master_param"].bfloat16()
+            assert torch.equal(p.detach(), expected)
+    for p, q in zip(params, loaded_params):  # the same masters: the run went on exactly
+        assert torch.equal(master_of(saving.state[p], p).view(torch.int32),
+                           master_of(loading.state[q], q).view(torch.int32))
+
+
+def master_of(state, param):
+    return join_master(param.detach(), state["master_remainder"]) if "master_remainder" in state else \
+        state["master_param"]
+
+
+@pytest.mark.parametrize("backend", KERNELS + ["torch"])
+def test_a_remainder_at_a_tie_converts_to_the_same_master_and_its_param_to_nearest_even(backend):
+    """A master exactly halfway between two bf16 values: its remainder's param is rounded away from
+    zero, its fp32 copy's to nearest even; the conversion keeps the master and moves the param."""
+    params = make_params(38, shapes=[(37, 128)], dtype=torch.bfloat16)
+    saving = build("adam", params, backend, master_weights="remainder")
+    step_both(saving, saving, params, params, seed=39, steps=1)
+    saved = saving.state_dict()
+    masters = join_master(params[0].detach(), saved["state"][0]["master_remainder"])
+    bits = masters.view(torch.int32) & ~0xFFFF | 0x8000  # halfway: low half exactly 0x8000
+    ties = bits.view(torch.float32)
+    high, remainder = split_master(ties)
+    loaded_params = [torch.nn.Parameter(high.clone())]
+    saved["state"][0]["master_remainder"] = remainder
+    loading = build("adam", loaded_params, backend, master_weights=True)
+    loading.load_state_dict(saved)
+    master = loading.state[loaded_params[0]]["master_param"]
+    assert torch.equal(master.view(torch.int32), ties.view(torch.int32))
+    assert torch.equal(loaded_params[0].detach(), ties.bfloat16()) and not torch.equal(high, ties.bfloat16())
+    loading._prepare_master(loaded_params[0])  # as the first step's plan does: the master stays
+    assert torch.equal(loading.state[loaded_params[0]]["master_param"].view(torch.int32), ties.view(torch.int32))
 
 
 def test_a_checkpoint_with_other_groups_gets_torchs_message_and_scales_load_as_fp32():
@@ -764,3 +800,23 @@ def test_adagrads_master_is_made_with_its_state_and_follows_a_param_written_befo
     twin = build("adagrad", twin_params, "numba", master_weights=master_weights)
     step_both(optimizer, twin, params, twin_params, seed=37, steps=2)
     assert all(torch.equal(p, q) for p, q in zip(params, twin_params))
+
+
+def test_a_nan_in_a_master_leaves_the_others_where_the_params_are_planned_again():
+    """A replan (here: the optimizer's own state dict loaded back) checks each param against its
+    fp32 master: an element whose param is NaN, as its master is, is no param written since."""
+    runs = []
+    for reload in (False, True):
+        params = make_params(41, shapes=[(64, 128)], dtype=torch.bfloat16)
+        optimizer = build("adam", params, "numba", master_weights=True)
+        generator = torch.Generator().manual_seed(42)
+        for step in range(3):
+            grad = give_grads(params, generator)[0]
+            if step == 1:
+                grad[0, 7] = math.nan
+            if step == 2 and reload:
+                optimizer.load_state_dict(optimizer.state_dict())
+            params[0].grad = grad
+            optimizer.step()
+        runs.append(optimizer.state[params[0]]["master_param"])
+    assert torch.equal(runs[0].nan_to_num(0.0), runs[1].nan_to_num(0.0)) and int(runs[1].isnan().sum()) == 1
