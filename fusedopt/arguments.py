@@ -46,8 +46,9 @@ SHARED_ARGUMENTS = (
     SharedArgument(
         "master_weights", False, "bool or str",
         "keep an fp32 master of each bf16 param in its state, update it and store the param as the master "
-        "rounded to nearest: True, an fp32 copy (``state['master_param']``); \"remainder\", the bf16 param and a "
-        "16-bit remainder (``state['master_remainder']``), the same numbers for 2 bytes per param instead of 4; "
+        "rounded to nearest, ties away from zero: True, an fp32 copy (``state['master_param']``); "
+        "\"remainder\", the bf16 param and a 16-bit remainder (``state['master_remainder']``), the same numbers "
+        "for 2 bytes per param instead of 4; "
         "an alternative to stochastic_rounding (default: False)"),
     SharedArgument("rounding_seed", 0, "int", "the seed of stochastic rounding, in [0, 2**63) (default: 0)"),
     SharedArgument(

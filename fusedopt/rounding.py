@@ -79,11 +79,11 @@ def rounded_reference_step(optimizer, group, params, grads):
     optimizer.reference_step(group, params, grads, targets if any(rounded) else None)
     with torch.no_grad():
         for index, (p, target, flag) in enumerate(zip(params, targets, rounded)):
-            if not flag or rounding == "master":
-                if flag:
-                    p.copy_(target)
-                continue
             local = distributed.local_tensor
+            if not flag or rounding == "master":
+                if flag:  # rounded as beside a remainder (split_master): the same params
+                    local(p).copy_(split_master(local(target))[0])
+                continue
             if rounding == "remainder":
                 param, remainder = split_master(local(target))
                 local(p).copy_(param)
@@ -107,26 +107,26 @@ def rounded_reference_step(optimizer, group, params, grads):
 
 
 def follow_written_param(master, param):
-    """Where the bf16 `param` is no longer its fp32 `master` rounded to nearest, as the step leaves
-    it, the param was written since (a model's load_state_dict): there the master becomes the
-    param (in place, shard by shard; a NaN stays a NaN)."""
+    """Where the bf16 `param` is no longer its fp32 `master` rounded to nearest (ties away from
+    zero, as the step leaves it, or to even, as earlier versions did), the param was written since
+    (a model's load_state_dict): there the master becomes the param (in place, shard by shard; a
+    NaN stays a NaN)."""
     local = distributed.local_tensor
     master, param = local(master), local(param).detach()
-    master.copy_(torch.where(master.to(torch.bfloat16) == param, master, param.float()))
+    rounded = (split_master(master)[0] == param) | (master.to(torch.bfloat16) == param)
+    master.copy_(torch.where(rounded, master, param.float()))
 
 
 def master_from(param, state, key):
     """A bf16 param's master in the form `key` names ("master_param": an fp32 copy;
-    "master_remainder"), from the other form in its `state`: the same master bit for bit. The
-    param becomes the master rounded as the new form rounds it (to nearest even for a copy, ties
-    away from zero beside a remainder): it moves only where the master lies exactly halfway
-    between two bf16 values."""
+    "master_remainder"), from the other form in its `state`: the same master bit for bit. (From a
+    copy, the param becomes the copy rounded ties away from zero, as the step leaves it: it moves
+    only where a checkpoint of an earlier version rounded a tie to even.)"""
     local = distributed.local_tensor
     target = torch.empty_like(local(param), dtype=torch.float32 if key == "master_param" else torch.int16,
                               memory_format=torch.preserve_format)
     if key == "master_param":
         target.copy_(join_master(local(param), local(state["master_remainder"])))
-        local(param).copy_(target)
     else:
         high, remainder = split_master(local(state["master_param"]))
         local(param).copy_(high)

@@ -369,22 +369,23 @@ def load_param(param_ptr, master_ptr, offsets, numel, ROUNDING: tl.constexpr, FU
 @triton.jit
 def store_param(param_ptr, master_ptr, offsets, numel, values, random_bits, ROUNDING: tl.constexpr,
                 FULL: tl.constexpr):
-    """Store the updated param: into the fp32 master copy too (MASTER), and into the param rounded
-    to nearest; or (STOCHASTIC, bf16) rounded stochastically with `random_bits` (which depend only
-    on the seed, the element, the tensor and the group's step count: reproducible, replayable); or
-    (REMAINDER) as the bf16 param, rounded to nearest with ties away from zero, and the 16-bit
-    remainder that gives the fp32 master back exactly."""
-    if ROUNDING == MASTER:
-        store_block(master_ptr, offsets, numel, values, FULL)
+    """Store the updated param: (STOCHASTIC, bf16) rounded stochastically with `random_bits` (which
+    depend only on the seed, the element, the tensor and the group's step count: reproducible,
+    replayable); beside its fp32 master (MASTER, REMAINDER) as the bf16 param rounded to nearest
+    with ties away from zero, and the master: the fp32 copy, or the 16-bit remainder that gives it
+    back exactly (the same params either way); else rounded to nearest."""
     if ROUNDING == STOCHASTIC:
         store_values(param_ptr, offsets, numel, stochastic_round_to_bfloat16(values, random_bits), FULL)
-    elif ROUNDING == REMAINDER:
+    elif ROUNDING == MASTER or ROUNDING == REMAINDER:
         bits = values.to(tl.uint32, bitcast=True)
         high = (bits + 0x8000) >> 16
         remainder = (bits - (high << 16)).to(tl.uint16).to(tl.int16, bitcast=True)
         high = tl.where(values != values, 0x7FC0, high)  # NaN stays NaN (carry could flip it)
         store_values(param_ptr, offsets, numel, high.to(tl.uint16).to(tl.bfloat16, bitcast=True), FULL)
-        store_values(master_ptr, offsets, numel, remainder, FULL)
+        if ROUNDING == MASTER:
+            store_block(master_ptr, offsets, numel, values, FULL)
+        else:
+            store_values(master_ptr, offsets, numel, remainder, FULL)
     else:
         store_block(param_ptr, offsets, numel, values, FULL)
 

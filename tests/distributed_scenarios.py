@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusedopt.registry import RULES as REGISTRY
+from fusedopt.rounding import split_master
 
 # ---- the scenarios' setting ----
 
@@ -651,7 +652,7 @@ def fsdp2_bf16_master(rule, backend):
         if master.dtype != torch.float32 or master.shape != p.shape:
             record["master_layout"].append(f"{name}: master {master.dtype}{tuple(master.shape)}")
         master_value, param_value = full(master), full(p.detach())
-        if not torch.equal(master_value.to(torch.bfloat16), param_value):
+        if not torch.equal(split_master(master_value)[0], param_value):
             record["param_is_rounded_master"].append(f"{name}: param != master rounded to nearest bf16")
         fp32_value = full(fp32_params[name].detach())
         moved = (fp32_value - start[name]).abs().max().item()

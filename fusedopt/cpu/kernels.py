@@ -526,9 +526,9 @@ def walk_block(numbers, table, tensor, start, count, like, param, master, grad, 
             s2 = READ2(values2_of, index, unit2, g)
             # (param, *states), padded so that every slot index below exists
             updated = UPDATE(p, g, *(s0, s1, s2)[:SLOTS], numbers, OPTIONS) + (g, g, g)
-            if ROUNDING == MASTER:
+            if ROUNDING == MASTER:  # the bf16 param rounded as beside a remainder: the same params
                 master_of[index] = np.float32(updated[0])
-                store_nearest(param_of, index, updated[0])
+                param_of[index] = split_master(np.float32(updated[0]))[0]
             elif ROUNDING == REMAINDER:
                 param_of[index], master_of[index] = split_master(np.float32(updated[0]))
             elif ROUNDING == STOCHASTIC:
