@@ -192,4 +192,6 @@ class SGD(FusedOptimizer):
             for param, buffer in zip(params, buffers):
                 state = self.state[param]
                 if state.get("momentum_buffer") is not buffer:  # a new buffer (no needless state change)
-                    state["momentum_buffer"] = buffer
+                    # in the param's dtype, as torch.optim and the kernels keep it (the step of a bf16
+                    # param through its fp32 master made it from fp32 values)
+                    state["momentum_buffer"] = buffer if buffer.is_sparse else buffer.to(param.dtype)

@@ -144,3 +144,15 @@ def test_stochastic_rounding_and_master_weights_are_exclusive():
 def test_bad_rounding_seed_raises_value_error(seed):
     with pytest.raises(ValueError):
         fusedopt.SGD([torch.zeros(3, requires_grad=True)], lr=0.1, stochastic_rounding=True, rounding_seed=seed)
+
+
+@pytest.mark.parametrize("rounding", [dict(master_weights=True), dict(master_weights="remainder"),
+                                      dict(stochastic_rounding=True)])
+def test_sgds_first_momentum_buffer_of_a_bf16_param_is_bf16_on_the_reference_too(rounding):
+    """The step of a bf16 param through fp32 (its master, or a copy rounded back) makes SGD's first
+    buffer from fp32 values: it is kept in the param's dtype, as torch.optim and the kernels keep it."""
+    param = torch.nn.Parameter(torch.randn(64, 128).bfloat16())
+    optimizer = fusedopt.SGD([param], lr=0.05, momentum=0.9, weight_decay=0.1, backend="torch", **rounding)
+    param.grad = torch.randn(64, 128).bfloat16()
+    optimizer.step()
+    assert optimizer.state[param]["momentum_buffer"].dtype == torch.bfloat16
