@@ -189,9 +189,10 @@ class SGD(FusedOptimizer):
                                 reference_states(self, params, "momentum_buffer"),
                                 **self.reference_hyperparameters(group))
         if group["momentum"] != 0:
-            for param, buffer in zip(params, buffers):
+            for param, buffer, target in zip(params, buffers, params if targets is None else targets):
                 state = self.state[param]
                 if state.get("momentum_buffer") is not buffer:  # a new buffer (no needless state change)
-                    # in the param's dtype, as torch.optim and the kernels keep it (the step of a bf16
-                    # param through its fp32 master made it from fp32 values)
-                    state["momentum_buffer"] = buffer if buffer.is_sparse else buffer.to(param.dtype)
+                    # as torch.optim and the kernels keep it: the step of a bf16 param through fp32
+                    # (its master, or a copy rounded back) made it from fp32 values
+                    through_fp32 = target is not param and not buffer.is_sparse
+                    state["momentum_buffer"] = buffer.to(param.dtype) if through_fp32 else buffer
