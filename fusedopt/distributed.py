@@ -26,6 +26,15 @@ def local_tensor(tensor):
     return tensor._local_tensor if is_dtensor(tensor) else tensor
 
 
+def shard_like(local, tensor):
+    """`local`, this rank's shard of a tensor placed as `tensor` is: a DTensor of `tensor`'s mesh,
+    placements, shape and strides where `tensor` is one, else `local` itself."""
+    if not is_dtensor(tensor):
+        return local
+    return dtensor_class().from_local(local, tensor.device_mesh, tensor.placements, run_check=False,
+                                      shape=tensor.shape, stride=tensor.stride())
+
+
 def same_sharding(tensor, other):
     """Whether `other` is split over the ranks as `tensor` is (both plain tensors, or DTensors of
     one global shape on one mesh with the same placements), so their local shards line up."""

@@ -192,12 +192,7 @@ def decode(state, key, dtype):
         decoded = decode_unsigned(local, distributed.local_tensor(state[key + SCALES])).to(dtype)
     else:
         decoded = local.to(dtype)
-    if distributed.is_dtensor(value):
-        from torch.distributed.tensor import DTensor
-
-        return DTensor.from_local(decoded, value.device_mesh, value.placements, run_check=False, shape=value.shape,
-                                  stride=value.stride())
-    return decoded
+    return distributed.shard_like(decoded, value)
 
 
 def encode(values, state, key, rounding="nearest", random_key=None):

@@ -468,7 +468,8 @@ class FusedOptimizer(Optimizer):
         other setting left one, else from the param. A master the optimizer does not keep (left
         by a checkpoint of another setting) leaves the state: stale after any step, it must not
         be taken up later. Where a param is no longer its fp32 copy rounded, the copy takes the
-        param's value (checked where the params are planned, not at every step)."""
+        param's value (checked where a param is prepared: when the params are planned, and at each
+        step of a param the reference steps; not at every launch of the kernels)."""
         key = master_key(self.param_rounding) if self._keeps_master(param) else None
         state = self.state[param] if key is not None else self.state.get(param, {})  # (no empty entry, as in torch)
         other = [name for name in formats.MASTER_KEYS if name != key and name in state]

@@ -77,9 +77,9 @@ def rounded_reference_step(optimizer, group, params, grads):
                join_master_of(p, state[p]["master_remainder"]) if rounding == "remainder" else p.detach().float()
                for p, flag in zip(params, rounded)]
     optimizer.reference_step(group, params, grads, targets if any(rounded) else None)
+    local = distributed.local_tensor
     with torch.no_grad():
         for index, (p, target, flag) in enumerate(zip(params, targets, rounded)):
-            local = distributed.local_tensor
             if not flag or rounding == "master":
                 if flag:  # rounded as beside a remainder (split_master): the same params
                     local(p).copy_(split_master(local(target))[0])
@@ -131,20 +131,10 @@ def master_from(param, state, key):
         high, remainder = split_master(local(state["master_param"]))
         local(param).copy_(high)
         target.copy_(remainder)
-    if distributed.is_dtensor(param):
-        from torch.distributed.tensor import DTensor
-
-        return DTensor.from_local(target, param.device_mesh, param.placements, run_check=False, shape=param.shape,
-                                  stride=param.stride())
-    return target
+    return distributed.shard_like(target, param)
 
 
 def join_master_of(param, remainder):
     """join_master on local shards, as a tensor like `param` (a DTensor for a DTensor param)."""
     master = join_master(distributed.local_tensor(param), distributed.local_tensor(remainder))
-    if distributed.is_dtensor(param):
-        from torch.distributed.tensor import DTensor
-
-        return DTensor.from_local(master, param.device_mesh, param.placements, run_check=False, shape=param.shape,
-                                  stride=param.stride())
-    return master
+    return distributed.shard_like(master, param)

@@ -379,13 +379,13 @@ def store_param(param_ptr, master_ptr, offsets, numel, values, random_bits, ROUN
     elif ROUNDING == MASTER or ROUNDING == REMAINDER:
         bits = values.to(tl.uint32, bitcast=True)
         high = (bits + 0x8000) >> 16
-        remainder = (bits - (high << 16)).to(tl.uint16).to(tl.int16, bitcast=True)
-        high = tl.where(values != values, 0x7FC0, high)  # NaN stays NaN (carry could flip it)
-        store_values(param_ptr, offsets, numel, high.to(tl.uint16).to(tl.bfloat16, bitcast=True), FULL)
         if ROUNDING == MASTER:
             store_block(master_ptr, offsets, numel, values, FULL)
         else:
+            remainder = (bits - (high << 16)).to(tl.uint16).to(tl.int16, bitcast=True)
             store_values(master_ptr, offsets, numel, remainder, FULL)
+        high = tl.where(values != values, 0x7FC0, high)  # NaN stays NaN (carry could flip it)
+        store_values(param_ptr, offsets, numel, high.to(tl.uint16).to(tl.bfloat16, bitcast=True), FULL)
     else:
         store_block(param_ptr, offsets, numel, values, FULL)
 
